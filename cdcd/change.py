@@ -1,0 +1,120 @@
+"""The change model every source produces and everything downstream consumes.
+
+Sources differ (pgoutput frames, Debezium envelopes); from here on nothing does.
+A source hands the daemon whole :class:`Transaction` objects only after their
+commit, so no downstream code can act on work that may still roll back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class Op(enum.Enum):
+    INSERT = "c"
+    UPDATE = "u"
+    DELETE = "d"
+    TRUNCATE = "t"
+    READ = "r"  # snapshot read: the row as it was, not a change
+
+
+class _Unavailable:
+    """A column value the source did not send (unchanged TOAST, or not in the old key).
+
+    It is a distinct singleton rather than ``None`` because ``None`` is a real
+    SQL NULL; rendering a key from an unavailable value must fail loudly, and a
+    projection containing one must never be written to the cache.
+    """
+
+    _instance: _Unavailable | None = None
+
+    def __new__(cls) -> _Unavailable:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNAVAILABLE"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNAVAILABLE: Any = _Unavailable()
+
+Row = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Change:
+    """One row change.
+
+    ``before`` is the old row as far as the source knows it: the full row under
+    ``REPLICA IDENTITY FULL``, only the key columns under the default identity
+    (and only when the key changed), or ``None``. ``after`` is the new row for
+    inserts, updates and snapshot reads.
+    """
+
+    op: Op
+    schema: str
+    table: str
+    before: Row | None = None
+    after: Row | None = None
+
+    @property
+    def relation(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(slots=True)
+class Invalidation:
+    """An explicit invalidation an application emitted inside its transaction.
+
+    Postgres: ``pg_logical_emit_message(true, 'cdcd', '{"keys": [...], "tags": [...]}')``;
+    Debezium: op ``m`` with that prefix. Applied at the transaction's version.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Transaction:
+    """A committed transaction, the unit the daemon applies and acknowledges.
+
+    ``version`` is what the Redis compare-and-set compares: for Postgres the
+    commit LSN, for Debezium the configured source position. It only grows
+    along one source stream (per partition for Kafka).
+
+    ``position`` is opaque to everything but the source that made it: the
+    source gets it back in ``ack()`` once Redis has acknowledged the
+    transaction, and only then may it advance its checkpoint.
+    """
+
+    version: int
+    changes: list[Change]
+    position: Any
+    commit_time: datetime | None = None
+    xid: int | None = None
+    invalidations: list[Invalidation] = field(default_factory=list)
+    origin: str = ""  # e.g. "pg:slot" or "kafka:topic/partition": for logs only
+
+    def __len__(self) -> int:
+        return len(self.changes) + len(self.invalidations)
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A record a source could not turn into a change (malformed, unknown type...).
+
+    Sources never drop input silently: they yield this instead, the daemon
+    counts it, logs it with its position and dead-letters it, then moves on.
+    """
+
+    reason: str
+    position: Any
+    raw: bytes | str | None = None
+    origin: str = ""

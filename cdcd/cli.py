@@ -1,0 +1,143 @@
+"""``cdcd`` command line: run, check, explain, demo.
+
+Exit codes: 0 success, 1 runtime failure, 2 configuration error (fix the file,
+restarting will not help; a supervisor should not crash-loop on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_CONFIG = 2
+
+
+def _err(msg: str) -> None:
+    print(f"cdcd: {msg}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cdcd.config import ConfigError, load_config
+    from cdcd.daemon import Daemon
+    from cdcd.logs import configure
+    from cdcd.sources.base import SourceError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    configure(args.log_format or config.log.format, args.log_level or config.log.level)
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    try:
+        daemon.run()
+    except SourceError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cdcd.config import ConfigError, load_config
+    from cdcd.sources.base import SourceError, SourceUnavailable
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    rules = config.rules()
+    print(f"{args.config}: OK: {len(rules.by_relation)} table rule(s), prefix {rules.keyspace.prefix!r}, "
+          f"channel {rules.keyspace.channel!r}")
+    if args.offline:
+        return 0
+    from cdcd.sources.postgres import PostgresSource
+
+    source = PostgresSource(config.source, rules)
+    try:
+        with source.sql() as conn:
+            warnings = source.check_schema(conn)
+    except SourceUnavailable as exc:
+        _err(f"schema not checked: {exc}")
+        return 1
+    except SourceError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    for w in warnings:
+        print(f"warning: {w}")
+    print("live schema: OK")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cdcd.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    try:
+        row = json.loads(args.row)
+    except json.JSONDecodeError as exc:
+        _err(f"--row is not JSON: {exc}")
+        return EXIT_CONFIG
+    if not isinstance(row, dict):
+        _err("--row must be a JSON object of column: value")
+        return EXIT_CONFIG
+    try:
+        out = config.rules().explain(args.table, row)
+    except KeyError as exc:
+        _err(str(exc.args[0]))
+        return EXIT_CONFIG
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cdcd.demo import run_demo
+
+    return run_demo(Path(args.config) if args.config else None, Path(args.schema) if args.schema else None,
+                    keep_running=args.keep_running)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdcd", description="CDC-driven cache invalidation daemon")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", "-c", required=True)
+    run.add_argument("--log-format", choices=["auto", "json", "console"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(fn=cmd_run)
+
+    check = sub.add_parser("check", help="validate a configuration (and the live schema unless --offline)")
+    check.add_argument("config")
+    check.add_argument("--offline", action="store_true", help="do not connect to the database")
+    check.set_defaults(fn=cmd_check)
+
+    explain = sub.add_parser("explain", help="print the keys and tags a row maps to")
+    explain.add_argument("config")
+    explain.add_argument("--table", required=True)
+    explain.add_argument("--row", required=True, help='JSON object, e.g. \'{"id": 42, "email": "a@b.c"}\'')
+    explain.set_defaults(fn=cmd_explain)
+
+    demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")
+    demo.add_argument("--config", help="rules file (default config/cdcd.example.yaml)")
+    demo.add_argument("--schema", help="SQL for the example schema (default config/example-schema.sql)")
+    demo.add_argument("--keep-running", action="store_true", help="keep the daemon and servers up until Ctrl-C")
+    demo.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> Any:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.fn(args))
+
+
+if __name__ == "__main__":
+    main()

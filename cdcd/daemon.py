@@ -1,0 +1,232 @@
+"""The daemon loop: source -> change -> rules -> writes -> backplane -> checkpoint.
+
+One batch at a time, strictly in order::
+
+    items = source.poll()          # committed transactions only
+    batch = rules.plan(items)      # keys, values, tombstones, tag bumps
+    sink.apply(batch)              # one Redis pipeline; retried until Redis says yes
+    source.ack(positions)          # only now may the checkpoint move
+
+Failures never lose a change: Redis down -> back off and retry the same batch
+(the position does not move); source down -> reconnect and let it re-deliver
+from its checkpoint; a malformed record -> dead-letter, count, log, continue.
+Only configuration errors that need an operator end the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import structlog
+
+from cdcd.backplane import Sequencer
+from cdcd.change import Rejected, Transaction
+from cdcd.config import Config
+from cdcd.metrics import Metrics
+from cdcd.rules import Batch, Rules
+from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink, connect
+from cdcd.sources.base import Source, SourceError, SourceUnavailable
+
+log = structlog.get_logger("cdcd.daemon")
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so a fleet does not retry in lockstep."""
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self.initial, self.cap, self.attempt = initial, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.initial * (2 ** self.attempt))
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Daemon:
+    def __init__(self, config: Config, source: Source | None = None, rules: Rules | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.rules = rules or config.rules()
+        self.metrics = metrics or Metrics()
+        self.source: Source = source or self._make_source()
+        self.sequencer = Sequencer("cdcd")
+        self.redis = connect(config.redis.url, config.redis.socket_timeout, config.redis.connect_timeout)
+        self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
+        self.dead_letters: Any = RedisDeadLetters(self.redis, self.rules.keyspace.dead_letters)
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()  # connected to the source and Redis at least once
+        self.last_error: str | None = None
+        self.applied_batches = 0
+        self.on_batch: Callable[[Batch, ApplyResult], None] | None = None  # hook for the demo and tests
+
+    def _make_source(self) -> Source:
+        from cdcd.sources.postgres import PostgresSource
+
+        return PostgresSource(self.config.source, self.rules)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("stopping", signal=signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep unless asked to stop; True when stopping."""
+        return self.stop_event.wait(seconds)
+
+    def _retry_redis(self, what: str, fn: Callable[[], Any]) -> Any:
+        backoff = Backoff(self.config.daemon.retry_initial, self.config.daemon.retry_max)
+        while True:
+            try:
+                result = fn()
+                self.metrics.connected.labels("redis").set(1)
+                return result
+            except redis.RedisError as exc:
+                self.metrics.connected.labels("redis").set(0)
+                self.metrics.retries.labels("redis").inc()
+                self.last_error = f"redis: {exc}"
+                delay = backoff.next()
+                log.warning("redis_unavailable", during=what, error=str(exc), retry_in=round(delay, 3))
+                keepalive = getattr(self.source, "keepalive", None)
+                if keepalive is not None:
+                    # if it fails, the source reconnects after this batch; nothing was acked
+                    with contextlib.suppress(SourceUnavailable):
+                        keepalive()
+                if self._wait(delay):
+                    raise
+
+    def _connect_source(self) -> None:
+        backoff = Backoff(self.config.daemon.retry_initial, self.config.daemon.retry_max)
+        while not self.stop_event.is_set():
+            try:
+                self._check_slot_loss()
+                self.source.connect()
+                self.metrics.connected.labels("source").set(1)
+                return
+            except SourceUnavailable as exc:
+                self.metrics.connected.labels("source").set(0)
+                self.metrics.retries.labels("source").inc()
+                self.last_error = f"source: {exc}"
+                delay = backoff.next()
+                log.warning("source_unavailable", error=str(exc), retry_in=round(delay, 3))
+                self._wait(delay)
+
+    def _check_slot_loss(self) -> None:
+        """A slot that vanished after we used it means changes were lost: invalidate everything derived."""
+        slot_exists = getattr(self.source, "slot_exists", None)
+        if slot_exists is None:
+            return
+        state = self._retry_redis("read applied state", self.sink.applied_state)
+        if state.get("source") != self.source.name or slot_exists():
+            return
+        self.metrics.errors.labels("slot_lost").inc()
+        log.error("slot_lost", slot=self.source.name, last_version=state.get("version"),
+                  detail="the replication slot this daemon used is gone: changes since were lost. Every table tag "
+                         "is bumped so entries derived from the rules' tables are invalidated; tombstone-less keys "
+                         "(plain cache entries written outside cdcd) may stay stale until their TTL")
+        if not getattr(self.config.source, "create_slot", False):
+            raise SourceError(f"replication slot of {self.source.name} was dropped and create_slot is off")
+        batch = Batch()
+        batch.tags.update(r.table_tag for r in self.rules.by_relation.values())
+        self._retry_redis("invalidate after slot loss", lambda: self.sink.apply(batch))
+        self.redis.hset(self.rules.keyspace.applied, "source", "")
+
+    def run(self) -> None:
+        """Run until stop(); raises SourceError for problems an operator must fix."""
+        cfg = self.config
+        log.info("starting", source=self.source.name, tables=sorted(self.rules.by_relation),
+                 prefix=self.rules.keyspace.prefix, channel=self.rules.keyspace.channel, run=self.sequencer.run)
+        try:
+            self._retry_redis("prepare", self.sink.prepare)
+        except redis.RedisError:
+            return  # stopped while Redis was down
+        self._connect_source()
+        self.ready.set()
+        backoff = Backoff(cfg.daemon.retry_initial, cfg.daemon.retry_max)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    items = self.source.poll(0.5)
+                    if items:
+                        self._process(items)
+                    backoff.reset()
+                except SourceUnavailable as exc:
+                    self.metrics.connected.labels("source").set(0)
+                    self.metrics.errors.labels("source").inc()
+                    self.last_error = f"source: {exc}"
+                    delay = backoff.next()
+                    log.warning("source_lost", error=str(exc), retry_in=round(delay, 3))
+                    self.source.close()
+                    if self._wait(delay):
+                        break
+                    self._connect_source()
+                except redis.RedisError:
+                    break  # only raised out of _retry_redis when stopping: the batch was not acked
+        finally:
+            self.source.close()
+            log.info("stopped", batches=self.applied_batches)
+
+    # ------------------------------------------------------------------ one batch
+
+    def _process(self, items: Any) -> None:
+        m = self.metrics
+        txns: list[Transaction] = []
+        for item in items:
+            if isinstance(item, Rejected):
+                self._dead_letter(item)
+            else:
+                txns.append(item)
+        batch = self.rules.plan(txns)
+        for p in batch.problems:
+            m.problems.labels(p.kind, p.relation).inc()
+            log.warning(p.kind, table=p.relation, detail=p.detail, position=str(p.position))
+        result = self._retry_redis("apply", lambda: self.sink.apply(batch))
+        self.source.ack([it.position for it in items])
+        now = time.time()
+        self.applied_batches += 1
+        for (table, op), n in batch.counts.items():
+            m.changes.labels(table, op).inc(n)
+        m.transactions.inc(batch.transactions)
+        m.batches.inc()
+        m.writes.labels("tombstone").inc(result.tombstones)
+        m.writes.labels("value").inc(result.values)
+        m.stale_writes.inc(result.refused)
+        m.tag_bumps.inc(result.tags)
+        m.backplane.inc(result.messages)
+        m.redis_rtt.observe(result.rtt)
+        if batch.commit_ts:
+            m.commit_to_apply.observe(max(0.0, now - batch.commit_ts))
+        if batch.version:
+            m.version.set(batch.version)
+        positions = [p for p in (it.position for it in items) if isinstance(p, int)]
+        if positions:
+            m.position.set(max(positions))
+        log.info("batch", txns=batch.transactions, changes=sum(batch.counts.values()), writes=len(batch.writes),
+                 refused=result.refused, tags=result.tags, version=batch.version,
+                 redis_ms=round(result.rtt * 1000, 2),
+                 lag_ms=round((now - batch.oldest_commit_ts) * 1000, 1) if batch.oldest_commit_ts else None)
+        if self.on_batch is not None:
+            self.on_batch(batch, result)
+
+    def _dead_letter(self, rejected: Rejected) -> None:
+        self.metrics.errors.labels("rejected").inc()
+        log.error("rejected", reason=rejected.reason, position=str(rejected.position), origin=rejected.origin)
+        self._retry_redis("dead-letter", lambda: self.dead_letters.send(rejected))
+        self.metrics.dead_letters.inc()

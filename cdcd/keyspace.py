@@ -1,0 +1,216 @@
+"""The Redis key layout and the Lua scripts that guard it, shared by daemon and client.
+
+Everything that touches a cache entry goes through one of these scripts, so the
+invariants live in one place:
+
+* an entry is one Redis hash (one key, so one hash slot: the same calls work on
+  Redis Cluster) with fields ``v`` (version of the newest change applied to it),
+  ``g`` (generation: changes on every mutation, never reused), ``d`` (the value,
+  present iff the entry holds one), ``n`` (``1`` for a cached "not found"),
+  ``t`` (JSON tag snapshot ``{tag: counter}`` the value was computed under) and
+  ``s`` (who wrote it: ``cdc`` or ``app``);
+* the daemon's writes only land when their version is newer than ``v``
+  (re-delivery and out-of-order delivery are harmless);
+* an application's fill only lands when ``g`` is exactly what it saw before it
+  queried the database (the fill guard), and a read that finds nothing creates a
+  *lease* (an entry with a fresh ``g`` and no value) so that "nothing" is never a
+  token a fill can match: expiry or eviction between token and fill makes the
+  fill fail instead of letting a stale value in (the ABA trap);
+* a tag is a counter key, bumped in O(1); a counter that is lost restarts above
+  every value it ever had (seeded from the server clock in microseconds), so an
+  old snapshot can never match again.
+
+Versions are decimal strings compared by (length, text), which is exact for any
+size: Lua's doubles would silently round 64-bit LSNs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------
+# Lua. Each script touches KEYS[1] only (plus nothing else), so it is cluster-safe.
+
+_PRELUDE = r"""
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local function newer(a, b)
+  if not b then return true end
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function nextgen(old)
+  local n = now_us()
+  local o = tonumber(old or '0') or 0
+  if o >= n then n = o + 1 end
+  return string.format('%.0f', n)
+end
+"""
+
+# Daemon apply. ARGV: version, kind ('v' value | 't' tombstone), ttl_ms, data, tagsnap.
+# Returns 1 when applied, 0 when the entry already holds this version or a newer one.
+APPLY = _PRELUDE + r"""
+local cur = redis.call('HMGET', KEYS[1], 'v', 'g')
+if cur[1] and not newer(ARGV[1], cur[1]) then return 0 end
+local g = nextgen(cur[2])
+redis.call('DEL', KEYS[1])
+if ARGV[2] == 'v' then
+  if ARGV[5] ~= '' then
+    redis.call('HSET', KEYS[1], 'v', ARGV[1], 'g', g, 's', 'cdc', 'd', ARGV[4], 't', ARGV[5])
+  else
+    redis.call('HSET', KEYS[1], 'v', ARGV[1], 'g', g, 's', 'cdc', 'd', ARGV[4])
+  end
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'g', g, 's', 'cdc')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# Client read + fill token in one round trip. ARGV: lease_ttl_ms, want_lease ('1'|'0').
+# Returns {v, g, d, n, t}; d/n/t are false when absent. When the key holds nothing and
+# a lease is wanted, a lease entry (no value, fresh g) is created first: its g is the token.
+READ = _PRELUDE + r"""
+local r = redis.call('HMGET', KEYS[1], 'v', 'g', 'd', 'n', 't')
+if r[2] or ARGV[2] ~= '1' then return r end
+local g = nextgen(nil)
+redis.call('HSET', KEYS[1], 'v', '0', 'g', g, 's', 'lease')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return {'0', g, false, false, false}
+"""
+
+# Client fill through the guard. ARGV: token_g, ttl_ms, data, neg ('1'|'0'), tagsnap.
+# Returns the new generation when written, 0 when a newer change (or expiry) intervened.
+FILL = _PRELUDE + r"""
+local cur = redis.call('HMGET', KEYS[1], 'g', 'v')
+if cur[1] ~= ARGV[1] then return 0 end
+local g = nextgen(cur[1])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', cur[2] or '0', 'g', g, 's', 'app')
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'n', '1')
+else
+  redis.call('HSET', KEYS[1], 'd', ARGV[3])
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 't', ARGV[5]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return g
+"""
+
+# Application-side invalidation: drop the value, keep the version, new generation
+# (so fills in flight fail). ARGV: tombstone_ttl_ms. Returns 1.
+INVALIDATE = _PRELUDE + r"""
+local cur = redis.call('HMGET', KEYS[1], 'v', 'g')
+local g = nextgen(cur[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', cur[1] or '0', 'g', g, 's', 'app')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Tag bump: strictly greater than any value the counter ever had. Returns the new value.
+BUMP_TAG = _PRELUDE + r"""
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local n = now_us()
+if cur >= n then n = cur + 1 end
+local s = string.format('%.0f', n)
+redis.call('SET', KEYS[1], s)
+return s
+"""
+
+# Read a tag counter, creating it when missing (so a snapshot always records a real value).
+ENSURE_TAG = _PRELUDE + r"""
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+local s = string.format('%.0f', now_us())
+redis.call('SET', KEYS[1], s)
+return s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+SCRIPTS: dict[str, Script] = {
+    s.name: s
+    for s in (
+        Script("apply", APPLY),
+        Script("read", READ),
+        Script("fill", FILL),
+        Script("invalidate", INVALIDATE),
+        Script("bump_tag", BUMP_TAG),
+        Script("ensure_tag", ENSURE_TAG),
+    )
+}
+
+RESERVED = "__"  # key templates may not start with this: it is where cdcd's own keys live
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    """Names of everything cdcd keeps in Redis, under one version prefix (``v3:``).
+
+    Bumping the prefix in the rules moves the whole cache to a fresh keyspace,
+    which is how a schema change that alters cached shapes is rolled out.
+    """
+
+    prefix: str = ""
+    channel_name: str | None = None
+
+    def entry(self, key: str) -> str:
+        return self.prefix + key
+
+    def tag(self, tag: str) -> str:
+        return f"{self.prefix}__tag:{tag}"
+
+    @staticmethod
+    def table_tag(relation: str) -> str:
+        """The tag every entry derived from a table implicitly carries; a TRUNCATE bumps it."""
+        return f"__table:{relation}"
+
+    @property
+    def channel(self) -> str:
+        return self.channel_name or f"{self.prefix}__cdcd:bp"
+
+    @property
+    def applied(self) -> str:
+        """Hash with the daemon's last applied version/seq/run, for the inspector and status."""
+        return f"{self.prefix}__cdcd:applied"
+
+    @property
+    def registry(self) -> str:
+        """JSON of the rules' key and tag templates per table, so clients can derive table tags."""
+        return f"{self.prefix}__cdcd:rules"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}__cdcd:dlq"
+
+
+def encode_version(version: int) -> str:
+    if version < 0:
+        raise ValueError(f"versions are non-negative, got {version}")
+    return str(version)
+
+
+def run_script(client: object, script: Script, keys: list[str], args: list[object]) -> object:
+    """EVALSHA, loading the script on NOSCRIPT (after a Redis restart or failover)."""
+    from redis.exceptions import NoScriptError
+
+    execute = client.execute_command  # type: ignore[attr-defined]
+    try:
+        return execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        execute("SCRIPT", "LOAD", script.source)
+        return execute("EVALSHA", script.sha, len(keys), *keys, *args)

@@ -1,0 +1,412 @@
+"""Rules: which cache keys and tags a table's row maps to, and what to do when it changes.
+
+Declared in YAML (see ``config/cdcd.example.yaml``), validated by pydantic at
+load, compiled once into templates, then used on the hot path to turn a
+transaction into a :class:`Batch` of versioned writes and tag bumps.
+
+The mapping of one change, per table rule:
+
+* insert / snapshot read: new row's keys get the projection (``update``) or a
+  tombstone (``invalidate``); new row's tags are bumped;
+* update: new keys as above; keys of the old row that the new row no longer
+  maps to get tombstones (an e-mail change must drop ``user:email:{old}``); old
+  and new tags are bumped. Old values need ``REPLICA IDENTITY FULL`` unless
+  every template column is in the replica identity;
+* delete: old keys get tombstones, old tags are bumped;
+* truncate: the table tag ``__table:<schema>.<table>`` is bumped, which every
+  entry derived from the table records, so it is O(1) whatever the table size.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cdcd.change import UNAVAILABLE, Change, Op, Row, Transaction
+from cdcd.keyspace import RESERVED, Keyspace
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+# ------------------------------------------------------------------------------ values
+
+
+def render_value(v: Any) -> str:
+    """The one canonical text of a column value inside a key, shared by every source."""
+    t = type(v)
+    if t is str:
+        return str(v)
+    if t is int:
+        return str(v)
+    if t is bool:
+        return "true" if v else "false"
+    if isinstance(v, Decimal):
+        return str(v)
+    if isinstance(v, datetime | date | time):
+        return v.isoformat()
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v).hex()
+    if t is float:
+        return repr(v)
+    if isinstance(v, dict | list):
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return str(v)
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        return str(v)
+    if isinstance(v, datetime | date | time):
+        return v.isoformat()
+    if isinstance(v, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(v)).decode()
+    raise TypeError(f"cannot encode {type(v).__name__} as JSON")
+
+
+def encode_projection(row: Row) -> bytes:
+    """JSON of an ``update`` rule's projection: numerics as strings (no precision loss),
+    temporals ISO 8601, bytea base64, json/jsonb as nested JSON."""
+    return json.dumps(row, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ------------------------------------------------------------------------------ templates
+
+
+class _Missing:
+    pass
+
+
+NULL_KEY = "null"  # a key column is NULL: the row has no such key
+UNRESOLVABLE = "unresolvable"  # a key column was not sent (replica identity / TOAST)
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """``user:email:{email}`` compiled into literal/column pieces."""
+
+    text: str
+    literals: tuple[str, ...]
+    columns: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Template:
+        literals: list[str] = []
+        columns: list[str] = []
+        pending = ""
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ValueError(f"template {text!r}: {exc}") from None
+        for literal, name, spec, conv in parsed:
+            pending += literal
+            if name is None:
+                continue
+            if spec or conv:
+                raise ValueError(f"template {text!r}: format specs and conversions are not supported ({{{name}}})")
+            if not _IDENT.match(name):
+                raise ValueError(f"template {text!r}: {{{name}}} is not a column name")
+            literals.append(pending)
+            columns.append(name)
+            pending = ""
+        literals.append(pending)
+        return cls(text, tuple(literals), tuple(columns))
+
+    def render(self, row: Row) -> str:
+        """The key, or :data:`NULL_KEY` / :data:`UNRESOLVABLE` (never a key containing a placeholder)."""
+        lits = self.literals
+        out = lits[0]
+        for i, col in enumerate(self.columns):
+            v = row.get(col, UNAVAILABLE)
+            if v is None:
+                return NULL_KEY
+            if v is UNAVAILABLE:
+                return UNRESOLVABLE
+            out += render_value(v) + lits[i + 1]
+        return out
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def _seconds(v: Any) -> Any:
+    """Accept 600, 600.0, "600", "600s", "10m", "2h", "1d"."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", v)
+        if not m:
+            raise ValueError(f"{v!r} is not a duration (e.g. 60, 90s, 10m, 2h, 1d)")
+        n = float(m.group(1))
+        return n * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return v
+
+
+class TableRule(BaseModel):
+    """One table's mapping. Unknown fields are an error: a typo must not silently do nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[str] = Field(default_factory=list, description="key templates over columns, e.g. user:{id}")
+    tags: list[str] = Field(default_factory=list, description="tag templates, e.g. tenant:{tenant_id}")
+    action: Literal["invalidate", "update"] = "invalidate"
+    columns: list[str] | None = Field(default=None, description="projection written by action: update (default all)")
+    ttl: float | None = Field(default=None, gt=0, description="seconds a value written by action: update lives")
+
+    _parse_ttl = field_validator("ttl", mode="before")(_seconds)
+
+    @field_validator("keys", "tags")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        for t in v:
+            Template.parse(t)
+            if t.startswith(RESERVED):
+                raise ValueError(f"template {t!r}: names starting with {RESERVED!r} are reserved for cdcd")
+            if not t.strip():
+                raise ValueError("empty template")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            for c in v:
+                if not _IDENT.match(c):
+                    raise ValueError(f"{c!r} is not a column name")
+        return v
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> TableRule:
+        if not self.keys and not self.tags:
+            raise ValueError("a table rule needs at least one key or tag template")
+        if self.action == "update" and not self.keys:
+            raise ValueError("action 'update' writes values under keys: give at least one key template")
+        if self.columns is not None and self.action != "update":
+            raise ValueError("'columns' is the projection of action 'update'; this rule invalidates")
+        return self
+
+    def template_columns(self) -> set[str]:
+        cols: set[str] = set()
+        for t in (*self.keys, *self.tags):
+            cols.update(Template.parse(t).columns)
+        return cols
+
+
+class KeyspaceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field(default="", description="keyspace version prefix applied to every key, e.g. 'v3:'")
+    channel: str | None = Field(default=None, description="backplane channel (default <prefix>__cdcd:bp)")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if any(c.isspace() for c in v):
+            raise ValueError("the prefix may not contain whitespace")
+        return v
+
+
+class Defaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl: float = Field(default=3600.0, gt=0, description="seconds for values written by action: update")
+    tombstone_ttl: float = Field(default=60.0, gt=0, description="seconds a tombstone keeps a key's version")
+
+    _parse = field_validator("ttl", "tombstone_ttl", mode="before")(_seconds)
+
+
+def qualify(name: str) -> str:
+    """``users`` -> ``public.users``; ``app.users`` stays."""
+    return name if "." in name else f"public.{name}"
+
+
+# ------------------------------------------------------------------------------ compiled
+
+
+@dataclass(slots=True)
+class CompiledRule:
+    relation: str
+    action: str
+    keys: tuple[Template, ...]
+    tags: tuple[Template, ...]
+    columns: tuple[str, ...] | None
+    ttl_ms: int
+    table_tag: str
+
+
+@dataclass(slots=True)
+class Write:
+    """One entry write: a value (``data``) or a tombstone (``data is None``)."""
+
+    key: str  # full Redis key, prefix included
+    version: int
+    data: bytes | None
+    ttl_ms: int
+    table_tag: str | None = None  # a value records this tag's counter (set by the sink at send time)
+
+
+@dataclass(slots=True)
+class Problem:
+    """A change the rules could not fully map: logged with its position, counted, never silent."""
+
+    kind: str  # "unmapped_table" | "unresolvable_key" | "null_key"
+    relation: str
+    detail: str
+    position: Any
+
+
+@dataclass(slots=True)
+class Batch:
+    writes: dict[str, Write] = field(default_factory=dict)
+    tags: set[str] = field(default_factory=set)
+    version: int = 0
+    commit_ts: float = 0.0
+    oldest_commit_ts: float = 0.0
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+    transactions: int = 0
+
+    def put(self, w: Write) -> None:
+        old = self.writes.get(w.key)
+        if old is None or w.version >= old.version:
+            self.writes[w.key] = w
+
+
+class Rules:
+    """Compiled rules plus the per-table epochs daemon-written values record."""
+
+    def __init__(self, tables: dict[str, TableRule], keyspace: KeyspaceSettings, defaults: Defaults) -> None:
+        self.keyspace = Keyspace(keyspace.prefix, keyspace.channel)
+        self.defaults = defaults
+        self.tombstone_ttl_ms = int(defaults.tombstone_ttl * 1000)
+        self.source: dict[str, TableRule] = {qualify(k): v for k, v in tables.items()}
+        self.by_relation: dict[str, CompiledRule] = {}
+        for rel, rule in self.source.items():
+            self.by_relation[rel] = CompiledRule(
+                relation=rel, action=rule.action,
+                keys=tuple(Template.parse(t) for t in rule.keys),
+                tags=tuple(Template.parse(t) for t in rule.tags),
+                columns=tuple(rule.columns) if rule.columns is not None else None,
+                ttl_ms=int((rule.ttl or defaults.ttl) * 1000),
+                table_tag=Keyspace.table_tag(rel),
+            )
+        # table tag -> current counter, kept by the daemon (the only writer of table tags)
+        self.table_epochs: dict[str, str] = {}
+        self._snapshots: dict[str, tuple[str, str]] = {}
+
+    def snapshot(self, table_tag: str) -> str:
+        """JSON ``{table_tag: counter}`` recorded with daemon-written values ("" if unknown)."""
+        epoch = self.table_epochs.get(table_tag)
+        if epoch is None:
+            return ""
+        cached = self._snapshots.get(table_tag)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, json.dumps({table_tag: epoch}, separators=(",", ":")))
+            self._snapshots[table_tag] = cached
+        return cached[1]
+
+    def registry(self) -> dict[str, Any]:
+        """What clients need to derive table tags from key and tag names (published to Redis)."""
+        return {"prefix": self.keyspace.prefix,
+                "tables": {rel: {"keys": list(r.keys), "tags": list(r.tags), "action": r.action}
+                           for rel, r in self.source.items()}}
+
+    # -------------------------------------------------------------------- explain
+
+    def explain(self, relation: str, row: Row) -> dict[str, list[str]]:
+        rule = self.by_relation.get(qualify(relation))
+        if rule is None:
+            raise KeyError(f"no rule for table {qualify(relation)}")
+        return {
+            "keys": [self.keyspace.entry(k) for k in (t.render(row) for t in rule.keys)
+                     if k not in (NULL_KEY, UNRESOLVABLE)],
+            "tags": [k for k in (t.render(row) for t in rule.tags) if k not in (NULL_KEY, UNRESOLVABLE)],
+            "unresolved": [t.text for t in (*rule.keys, *rule.tags) if t.render(row) in (NULL_KEY, UNRESOLVABLE)],
+        }
+
+    # -------------------------------------------------------------------- planning
+
+    def plan(self, txns: list[Transaction], batch: Batch | None = None) -> Batch:
+        batch = batch if batch is not None else Batch()
+        truncated: set[str] = set()
+        for txn in txns:
+            batch.transactions += 1
+            if txn.version > batch.version:
+                batch.version = txn.version
+            if txn.commit_time is not None:
+                ts = txn.commit_time.timestamp()
+                batch.commit_ts = max(batch.commit_ts, ts)
+                batch.oldest_commit_ts = ts if not batch.oldest_commit_ts else min(batch.oldest_commit_ts, ts)
+            for change in txn.changes:
+                self._plan_change(change, txn, batch, truncated)
+            for inv in txn.invalidations:
+                for k in inv.keys:
+                    batch.put(Write(self.keyspace.entry(k), txn.version, None, self.tombstone_ttl_ms))
+                batch.tags.update(inv.tags)
+                batch.counts[("(message)", "m")] += 1
+        return batch
+
+    def _keys(self, templates: tuple[Template, ...], row: Row | None, rule: CompiledRule, change: Change,
+              txn: Transaction, batch: Batch, report: bool) -> list[str]:
+        if row is None:
+            return []
+        out = []
+        for t in templates:
+            k = t.render(row)
+            if k is UNRESOLVABLE or k is NULL_KEY:
+                if report and k is UNRESOLVABLE:
+                    missing = [c for c in t.columns if row.get(c, UNAVAILABLE) is UNAVAILABLE]
+                    batch.problems.append(Problem(
+                        "unresolvable_key", rule.relation,
+                        f"{change.op.name.lower()}: template {t.text!r} needs {missing} which the source did not "
+                        f"send (set REPLICA IDENTITY FULL on {rule.relation})", txn.position))
+                continue
+            out.append(k)
+        return out
+
+    def _plan_change(self, change: Change, txn: Transaction, batch: Batch, truncated: set[str]) -> None:
+        rel = change.relation
+        batch.counts[(rel, change.op.value)] += 1
+        rule = self.by_relation.get(rel)
+        if rule is None:
+            batch.problems.append(Problem("unmapped_table", rel, "no rule for this table", txn.position))
+            return
+        version = txn.version
+        ks = self.keyspace
+        if change.op is Op.TRUNCATE:
+            batch.tags.add(rule.table_tag)
+            truncated.add(rel)
+            return
+        before, after = change.before, change.after
+        new_keys = self._keys(rule.keys, after, rule, change, txn, batch, True)
+        # Old keys: only report unresolvable ones for deletes; for updates without the old row
+        # the startup check already warned that old keys cannot be dropped.
+        old_keys = self._keys(rule.keys, before, rule, change, txn, batch, change.op is Op.DELETE)
+        for t in (after, before):
+            batch.tags.update(self._keys(rule.tags, t, rule, change, txn, batch, t is before and
+                                         change.op is Op.DELETE))
+        new_set = set(new_keys)
+        for k in old_keys:
+            if k not in new_set:
+                batch.put(Write(ks.entry(k), version, None, self.tombstone_ttl_ms))
+        if not new_keys:
+            return
+        data: bytes | None = None
+        if rule.action == "update" and after is not None and rel not in truncated:
+            proj = after if rule.columns is None else {c: after.get(c, UNAVAILABLE) for c in rule.columns}
+            if not any(v is UNAVAILABLE for v in proj.values()):
+                data = encode_projection(proj)
+        if data is not None:
+            for k in new_keys:
+                batch.put(Write(ks.entry(k), version, data, rule.ttl_ms, rule.table_tag))
+        else:
+            # invalidate rule, a projection with an unsent (TOAST) column, or a table truncated
+            # earlier in this batch: a tombstone is always safe.
+            for k in new_keys:
+                batch.put(Write(ks.entry(k), version, None, self.tombstone_ttl_ms))
