@@ -1,0 +1,108 @@
+"""The command line against real files and a real database: errors say where and what, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.helpers import EXAMPLE_RULES, ROOT
+
+
+def cdcd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cdcd.cli", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+def test_check_accepts_the_example(tmp_path: Path) -> None:
+    res = cdcd("check", "--offline", str(EXAMPLE_RULES))
+    assert res.returncode == 0, res.stderr
+    assert "2 table rule(s)" in res.stdout
+
+
+def test_broken_yaml_names_file_line_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source:\n  dsn: x\ntables:\n  users:\n    keys: [user:{id}\n")
+    res = cdcd("check", "--offline", str(bad))
+    assert res.returncode == 2
+    assert f"{bad}:6:1: not valid YAML" in res.stderr
+
+
+def test_invalid_rule_names_the_path_inside_the_file(tmp_path: Path) -> None:
+    data = yaml.safe_load(EXAMPLE_RULES.read_text())
+    data["tables"]["users"]["keys"][1] = "user:email:{email"
+    data["tables"]["orders"]["action"] = "upsert"
+    data["tables"]["orders"]["tll"] = 5
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    res = cdcd("check", "--offline", str(bad))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    text = bad.read_text().splitlines()
+    parsed = [re.match(r"^(?:cdcd: )?(.+?):(\d+): (\S+): (.*)$", ln) for ln in lines]
+    assert all(parsed), lines
+    by_msg = {m.group(3): m.group(4) for m in parsed if m}
+    line_of = {m.group(3): int(m.group(2)) for m in parsed if m}
+    assert {m.group(1) for m in parsed if m} == {str(bad)}
+    assert "tables.users.keys" in by_msg and "expected '}' before end of string" in by_msg["tables.users.keys"]
+    assert "tables.orders.action" in by_msg and "'invalidate' or 'update'" in by_msg["tables.orders.action"]
+    assert "tables.orders.tll" in by_msg and "Extra inputs are not permitted" in by_msg["tables.orders.tll"]
+    # and the line numbers point at the offending lines
+    assert text[line_of["tables.orders.action"] - 1].strip() == "action: upsert"
+    assert text[line_of["tables.orders.tll"] - 1].strip() == "tll: 5"
+
+
+def test_missing_column_is_reported_against_the_live_schema(cfg: dict[str, Any], tmp_path: Path) -> None:
+    cfg["tables"]["users"]["keys"].append("user:phone:{phone}")
+    path = tmp_path / "live.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for args in (("check", str(path)), ("run", "--config", str(path))):
+        res = cdcd(*args)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert "template 'user:phone:{phone}' names column 'phone', which public.users does not have" in res.stderr
+
+
+def test_missing_table_and_replica_identity_warning(cfg: dict[str, Any], sql: Any, tmp_path: Path) -> None:
+    sql("ALTER TABLE orders REPLICA IDENTITY DEFAULT")
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = cdcd("check", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "public.orders has REPLICA IDENTITY DEFAULT" in res.stdout
+    assert "ALTER TABLE \"public\".\"orders\" REPLICA IDENTITY FULL" in res.stdout
+    cfg["tables"]["nope"] = {"keys": ["nope:{id}"]}
+    path.write_text(yaml.safe_dump(cfg))
+    res = cdcd("check", str(path))
+    assert res.returncode == 2 and "table public.nope does not exist" in res.stderr
+
+
+def test_explain_prints_keys_and_tags() -> None:
+    res = cdcd("explain", str(EXAMPLE_RULES), "--table", "users",
+               "--row", '{"id": 42, "email": "a@b.c", "tenant_id": 7}')
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"keys": ["v1:user:42", "v1:user:email:a@b.c"], "tags": ["tenant:7"],
+                                      "unresolved": []}
+    res = cdcd("explain", str(EXAMPLE_RULES), "--table", "nope", "--row", "{}")
+    assert res.returncode == 2 and "no rule for table public.nope" in res.stderr
+
+
+def test_run_with_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    res = cdcd("run", "--config", str(tmp_path / "absent.yaml"))
+    assert res.returncode == 2 and "cannot read" in res.stderr
+
+
+def test_demo_runs_end_to_end() -> None:
+    res = subprocess.run([sys.executable, "-m", "cdcd.cli", "demo"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "app A writes back its old row: refused" in out
+    assert "fills the fresh row: accepted" in out
+    assert "tombstone" in out and "backplane after" in out
+    assert "no backplane message" not in out
+    assert "valid now? no" in out
