@@ -38,6 +38,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SourceError as exc:
         _err(str(exc))
         return EXIT_CONFIG
+    except OSError as exc:
+        if daemon.http is None and exc.errno is not None:
+            _err(f"cannot serve HTTP on {config.http.host}:{config.http.port}: {exc.strerror} (http.port)")
+            return EXIT_CONFIG
+        raise
     return 0
 
 
@@ -98,6 +103,47 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            status = json.loads(resp.read())
+    except (urllib.error.URLError, OSError) as exc:
+        _err(f"no daemon answering at {url}: {getattr(exc, 'reason', exc)}")
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0 if status.get("ready") else 1
+
+
+def format_status(s: dict[str, Any]) -> str:
+    lag = s.get("lag") or {}
+    pos = s.get("position") or {}
+    rows = [
+        ("source", s.get("source")),
+        ("ready", "yes" if s.get("ready") else "NO: " + "; ".join(s.get("not_ready_because") or [])),
+        ("uptime", f"{s.get('uptime_s')} s"),
+        ("position", ", ".join(f"{k}={v}" for k, v in pos.items()) or "-"),
+        ("applied version", s.get("applied_version")),
+        ("changes", f"{s.get('changes')} total, {s.get('rate_10s')}/s (10 s), {s.get('rate_60s')}/s (60 s)"),
+        ("batches", s.get("batches")),
+        ("last batch", f"{s.get('last_batch_age_s')} s ago" if s.get("last_batch_age_s") is not None else "-"),
+        ("lag", ", ".join(f"{k}={v}" for k, v in lag.items()) or "-"),
+        ("lag alarm", "YES: slot retains more WAL than the bound" if s.get("lag_alarm") else "no"),
+        ("redis / source", f"{'up' if s.get('redis_connected') else 'DOWN'} / "
+                           f"{'up' if s.get('source_connected') else 'DOWN'}"),
+        ("backplane seq", f"{s.get('backplane_seq')} (run {s.get('run')})"),
+        ("last error", f"{s.get('last_error')} ({s.get('last_error_age_s')} s ago)" if s.get("last_error") else "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cdcd.demo import run_demo
 
@@ -125,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--table", required=True)
     explain.add_argument("--row", required=True, help='JSON object, e.g. \'{"id": 42, "email": "a@b.c"}\'')
     explain.set_defaults(fn=cmd_explain)
+
+    status = sub.add_parser("status", help="position, lag, rates and last error of a running daemon")
+    status.add_argument("--url", default="http://127.0.0.1:9108", help="the daemon's http endpoint")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(fn=cmd_status)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")
     demo.add_argument("--config", help="rules file (default config/cdcd.example.yaml)")

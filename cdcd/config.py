@@ -8,13 +8,17 @@ never later at the first change that happens to need the broken rule.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
+
+ENV_PREFIX = "CDCD_"
 
 
 class ConfigError(Exception):
@@ -32,14 +36,100 @@ class PostgresSourceSettings(BaseModel):
     create_publication: bool = Field(default=True, description="create/extend the publication for the rules' tables")
     status_interval: float = Field(default=1.0, gt=0, description="seconds between standby status updates")
     max_batch: int = Field(default=5000, ge=1, description="changes per Redis pipeline at most")
+    password: SecretStr | None = Field(default=None, description="overrides a password in the DSN; never logged")
+    password_file: Path | None = Field(default=None, description="file holding the password (Docker/K8s secret)")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    sslrootcert: str | None = Field(default=None, description="CA file for sslmode verify-ca / verify-full")
+
+    def conninfo(self) -> str:
+        """The DSN with password and TLS options merged in (libpq keywords; URLs are accepted too)."""
+        from psycopg.conninfo import make_conninfo
+
+        extra: dict[str, str] = {}
+        secret = _secret(self.password, self.password_file)
+        if secret is not None:
+            extra["password"] = secret
+        if self.sslmode:
+            extra["sslmode"] = self.sslmode
+        if self.sslrootcert:
+            extra["sslrootcert"] = self.sslrootcert
+        return make_conninfo(self.dsn, **extra) if extra else self.dsn
 
 
 class RedisSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS)")
     socket_timeout: float = Field(default=5.0, gt=0)
     connect_timeout: float = Field(default=2.0, gt=0)
+    username: str | None = Field(default=None, description="Redis ACL user")
+    password: SecretStr | None = Field(default=None, description="never logged")
+    password_file: Path | None = None
+    ssl_ca_certs: str | None = Field(default=None, description="CA file for rediss://")
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def client(self) -> Any:
+        """A redis-py client for these settings (decode_responses off: values are bytes)."""
+        import redis
+
+        return redis.Redis.from_url(self.url, health_check_interval=30, **self.client_kwargs())
+
+    def client_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
+        if self.username:
+            kw["username"] = self.username
+        secret = _secret(self.password, self.password_file)
+        if secret is not None:
+            kw["password"] = secret
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name):
+                kw[name] = getattr(self, name)
+        return kw
+
+
+def _secret(value: SecretStr | None, path: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if path is not None:
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    return None
+
+
+def _bytes(v: Any) -> Any:
+    """Accept 1073741824, "1GB", "512MiB", "64 MB"."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", v, re.IGNORECASE)
+        if not m:
+            raise ValueError(f"{v!r} is not a size (e.g. 512MB, 1GiB)")
+        unit = (m.group(2) or "B").upper().replace("I", "")
+        return int(float(m.group(1)) * {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}[unit])
+    return v
+
+
+class HttpSettings(BaseModel):
+    """Where /metrics, /healthz, /readyz and /status are served (`cdcd status` reads /status)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535, description="0 picks a free port")
+
+
+class MonitorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interval: float = Field(default=5.0, gt=0, description="seconds between slot / consumer lag checks")
+    max_retained_wal: int = Field(default=1024**3, gt=0,
+                                  description="warn when the slot keeps more WAL than this (bytes or 1GB)")
+    ready_max_lag: int | None = Field(default=256 * 1024**2,
+                                      description="not ready while the slot lags more than this (bytes); null = off")
+
+    _sizes = field_validator("max_retained_wal", "ready_max_lag", mode="before")(_bytes)
 
 
 class LogSettings(BaseModel):
@@ -58,8 +148,13 @@ class DaemonSettings(BaseModel):
         default=None, description="where rejected records go (default: kafka for the Kafka source, else redis)")
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Config(BaseSettings):
+    """The whole configuration. Every field can be overridden from the environment:
+    ``CDCD_<SECTION>__<FIELD>`` (e.g. ``CDCD_SOURCE__DSN``, ``CDCD_REDIS__PASSWORD``), which wins over the file.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      nested_model_default_partial_update=True)
 
     source: PostgresSourceSettings
     redis: RedisSettings = Field(default_factory=RedisSettings)
@@ -68,6 +163,17 @@ class Config(BaseModel):
     tables: dict[str, TableRule]
     log: LogSettings = Field(default_factory=LogSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the environment overrides the YAML file (passed as init data)
+        return env_settings, init_settings
 
     @field_validator("tables")
     @classmethod
@@ -131,7 +237,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{filename}: expected a mapping at the top level, found {type(data).__name__}")
     try:
-        return Config.model_validate(data)
+        return Config(**data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

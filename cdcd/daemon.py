@@ -20,6 +20,7 @@ import random
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.metrics import Metrics
 from cdcd.rules import Batch, Rules
-from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink, connect
+from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink
 from cdcd.sources.base import Source, SourceError, SourceUnavailable
 
 log = structlog.get_logger("cdcd.daemon")
@@ -60,14 +61,26 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.source: Source = source or self._make_source()
         self.sequencer = Sequencer("cdcd")
-        self.redis = connect(config.redis.url, config.redis.socket_timeout, config.redis.connect_timeout)
+        self.redis = config.redis.client()
         self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
         self.dead_letters: Any = RedisDeadLetters(self.redis, self.rules.keyspace.dead_letters)
         self.stop_event = threading.Event()
         self.ready = threading.Event()  # connected to the source and Redis at least once
         self.last_error: str | None = None
+        self.last_error_at: float | None = None
         self.applied_batches = 0
+        self.applied_changes = 0
         self.on_batch: Callable[[Batch, ApplyResult], None] | None = None  # hook for the demo and tests
+        self.started_at = time.time()
+        self.last_loop = time.monotonic()
+        self.last_batch_at: float | None = None
+        self.last_version = 0
+        self.redis_ok = False
+        self.source_ok = False
+        self.source_stats: dict[str, Any] | None = None  # from the monitor: slot lag / retained WAL
+        self.lag_alarm = False
+        self._rate: deque[tuple[float, int]] = deque(maxlen=600)
+        self.http: Any = None
 
     def _make_source(self) -> Source:
         from cdcd.sources.postgres import PostgresSource
@@ -97,11 +110,13 @@ class Daemon:
             try:
                 result = fn()
                 self.metrics.connected.labels("redis").set(1)
+                self.redis_ok = True
                 return result
             except redis.RedisError as exc:
                 self.metrics.connected.labels("redis").set(0)
                 self.metrics.retries.labels("redis").inc()
-                self.last_error = f"redis: {exc}"
+                self.redis_ok = False
+                self._error(f"redis: {exc}")
                 delay = backoff.next()
                 log.warning("redis_unavailable", during=what, error=str(exc), retry_in=round(delay, 3))
                 keepalive = getattr(self.source, "keepalive", None)
@@ -119,11 +134,13 @@ class Daemon:
                 self._check_slot_loss()
                 self.source.connect()
                 self.metrics.connected.labels("source").set(1)
+                self.source_ok = True
                 return
             except SourceUnavailable as exc:
                 self.metrics.connected.labels("source").set(0)
                 self.metrics.retries.labels("source").inc()
-                self.last_error = f"source: {exc}"
+                self.source_ok = False
+                self._error(f"source: {exc}")
                 delay = backoff.next()
                 log.warning("source_unavailable", error=str(exc), retry_in=round(delay, 3))
                 self._wait(delay)
@@ -148,11 +165,34 @@ class Daemon:
         self._retry_redis("invalidate after slot loss", lambda: self.sink.apply(batch))
         self.redis.hset(self.rules.keyspace.applied, "source", "")
 
+    def _error(self, text: str) -> None:
+        self.last_error = text
+        self.last_error_at = time.time()
+
     def run(self) -> None:
         """Run until stop(); raises SourceError for problems an operator must fix."""
         cfg = self.config
         log.info("starting", source=self.source.name, tables=sorted(self.rules.by_relation),
                  prefix=self.rules.keyspace.prefix, channel=self.rules.keyspace.channel, run=self.sequencer.run)
+        if cfg.http.enabled and self.http is None:
+            from cdcd.ops import OpsServer
+
+            self.http = OpsServer(self, cfg.http.host, cfg.http.port).start()
+            log.info("http_listening", host=cfg.http.host, port=self.http.port,
+                     routes=["/metrics", "/healthz", "/readyz", "/status"])
+        monitor = threading.Thread(target=self._monitor, name="cdcd-monitor", daemon=True)
+        monitor.start()
+        try:
+            self._run()
+        finally:
+            self.stop_event.set()
+            monitor.join(5)
+            if self.http is not None:
+                self.http.stop()
+                self.http = None
+
+    def _run(self) -> None:
+        cfg = self.config
         try:
             self._retry_redis("prepare", self.sink.prepare)
         except redis.RedisError:
@@ -162,6 +202,7 @@ class Daemon:
         backoff = Backoff(cfg.daemon.retry_initial, cfg.daemon.retry_max)
         try:
             while not self.stop_event.is_set():
+                self.last_loop = time.monotonic()
                 try:
                     items = self.source.poll(0.5)
                     if items:
@@ -170,7 +211,8 @@ class Daemon:
                 except SourceUnavailable as exc:
                     self.metrics.connected.labels("source").set(0)
                     self.metrics.errors.labels("source").inc()
-                    self.last_error = f"source: {exc}"
+                    self.source_ok = False
+                    self._error(f"source: {exc}")
                     delay = backoff.next()
                     log.warning("source_lost", error=str(exc), retry_in=round(delay, 3))
                     self.source.close()
@@ -201,6 +243,11 @@ class Daemon:
         self.source.ack([it.position for it in items])
         now = time.time()
         self.applied_batches += 1
+        self.applied_changes += sum(batch.counts.values())
+        self.last_batch_at = now
+        self._rate.append((time.monotonic(), self.applied_changes))
+        if batch.version:
+            self.last_version = batch.version
         for (table, op), n in batch.counts.items():
             m.changes.labels(table, op).inc(n)
         m.transactions.inc(batch.transactions)
@@ -230,3 +277,101 @@ class Daemon:
         log.error("rejected", reason=rejected.reason, position=str(rejected.position), origin=rejected.origin)
         self._retry_redis("dead-letter", lambda: self.dead_letters.send(rejected))
         self.metrics.dead_letters.inc()
+
+    # ------------------------------------------------------------------ observation
+
+    def _monitor(self) -> None:
+        """Slot lag and retained WAL (or consumer lag) every ``monitor.interval``; warns past the bound."""
+        mon = self.config.monitor
+        while not self.stop_event.wait(mon.interval if self.source_stats is not None else 0.2):
+            try:
+                self.redis.ping()
+                self.redis_ok = True
+            except redis.RedisError as exc:
+                self.redis_ok = False
+                self._error(f"redis: {exc}")
+            self.metrics.connected.labels("redis").set(1 if self.redis_ok else 0)
+            stats_fn = getattr(self.source, "slot_stats", None) or getattr(self.source, "lag_stats", None)
+            if stats_fn is None:
+                continue
+            try:
+                stats = stats_fn()
+            except Exception as exc:  # the monitor must never take the daemon down
+                log.debug("monitor_failed", error=str(exc))
+                continue
+            self.source_stats = stats or {}
+            if not stats:
+                continue
+            if "lag_bytes" in stats:
+                self.metrics.slot_lag.set(stats["lag_bytes"])
+            retained = stats.get("retained_bytes")
+            if retained is not None:
+                self.metrics.slot_retained.set(retained)
+                over = retained > mon.max_retained_wal
+                self.metrics.lag_alarm.set(1 if over else 0)
+                if over:
+                    log.warning("slot_retains_too_much_wal", retained_bytes=retained, bound=mon.max_retained_wal,
+                                detail="the slot keeps WAL until cdcd acknowledges it; if cdcd cannot catch up the "
+                                       "server's disk fills. Fix cdcd (or Redis) rather than dropping the slot: "
+                                       "dropping it loses changes and forces a full invalidation")
+                self.lag_alarm = over
+
+    def liveness(self) -> tuple[bool, str]:
+        """Alive unless the main loop is stuck (it iterates at least every poll timeout or retry)."""
+        stuck = time.monotonic() - self.last_loop
+        limit = 30 + 2 * self.config.daemon.retry_max + self.config.redis.socket_timeout
+        if self.ready.is_set() and self.redis_ok and stuck > limit:
+            return False, f"main loop has not iterated for {stuck:.0f}s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if not self.ready.is_set():
+            reasons.append("starting: not yet connected to the source and Redis")
+        if not self.redis_ok:
+            reasons.append(f"redis unavailable: {self.last_error or 'not connected yet'}")
+        if not self.source_ok:
+            reasons.append(f"source unavailable: {self.last_error or 'not connected yet'}")
+        bound = self.config.monitor.ready_max_lag
+        lag = (self.source_stats or {}).get("lag_bytes")
+        if bound is not None and lag is not None and lag > bound:
+            reasons.append(f"lagging: {lag} bytes behind (bound {bound})")
+        return not reasons, reasons
+
+    def rate(self, window: float = 10.0) -> float:
+        """Changes per second over the last ``window`` seconds."""
+        now = time.monotonic()
+        samples = [(t, n) for t, n in self._rate if now - t <= window]
+        if not samples:
+            return 0.0
+        first_t, first_n = samples[0]
+        older = [(t, n) for t, n in self._rate if now - t > window]
+        if older:
+            first_t, first_n = older[-1]
+        span = max(now - first_t, 1e-3)
+        return (self.applied_changes - first_n) / span
+
+    def status(self) -> dict[str, Any]:
+        ready, reasons = self.readiness()
+        return {
+            "source": self.source.name,
+            "run": self.sequencer.run,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "ready": ready,
+            "not_ready_because": reasons,
+            "redis_connected": self.redis_ok,
+            "source_connected": self.source_ok,
+            "position": self.source.describe(),
+            "applied_version": self.last_version,
+            "backplane_seq": self.sequencer.seq,
+            "batches": self.applied_batches,
+            "changes": self.applied_changes,
+            "rate_10s": round(self.rate(10), 1),
+            "rate_60s": round(self.rate(60), 1),
+            "last_batch_age_s": round(time.time() - self.last_batch_at, 1) if self.last_batch_at else None,
+            "lag": self.source_stats,
+            "lag_alarm": self.lag_alarm,
+            "retained_wal_bound": self.config.monitor.max_retained_wal,
+            "last_error": self.last_error,
+            "last_error_age_s": round(time.time() - self.last_error_at, 1) if self.last_error_at else None,
+        }

@@ -74,6 +74,7 @@ def run_demo(config_path: Path | None, schema_path: Path | None, keep_running: b
         config = load_config(cfg_file)
         config.source.dsn = dsn
         config.redis.url = rs.url
+        config.http.port = 0
         print(f"   postgres {dsn}\n   redis    {rs.url}\n   rules    {cfg_file}")
         rules = config.rules()
         ks = rules.keyspace

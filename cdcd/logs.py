@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import Any
 
 import structlog
+
+# URL userinfo (postgresql://user:secret@host) and key=value secrets (password=secret, sslpassword=...)
+_URL_SECRET = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+_KV_SECRET = re.compile(r"((?:password|passwd|sslpassword|secret|token)\s*[=:]\s*)('[^']*'|\"[^\"]*\"|\S+)",
+                        re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    return _KV_SECRET.sub(r"\1***", _URL_SECRET.sub(r"\1***\3", text))
+
+
+def _redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Defense in depth: no code path logs a DSN on purpose, but driver errors may quote one."""
+    for k, v in event.items():
+        if isinstance(v, str) and ("@" in v or "=" in v or ":" in v):
+            event[k] = redact(v)
+    return event
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
@@ -24,6 +43,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            _redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

@@ -43,4 +43,6 @@ class Metrics:
         self.connected = Gauge("cdcd_connected", "1 when connected, by target", ["target"], registry=r)
         self.slot_lag = Gauge("cdcd_slot_lag_bytes", "WAL between the server's insert position and the slot's "
                               "confirmed flush position", registry=r)
+        self.lag_alarm = Gauge("cdcd_lag_alarm", "1 while the slot retains more WAL than monitor.max_retained_wal",
+                               registry=r)
         self.slot_retained = Gauge("cdcd_slot_retained_wal_bytes", "WAL the slot keeps on the server", registry=r)

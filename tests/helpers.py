@@ -47,6 +47,7 @@ def config_dict(dsn: str, redis_url: str, slot: str, prefix: str, rules_file: Pa
     data["keyspace"] = {"prefix": prefix}
     data["daemon"] = {"retry_initial": 0.05, "retry_max": 0.5}
     data["log"] = {"format": "json", "level": "info"}
+    data["http"] = {"port": 0}  # a free port: tests run several daemons at once
     return data
 
 

@@ -66,7 +66,7 @@ class PostgresSource:
 
     def sql(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(self.settings.dsn, autocommit=True, connect_timeout=5)
+            return psycopg.connect(self.settings.conninfo(), autocommit=True, connect_timeout=5)
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"cannot connect to Postgres: {str(exc).strip()}") from exc
 
@@ -165,8 +165,8 @@ class PostgresSource:
         self.close()
         self.setup()
         try:
-            conn = psycopg2.connect(self.settings.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection,
-                                    options=_SESSION_OPTIONS, connect_timeout=5)
+            conn = psycopg2.connect(self.settings.conninfo(), options=_SESSION_OPTIONS, connect_timeout=5,
+                                    connection_factory=psycopg2.extras.LogicalReplicationConnection)
         except psycopg2.OperationalError as exc:
             raise SourceUnavailable(f"replication connection failed: {str(exc).strip()}") from exc
         cur = conn.cursor()
