@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -19,7 +20,7 @@ def redact(text: str) -> str:
     return _KV_SECRET.sub(r"\1***", _URL_SECRET.sub(r"\1***\3", text))
 
 
-def _redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Defense in depth: no code path logs a DSN on purpose, but driver errors may quote one."""
     for k, v in event.items():
         if isinstance(v, str) and ("@" in v or "=" in v or ":" in v):
