@@ -144,6 +144,29 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def cmd_warm(args: argparse.Namespace) -> int:
+    from cdcd.config import ConfigError, load_config
+    from cdcd.logs import configure
+    from cdcd.warm import warm
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    configure(config.log.format, config.log.level)
+    try:
+        report = warm(config, args.table or None, rate=args.rate)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    for t in report.tables:
+        print(f"{t.table}: {t.rows} rows, {t.written} entries written, {t.refused} already newer "
+              f"({t.seconds:.1f} s)")
+    print(f"snapshot version {report.version}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cdcd.demo import run_demo
 
@@ -176,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:9108", help="the daemon's http endpoint")
     status.add_argument("--json", action="store_true")
     status.set_defaults(fn=cmd_status)
+
+    warm = sub.add_parser("warm", help="fill Redis for update rules from a consistent snapshot")
+    warm.add_argument("--config", "-c", required=True)
+    warm.add_argument("--table", action="append", help="only this table (repeatable)")
+    warm.add_argument("--rate", type=float, default=10_000, help="rows per second at most (0 = unlimited)")
+    warm.set_defaults(fn=cmd_warm)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")
     demo.add_argument("--config", help="rules file (default config/cdcd.example.yaml)")

@@ -1,0 +1,226 @@
+"""``cdcd warm``: fill Redis for ``update`` rules from a consistent snapshot, without a stampede.
+
+Starting on an empty cache sends every first read to the database at once.
+Warm-up writes the rows' projections ahead of time, rate-limited, through the
+same versioned compare-and-set as the daemon, so it can never overwrite a newer
+change the daemon has applied.
+
+The version is exact, not a guess: a *temporary* replication slot is created
+with an exported snapshot. Its consistent point ``L`` splits the world in two:
+every transaction that committed before ``L`` is visible in the snapshot (so
+its commit LSN is below ``L``), every later one is not (commit LSN at or above
+``L``). Writing the snapshot's rows at version ``L - 1`` therefore loses to
+every change the snapshot missed and wins only over changes it already
+contains. (``pg_current_wal_lsn()`` read inside a REPEATABLE READ transaction
+is not exact: a transaction can have written its commit record before the
+snapshot yet still be invisible to it.)
+
+Rows are read as text and decoded with the replication decoder's converters,
+so keys and projections come out byte-identical to what the daemon writes.
+Tags are not bumped: warming changes nothing an application has cached.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import psycopg2
+import psycopg2.extras
+import structlog
+from psycopg import sql
+
+from cdcd.config import Config
+from cdcd.keyspace import SCRIPTS
+from cdcd.rules import NULL_KEY, UNRESOLVABLE, CompiledRule, encode_projection
+from cdcd.sources.pgoutput import str_to_lsn
+from cdcd.sources.pgtypes import convert
+
+log = structlog.get_logger("cdcd.warm")
+
+_APPLY = SCRIPTS["apply"]
+_ENSURE = SCRIPTS["ensure_tag"]
+
+
+@dataclass
+class TableReport:
+    table: str
+    rows: int = 0
+    written: int = 0
+    refused: int = 0  # the daemon had already applied a newer change: correct, not an error
+    seconds: float = 0.0
+
+
+@dataclass
+class WarmReport:
+    version: int = 0
+    tables: list[TableReport] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+
+class RateLimiter:
+    """Token bucket on rows per second (0 = unlimited), so warm-up never saturates the database."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.done = 0
+
+    def take(self, n: int) -> None:
+        self.done += n
+        if self.rate <= 0:
+            return
+        ahead = self.done / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+class Progress:
+    """A bar on a terminal, a log line every few seconds otherwise."""
+
+    def __init__(self, table: str, total: int, stream: Any = None) -> None:
+        self.table, self.total = table, max(total, 1)
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.monotonic()
+        rate = done / max(now - self.t0, 1e-6)
+        if self.tty:
+            width = 30
+            filled = int(width * min(done, self.total) / self.total)
+            self.stream.write(f"\r{self.table:24} [{'#' * filled}{'.' * (width - filled)}] "
+                              f"{done}/{self.total} rows {rate:,.0f}/s" + ("\n" if final else ""))
+            self.stream.flush()
+        elif final or now - self.last >= 5:
+            self.last = now
+            log.info("warm_progress", table=self.table, rows=done, total=self.total, rate=round(rate))
+
+
+def _columns(conn: psycopg.Connection[Any], relation: str) -> list[tuple[str, int]]:
+    schema, _, table = relation.partition(".")
+    return [(r[0], int(r[1])) for r in conn.execute(
+        "SELECT a.attname, a.atttypid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum", (schema, table))]
+
+
+def _rows(conn: psycopg.Connection[Any], relation: str, cols: list[tuple[str, int]],
+          page: int) -> Iterator[dict[str, Any]]:
+    schema, _, table = relation.partition(".")
+    query = sql.SQL("SELECT {} FROM {}").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c, _ in cols),
+        sql.Identifier(schema, table))
+    with conn.cursor(name=f"cdcd_warm_{uuid.uuid4().hex[:8]}") as cur:
+        cur.itersize = page
+        cur.execute(query)
+        for rec in cur:
+            yield {c: (None if v is None else convert(oid, v)) for (c, oid), v in zip(cols, rec, strict=True)}
+
+
+def _entries(rule: CompiledRule, row: dict[str, Any]) -> tuple[list[str], bytes]:
+    proj = row if rule.columns is None else {c: row[c] for c in rule.columns}
+    keys = [k for k in (t.render(row) for t in rule.keys) if k not in (NULL_KEY, UNRESOLVABLE)]
+    return keys, encode_projection(proj)
+
+
+def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, page: int = 1000,
+         on_snapshot: Callable[[int], None] | None = None, progress_stream: Any = None) -> WarmReport:
+    """Write every ``update`` rule's rows at the snapshot's version. Returns counts per table."""
+    rules = config.rules()
+    ks = rules.keyspace
+    wanted = [r for r in rules.by_relation.values() if r.action == "update"]
+    if tables:
+        names = {t if "." in t else f"public.{t}" for t in tables}
+        unknown = names - {r.relation for r in rules.by_relation.values()}
+        if unknown:
+            raise ValueError(f"no rule for {sorted(unknown)}")
+        not_update = names - {r.relation for r in wanted}
+        if not_update:
+            raise ValueError(f"{sorted(not_update)}: only action 'update' rules have values to warm")
+        wanted = [r for r in wanted if r.relation in names]
+    client: Any = config.redis.client()
+    for s in (_APPLY, _ENSURE):
+        client.script_load(s.source)
+    # Table epochs first: a TRUNCATE after this point either is in the snapshot (its rows are gone) or
+    # bumps the counter later, which invalidates what we write. Read after the snapshot, a bump could be
+    # recorded with rows that predate it.
+    epochs: dict[str, str] = {}
+    for rule in wanted:
+        e = client.execute_command("EVALSHA", _ENSURE.sha, 1, ks.tag(rule.table_tag))
+        epochs[rule.table_tag] = e.decode() if isinstance(e, bytes) else str(e)
+        rules.table_epochs[rule.table_tag] = epochs[rule.table_tag]
+
+    report = WarmReport()
+    conninfo = config.source.conninfo()
+    repl = psycopg2.connect(conninfo, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    try:
+        rcur = repl.cursor()
+        slot = f"cdcd_warm_{uuid.uuid4().hex[:12]}"
+        rcur.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
+        _, consistent_point, snapshot_name, _ = rcur.fetchone()
+        version = str_to_lsn(consistent_point) - 1
+        report.version = version
+        log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=consistent_point, version=version,
+                 tables=[r.relation for r in wanted])
+        if on_snapshot is not None:
+            on_snapshot(version)
+        limiter = RateLimiter(rate)
+        with psycopg.connect(conninfo) as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+            for rule in wanted:
+                report.tables.append(_warm_table(conn, client, rule, version, rules.snapshot(rule.table_tag),
+                                                 limiter, page, progress_stream, ks.entry))
+    finally:
+        repl.close()  # drops the temporary slot
+    return report
+
+
+def _warm_table(conn: psycopg.Connection[Any], client: Any, rule: CompiledRule, version: int, snap: str,
+                limiter: RateLimiter, page: int, progress_stream: Any, entry: Callable[[str], str]) -> TableReport:
+    t0 = time.monotonic()
+    rep = TableReport(rule.relation)
+    schema, _, table = rule.relation.partition(".")
+    total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
+    progress = Progress(rule.relation, int(total_row[0]) if total_row else 0, progress_stream)
+    cols = _columns(conn, rule.relation)
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+
+    def flush() -> None:
+        nonlocal pipe, pending
+        if not pending:
+            return
+        results = pipe.execute()
+        applied = sum(1 for x in results if x == 1)
+        rep.written += applied
+        rep.refused += len(results) - applied
+        pipe = client.pipeline(transaction=False)
+        pending = 0
+
+    for row in _rows(conn, rule.relation, cols, page):
+        keys, data = _entries(rule, row)
+        for k in keys:
+            pipe.execute_command("EVALSHA", _APPLY.sha, 1, entry(k), version, "v", rule.ttl_ms, data, snap)
+        pending += len(keys)
+        rep.rows += 1
+        if rep.rows % page == 0:
+            flush()
+            limiter.take(page)
+            progress.update(rep.rows)
+    flush()
+    progress.update(rep.rows, final=True)
+    rep.seconds = time.monotonic() - t0
+    log.info("warm_table_done", table=rule.relation, rows=rep.rows, written=rep.written, refused=rep.refused,
+             seconds=round(rep.seconds, 2))
+    return rep
