@@ -167,7 +167,10 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
         rcur = repl.cursor()
         slot = f"cdcd_warm_{uuid.uuid4().hex[:12]}"
         rcur.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
-        _, consistent_point, snapshot_name, _ = rcur.fetchone()
+        created = rcur.fetchone()
+        if created is None:
+            raise RuntimeError("CREATE_REPLICATION_SLOT returned no row")
+        _, consistent_point, snapshot_name, _ = created
         version = str_to_lsn(consistent_point) - 1
         report.version = version
         log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=consistent_point, version=version,
