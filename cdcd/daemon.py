@@ -81,6 +81,7 @@ class Daemon:
         self.lag_alarm = False
         self._rate: deque[tuple[float, int]] = deque(maxlen=600)
         self.http: Any = None
+        self.debug = config.log.level == "debug"
 
     def _make_source(self) -> Source:
         from cdcd.sources.postgres import PostgresSource
@@ -236,6 +237,10 @@ class Daemon:
             else:
                 txns.append(item)
         batch = self.rules.plan(txns)
+        if self.debug:
+            for t in txns:
+                for c in t.changes:
+                    log.debug("change", table=c.relation, op=c.op.name.lower(), version=t.version, xid=t.xid)
         for p in batch.problems:
             m.problems.labels(p.kind, p.relation).inc()
             log.warning(p.kind, table=p.relation, detail=p.detail, position=str(p.position))
