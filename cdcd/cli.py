@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cdcd.config import ConfigError, load_config
+    from cdcd.config import ConfigError, PostgresSourceSettings, load_config
     from cdcd.sources.base import SourceError, SourceUnavailable
 
     try:
@@ -58,7 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rules = config.rules()
     print(f"{args.config}: OK: {len(rules.by_relation)} table rule(s), prefix {rules.keyspace.prefix!r}, "
           f"channel {rules.keyspace.channel!r}")
-    if args.offline:
+    if args.offline or not isinstance(config.source, PostgresSourceSettings):
         return 0
     from cdcd.sources.postgres import PostgresSource
 
@@ -157,7 +157,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     configure(config.log.format, config.log.level)
     try:
         report = warm(config, args.table or None, rate=args.rate)
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         _err(str(exc))
         return EXIT_CONFIG
     for t in report.tables:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
+from cdcd.sources.kafka import KafkaSourceSettings  # the settings model only: no kafka-python import
 
 ENV_PREFIX = "CDCD_"
 
@@ -144,8 +145,21 @@ class DaemonSettings(BaseModel):
 
     retry_initial: float = Field(default=0.1, gt=0, description="first backoff (s) when Redis or the source fails")
     retry_max: float = Field(default=5.0, gt=0, description="backoff cap (s)")
+    heartbeat: float = Field(default=1.0, ge=0, description="seconds between empty backplane messages while idle, "
+                             "so subscribers notice a lost last message quickly (0 = off)")
     dead_letters: Literal["redis", "kafka"] | None = Field(
         default=None, description="where rejected records go (default: kafka for the Kafka source, else redis)")
+
+
+def _source_type(v: Any) -> str:
+    """``type:`` picks the source; a file without one means postgres."""
+    return str(v.get("type", "postgres") if isinstance(v, dict) else getattr(v, "type", "postgres"))
+
+
+SourceSettings = Annotated[
+    Annotated[PostgresSourceSettings, Tag("postgres")] | Annotated[KafkaSourceSettings, Tag("kafka")],
+    Discriminator(_source_type),
+]
 
 
 class Config(BaseSettings):
@@ -156,7 +170,7 @@ class Config(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__",
                                       nested_model_default_partial_update=True)
 
-    source: PostgresSourceSettings
+    source: SourceSettings
     redis: RedisSettings = Field(default_factory=RedisSettings)
     keyspace: KeyspaceSettings = Field(default_factory=KeyspaceSettings)
     defaults: Defaults = Field(default_factory=Defaults)
@@ -223,6 +237,13 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
         else:
             return line
     return line
+
+
+def postgres_source(config: Config, what: str) -> PostgresSourceSettings:
+    """The Postgres settings, for commands that read the database directly (check, warm, inspect)."""
+    if not isinstance(config.source, PostgresSourceSettings):
+        raise ConfigError(f"{what} reads the database directly and needs source.type postgres (with its dsn)")
+    return config.source
 
 
 def parse_config(text: str, filename: str = "<config>") -> Config:

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import structlog
 
-from cdcd.backplane import Sequencer
+from cdcd.backplane import Message, Sequencer
 from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.metrics import Metrics
@@ -63,7 +63,7 @@ class Daemon:
         self.sequencer = Sequencer("cdcd")
         self.redis = config.redis.client()
         self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
-        self.dead_letters: Any = RedisDeadLetters(self.redis, self.rules.keyspace.dead_letters)
+        self.dead_letters: Any = self._make_dead_letters()
         self.stop_event = threading.Event()
         self.ready = threading.Event()  # connected to the source and Redis at least once
         self.last_error: str | None = None
@@ -82,11 +82,29 @@ class Daemon:
         self._rate: deque[tuple[float, int]] = deque(maxlen=600)
         self.http: Any = None
         self.debug = config.log.level == "debug"
+        self._last_publish = time.monotonic()
 
     def _make_source(self) -> Source:
+        from cdcd.sources.kafka import KafkaSource, KafkaSourceSettings
+
+        if isinstance(self.config.source, KafkaSourceSettings):
+            return KafkaSource(self.config.source)
         from cdcd.sources.postgres import PostgresSource
 
         return PostgresSource(self.config.source, self.rules)
+
+    def _make_dead_letters(self) -> Any:
+        from cdcd.sources.kafka import KafkaSourceSettings
+
+        src = self.config.source
+        where = self.config.daemon.dead_letters or ("kafka" if isinstance(src, KafkaSourceSettings) else "redis")
+        if where == "kafka":
+            if not isinstance(src, KafkaSourceSettings):
+                raise SourceError("daemon.dead_letters: kafka needs source type kafka (its cluster and credentials)")
+            from cdcd.sinks.kafka_dlq import KafkaDeadLetters
+
+            return KafkaDeadLetters.from_settings(src)
+        return RedisDeadLetters(self.redis, self.rules.keyspace.dead_letters)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -208,6 +226,9 @@ class Daemon:
                     items = self.source.poll(0.5)
                     if items:
                         self._process(items)
+                        self._last_publish = time.monotonic()
+                    elif cfg.daemon.heartbeat and time.monotonic() - self._last_publish >= cfg.daemon.heartbeat:
+                        self._heartbeat()
                     backoff.reset()
                 except SourceUnavailable as exc:
                     self.metrics.connected.labels("source").set(0)
@@ -224,6 +245,9 @@ class Daemon:
                     break  # only raised out of _retry_redis when stopping: the batch was not acked
         finally:
             self.source.close()
+            close_dead_letters = getattr(self.dead_letters, "close", None)
+            if close_dead_letters is not None:
+                close_dead_letters()
             log.info("stopped", batches=self.applied_batches)
 
     # ------------------------------------------------------------------ one batch
@@ -276,6 +300,19 @@ class Daemon:
                  lag_ms=round((now - batch.oldest_commit_ts) * 1000, 1) if batch.oldest_commit_ts else None)
         if self.on_batch is not None:
             self.on_batch(batch, result)
+
+    def _heartbeat(self) -> None:
+        """An empty message with the next sequence number: a subscriber that missed the last real message
+        sees the gap now instead of at the next change. If it cannot be sent, the number is spent anyway,
+        which subscribers read as a gap: the safe direction."""
+        self._last_publish = time.monotonic()
+        self.sequencer.seq += 1
+        msg = Message(origin="cdcd", run=self.sequencer.run, seq=self.sequencer.seq, version=str(self.last_version),
+                      ts=time.time())
+        try:
+            self.redis.publish(self.rules.keyspace.channel, msg.encode())
+        except redis.RedisError as exc:
+            log.debug("heartbeat_failed", error=str(exc))
 
     def _dead_letter(self, rejected: Rejected) -> None:
         self.metrics.errors.labels("rejected").inc()

@@ -52,7 +52,7 @@ def _next_message(sub: Any) -> dict[str, Any] | None:
 def run_demo(config_path: Path | None, schema_path: Path | None, keep_running: bool = False) -> int:
     import psycopg
 
-    from cdcd.config import load_config
+    from cdcd.config import PostgresSourceSettings, load_config
     from cdcd.daemon import Daemon
     from cdcd.devservers import PostgresServer, RedisServer
     from cdcd.fillguard import FillGuard
@@ -72,6 +72,8 @@ def run_demo(config_path: Path | None, schema_path: Path | None, keep_running: b
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(schema_file.read_text())
         config = load_config(cfg_file)
+        if not isinstance(config.source, PostgresSourceSettings):
+            raise SystemExit(f"{cfg_file}: the demo needs a postgres source")
         config.source.dsn = dsn
         config.redis.url = rs.url
         config.http.port = 0

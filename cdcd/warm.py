@@ -35,7 +35,7 @@ import psycopg2.extras
 import structlog
 from psycopg import sql
 
-from cdcd.config import Config
+from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
 from cdcd.rules import NULL_KEY, UNRESOLVABLE, CompiledRule, encode_projection
 from cdcd.sources.pgoutput import str_to_lsn
@@ -161,7 +161,7 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
         rules.table_epochs[rule.table_tag] = epochs[rule.table_tag]
 
     report = WarmReport()
-    conninfo = config.source.conninfo()
+    conninfo = postgres_source(config, "cdcd warm").conninfo()
     repl = psycopg2.connect(conninfo, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     try:
         rcur = repl.cursor()

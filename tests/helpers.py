@@ -45,7 +45,7 @@ def config_dict(dsn: str, redis_url: str, slot: str, prefix: str, rules_file: Pa
     data["source"].update({"dsn": dsn, "slot": slot, "publication": slot})
     data["redis"] = {"url": redis_url, "socket_timeout": 1.0, "connect_timeout": 0.5}
     data["keyspace"] = {"prefix": prefix}
-    data["daemon"] = {"retry_initial": 0.05, "retry_max": 0.5}
+    data["daemon"] = {"retry_initial": 0.05, "retry_max": 0.5, "heartbeat": 0}  # tests that want it turn it on
     data["log"] = {"format": "json", "level": "info"}
     data["http"] = {"port": 0}  # a free port: tests run several daemons at once
     return data
