@@ -156,10 +156,10 @@ class Backplane:
     def _on(self, msg: dict[str, Any]) -> None:
         self.messages.append(json.loads(msg["data"]))
 
-    def keys(self) -> set[str]:
+    def all_keys(self) -> set[str]:
         return {k for m in self.messages for k in m["k"]}
 
-    def tags(self) -> set[str]:
+    def all_tags(self) -> set[str]:
         return {t for m in self.messages for t in m["t"]}
 
     def close(self) -> None:

@@ -107,6 +107,8 @@ class KafkaSourceSettings(BaseModel):
                                       description="longer without poll (e.g. Redis down) and the group moves on")
     max_poll_records: int = Field(default=500, ge=1, description="records per poll() at most")
     request_timeout_ms: int = Field(default=30000, ge=1000)
+    metadata_max_age_ms: int = Field(default=30000, ge=500,
+                                     description="how soon a topic_pattern picks up a new table's topic")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds to bootstrap before giving up (backoff)")
     unavailable_after: float = Field(default=10.0, gt=0,
                                      description="seconds without any broker connection before poll() gives up")
@@ -319,7 +321,7 @@ class KafkaSource:
             "max_poll_interval_ms": s.max_poll_interval_ms,
             "max_poll_records": s.max_poll_records,
             "bootstrap_timeout_ms": int(s.connect_timeout * 1000),
-            "metadata_max_age_ms": 30000,  # a topic_pattern picks up new tables' topics within this
+            "metadata_max_age_ms": s.metadata_max_age_ms,  # a topic_pattern picks up new tables' topics
         }
         try:
             consumer = (self._factory or KafkaConsumer)(**kwargs)
