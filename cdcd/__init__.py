@@ -1,0 +1,3 @@
+"""cdcd: CDC-driven cache invalidation (daemon) and its companion cache client (cdcd.client)."""
+
+__version__ = "0.1.0"
