@@ -62,7 +62,7 @@ def test_sigkill_mid_stream_loses_nothing(cfg: dict[str, Any], r: redis.Redis, a
     p = cfg["keyspace"]["prefix"]
     daemon = DaemonProcess(cfg, workdir).start()
     daemon.wait_ready()
-    writer = Writer(app_db, 300, pause=0.002)
+    writer = Writer(app_db, 300, pause=0.01)
     writer.start()
     rng = random.Random(42)
     kills = 0

@@ -110,6 +110,8 @@ def run(pg_server: PostgresServer, kafka_server: KafkaServer) -> Iterator[Run]:
     source: KafkaSource | None = None
     try:
         bridge.start()
+        # the snapshot's 'r' record first: under load it was once missing when writes started at once
+        bridge.wait_for(lambda recs: any(r.op == "r" for r in recs), timeout=60)
         with psycopg.connect(dsn, autocommit=True) as conn:
             for sql in WRITES:
                 conn.execute(sql)
