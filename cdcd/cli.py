@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--schema", help="SQL for the example schema (default config/example-schema.sql)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon and servers up until Ctrl-C")
     demo.set_defaults(fn=cmd_demo)
+
+    from cdcd.inspect import add_parser as add_inspect  # import-light: psycopg/redis load only when it runs
+
+    add_inspect(sub)
     return p
 
 

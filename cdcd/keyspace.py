@@ -27,7 +27,7 @@ size: Lua's doubles would silently round 64-bit LSNs.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # ---------------------------------------------------------------------------
 # Lua. Each script touches KEYS[1] only (plus nothing else), so it is cluster-safe.
@@ -136,10 +136,10 @@ return s
 class Script:
     name: str
     source: str
+    sha: str = field(init=False, compare=False)  # computed once: the sink sends it with every call
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 SCRIPTS: dict[str, Script] = {

@@ -264,3 +264,12 @@ def test_rate_limit_paces_work() -> None:
     for _ in range(30):
         bucket.take(100)  # 3000 units: one second's burst, then 1000 more at 2000/s
     assert time.monotonic() - t0 >= 0.45
+
+
+def test_a_kafka_source_is_refused_clearly(cfg: dict[str, Any]) -> None:
+    """Rows come from Postgres and settling compares slot LSNs: a Kafka configuration cannot be inspected."""
+    from cdcd.inspect import InspectError
+
+    cfg["source"] = {"type": "kafka", "bootstrap_servers": "127.0.0.1:1", "topics": ["t"]}
+    with pytest.raises(InspectError, match="postgres source"):
+        run_inspect(make_config(cfg), 10, False, 1000, 0.0, 1.0, None)

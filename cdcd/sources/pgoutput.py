@@ -27,6 +27,11 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _I64 = struct.Struct("!q")
 _U64 = struct.Struct("!Q")
+_BEGIN = struct.Struct("!QqI")  # final LSN, commit time, xid
+_COMMIT = struct.Struct("!bQQq")  # flags, commit LSN, end LSN, commit time
+_I16_FROM = _I16.unpack_from
+_I32_FROM = _I32.unpack_from
+_U32_FROM = _U32.unpack_from
 
 
 class DecodeError(ValueError):
@@ -57,6 +62,16 @@ class Relation:
     replica_identity: str  # 'd' default, 'f' full, 'i' index, 'n' nothing
     columns: list[Column]
     converters: list[Any] = field(default_factory=list)
+    # hot-path views of ``columns`` (the tuple decoder reads these, not the Column objects)
+    names: tuple[str, ...] = ()
+    keyflags: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = tuple(c.name for c in self.columns)
+            self.keyflags = tuple(c.is_key for c in self.columns)
+        if not self.converters:
+            self.converters = [converter(c.type_oid) for c in self.columns]
 
 
 class _Reader:
@@ -132,6 +147,7 @@ class PgOutputDecoder:
         self.relations: dict[int, Relation] = {}
         self._txn: Transaction | None = None
         self._bad_messages: list[str] = []
+        self._toast = False  # set by _tuple when a column was an unchanged TOAST value
 
     @property
     def in_transaction(self) -> bool:
@@ -139,19 +155,26 @@ class PgOutputDecoder:
 
     def feed(self, payload: bytes, lsn: int = 0) -> Transaction | Rejected | None:
         r = _Reader(payload)
+        first = payload[0] if payload else 0
+        if first == 73 or first == 85 or first == 68:  # I U D: the hot path
+            r.pos = 1
+            self._row(chr(first), r)
+            return None
         kind = r.byte()
         if kind == "B":
-            final_lsn = r.u64()
-            commit_ts = r.i64()
-            xid = r.u32()
-            self._txn = Transaction(version=final_lsn, changes=[], position=None, commit_time=_ts(commit_ts),
-                                    xid=xid, origin=self.origin)
+            try:
+                final_lsn, _commit_ts, xid = _BEGIN.unpack_from(payload, 1)
+            except struct.error as exc:
+                raise DecodeError(f"truncated message: {exc}") from None
+            # the commit time is taken from Commit (one datetime per transaction, not two)
+            self._txn = Transaction(version=final_lsn, changes=[], position=None, commit_time=None, xid=xid,
+                                    origin=self.origin)
             return None
         if kind == "C":
-            r.i8()  # flags, unused
-            commit_lsn = r.u64()
-            end_lsn = r.u64()
-            commit_ts = r.i64()
+            try:
+                _flags, commit_lsn, end_lsn, commit_ts = _COMMIT.unpack_from(payload, 1)
+            except struct.error as exc:
+                raise DecodeError(f"truncated message: {exc}") from None
             txn = self._txn
             self._txn = None
             if txn is None:
@@ -202,56 +225,96 @@ class PgOutputDecoder:
             type_oid = r.u32()
             r.i32()  # atttypmod
             cols.append(Column(name, type_oid, bool(flags & 1)))
-        self.relations[oid] = Relation(oid, schema, table, ident, cols, [converter(c.type_oid) for c in cols])
+        self.relations[oid] = Relation(oid, schema, table, ident, cols)
 
     def _tuple(self, r: _Reader, rel: Relation, key_only: bool = False) -> dict[str, Any]:
-        n = r.i16()
-        if n != len(rel.columns):
-            raise DecodeError(f"{rel.schema}.{rel.table}: tuple has {n} columns, relation has {len(rel.columns)}")
+        # The hot loop of the whole daemon: one iteration per column of every row change. It reads the
+        # buffer directly (no per-field method calls); a read past the end raises IndexError or
+        # struct.error, turned into DecodeError below, and every length is checked before slicing.
+        buf = r.buf
+        pos = r.pos
+        end = len(buf)
+        names = rel.names
+        convs = rel.converters
         row: dict[str, Any] = {}
-        for col, conv in zip(rel.columns, rel.converters, strict=True):
-            kind = r.byte()
-            if kind == "n":
-                # In a 'K' (old key) tuple, non-key columns are sent as null: they are unknown, not NULL.
-                row[col.name] = UNAVAILABLE if key_only and not col.is_key else None
-            elif kind == "u":
-                row[col.name] = UNAVAILABLE  # unchanged TOASTed value: not sent
-            elif kind == "t":
-                text = r.take(r.i32()).decode()
-                if conv is None:
-                    row[col.name] = text
+        try:
+            n = _I16_FROM(buf, pos)[0]
+            pos += 2
+            if n != len(names):
+                raise DecodeError(f"{rel.schema}.{rel.table}: tuple has {n} columns, relation has {len(names)}")
+            for name, conv, is_key in zip(names, convs, rel.keyflags, strict=True):
+                kind = buf[pos]
+                if kind == 116:  # 't': text value
+                    size = _I32_FROM(buf, pos + 1)[0]
+                    pos += 5
+                    stop = pos + size
+                    if stop > end or size < 0:
+                        raise DecodeError("length runs past the end of the message")
+                    text = buf[pos:stop].decode()
+                    pos = stop
+                    if conv is None:
+                        row[name] = text
+                    else:
+                        try:
+                            row[name] = conv(text)
+                        except (ValueError, ArithmeticError):
+                            row[name] = text
+                elif kind == 110:  # 'n': null
+                    pos += 1
+                    # In a 'K' (old key) tuple, non-key columns are sent as null: unknown, not NULL.
+                    row[name] = UNAVAILABLE if key_only and not is_key else None
+                elif kind == 117:  # 'u': unchanged TOASTed value, not sent
+                    pos += 1
+                    row[name] = UNAVAILABLE
+                    self._toast = True
+                elif kind == 98:  # 'b': binary value
+                    size = _I32_FROM(buf, pos + 1)[0]
+                    pos += 5
+                    stop = pos + size
+                    if stop > end or size < 0:
+                        raise DecodeError("length runs past the end of the message")
+                    row[name] = buf[pos:stop]
+                    pos = stop
                 else:
-                    try:
-                        row[col.name] = conv(text)
-                    except (ValueError, ArithmeticError):
-                        row[col.name] = text
-            elif kind == "b":
-                row[col.name] = r.take(r.i32())
-            else:
-                raise DecodeError(f"unknown tuple column kind {kind!r}")
+                    raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
+        except IndexError:
+            raise DecodeError("unexpected end of message") from None
+        except struct.error as exc:
+            raise DecodeError(f"truncated message: {exc}") from None
+        r.pos = pos
         return row
 
     def _row(self, kind: str, r: _Reader) -> None:
-        rel = self._rel(r.u32())
-        txn = self._current()
+        buf = r.buf
+        try:
+            oid = _U32_FROM(buf, 1)[0]
+            tag = buf[5]
+        except (IndexError, struct.error):
+            raise DecodeError("unexpected end of message") from None
+        rel = self.relations.get(oid)
+        if rel is None:
+            raise DecodeError(f"change for relation {oid} before its Relation message")
+        txn = self._txn
+        if txn is None:
+            raise DecodeError("row change outside a transaction")
+        r.pos = 6
         if kind == "I":
-            if r.byte() != "N":
+            if tag != 78:  # 'N'
                 raise DecodeError("Insert without new tuple")
             txn.changes.append(Change(Op.INSERT, rel.schema, rel.table, None, self._tuple(r, rel)))
             return
         if kind == "D":
-            tag = r.byte()
-            txn.changes.append(Change(Op.DELETE, rel.schema, rel.table, self._tuple(r, rel, tag == "K"), None))
+            txn.changes.append(Change(Op.DELETE, rel.schema, rel.table, self._tuple(r, rel, tag == 75), None))
             return
         before: dict[str, Any] | None = None
-        tag = r.byte()
-        if tag in "KO":
-            before = self._tuple(r, rel, key_only=(tag == "K"))
-            tag = r.byte()
-        if tag != "N":
+        if tag == 75 or tag == 79:  # K old key, O old row
+            before = self._tuple(r, rel, key_only=(tag == 75))
+            tag = ord(r.byte())
+        if tag != 78:
             raise DecodeError("Update without new tuple")
+        self._toast = False
         after = self._tuple(r, rel)
-        if before is not None:
+        if before is not None and self._toast:
             # Unchanged TOAST columns are absent from the new tuple but present in a full old one.
             for name, value in after.items():
                 if value is UNAVAILABLE and before.get(name, UNAVAILABLE) is not UNAVAILABLE:
