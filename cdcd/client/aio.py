@@ -1,7 +1,16 @@
 """The asyncio cache: the same semantics as :class:`cdcd.client.Cache` over ``redis.asyncio``.
 
-Shares L1, options, the fill-guard protocol and the backplane sequence tracking with the sync cache;
-only the I/O differs. Loaders may be coroutine functions or plain callables (run in a thread).
+Shares L1, options, commands, reply parsing, lifetimes and backplane tracking with the sync cache
+(:mod:`.protocol`, :mod:`.subscriber`); only the I/O and the concurrency primitives differ. A load
+runs as a task of its own, so a caller that is cancelled or times out never cancels the load the
+other callers (and the cache) are waiting for.
+
+Loaders are ``async def`` functions or plain callables; a plain callable runs inline on the event
+loop, so give it nothing that blocks (wrap blocking I/O with ``asyncio.to_thread``).
+
+One ``AsyncCache`` belongs to one event loop (its connections do). Create it inside the loop:
+``cache = await AsyncCache.create(url, options)`` or ``async with AsyncCache(url, options) as cache``;
+the backplane listener starts on first use otherwise.
 """
 
 from __future__ import annotations
@@ -10,53 +19,63 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from time import monotonic
+from typing import Any, TypeVar
 
 import redis.asyncio as aredis
-from redis.exceptions import RedisError
 
 from cdcd.backplane import Message, Sequencer
-from cdcd.client.breaker import CircuitBreaker
-from cdcd.client.cache import L2Unavailable, log
-from cdcd.client.l1 import L1, L1Entry
-from cdcd.client.options import CacheOptions, EntryOptions
-from cdcd.client.protocol import (
+from cdcd.keyspace import Keyspace
+
+from ._log import log
+from .breaker import CircuitBreaker
+from .l1 import L1, L1Entry
+from .link import UNLOCK, AsyncLink, Command, L2Unavailable
+from .options import CacheOptions, EntryOptions
+from .protocol import (
+    BUMP,
+    INVALIDATE,
+    MISSING,
     NOT_FOUND,
-    XFETCH_HORIZON,
+    Found,
+    KeyTemplate,
     Registry,
     all_tags,
     decode_str,
+    fill_command,
+    fill_result,
     jittered,
-    parse_read,
-    snapshot_json,
-    tags_valid,
+    make_entry,
+    parse_found,
+    read_commands,
     xfetch_due,
 )
-from cdcd.client.serializers import JsonSerializer, Serializer
-from cdcd.client.stats import Stats
-from cdcd.client.subscriber import SeqTracker
-from cdcd.fillguard import Entry
-from cdcd.keyspace import SCRIPTS, Keyspace
+from .serializers import JsonSerializer, Serializer
+from .stats import Stats
+from .subscriber import AsyncSubscriber
 
-_READ, _FILL, _INVALIDATE = SCRIPTS["read"], SCRIPTS["fill"], SCRIPTS["invalidate"]
-_BUMP, _ENSURE = SCRIPTS["bump_tag"], SCRIPTS["ensure_tag"]
-_MISSING = object()
 Loader = Callable[[], Any]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_lock_ids = itertools.count()
+
+
+def _out(e: L1Entry) -> Any:
+    return None if e.negative else e.value
 
 
 class AsyncCache:
-    """Create inside a running event loop (``await AsyncCache.create(...)`` or ``start()``), one per process."""
+    """One per process and event loop. See :class:`cdcd.client.Cache` for the semantics."""
 
     def __init__(self, client: aredis.Redis | str = "redis://127.0.0.1:6379/0", options: CacheOptions | None = None,
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
         self.options = opts = options or CacheOptions()
         if isinstance(client, str):
-            client = aredis.Redis.from_url(client, socket_timeout=opts.redis_timeout,
-                                           socket_connect_timeout=opts.redis_timeout)
+            client = aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(client))
         self.redis: Any = client
         self.keyspace = Keyspace(opts.prefix, opts.channel)
         self.serializer = serializer or JsonSerializer()
@@ -64,15 +83,21 @@ class AsyncCache:
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self._l1data = self.l1.data
         self.breaker = CircuitBreaker(opts.breaker_failures, opts.breaker_reset)
+        self.link = AsyncLink(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker,
+                              self.stats)
         self.registry = Registry()
         self._registry_at = -math.inf
         self.rng = rng or random.Random()
-        self._flights: dict[str, asyncio.Future[Any]] = {}
+        self._flights: dict[str, asyncio.Task[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.sequencer = Sequencer("app")
-        self.tracker = SeqTracker(self.sequencer.run)
-        self.connected = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
+        self._publish_lock: asyncio.Lock | None = None
+        self._subscriber = AsyncSubscriber(self) if opts.subscribe else None
+        self.connected = self._subscriber.connected if self._subscriber is not None else asyncio.Event()
+
+    @property
+    def run_id(self) -> str:
+        return self.sequencer.run
 
     @classmethod
     async def create(cls, *args: Any, **kwargs: Any) -> AsyncCache:
@@ -81,391 +106,431 @@ class AsyncCache:
         return cache
 
     async def start(self) -> None:
-        if self.options.subscribe and self._listener is None:
-            self._listener = asyncio.create_task(self._listen())
+        """Start the backplane listener and wait (briefly) for its first subscription."""
+        if self._subscriber is not None and self._subscriber.task is None:
+            self._subscriber.start()
+            with contextlib.suppress(TimeoutError):  # Redis down: the listener keeps trying
+                await asyncio.wait_for(self.connected.wait(),
+                                       self.options.connect_timeout_s + self.options.redis_timeout)
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-        for t in list(self._tasks):
+        if self._subscriber is not None:
+            await self._subscriber.stop()
+        for t in list(self._tasks) + list(self._flights.values()):
             t.cancel()
-        await self.redis.aclose()
+        await self.link.close()
+
+    async def __aenter__(self) -> AsyncCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def wait_subscribed(self, timeout: float = 5.0) -> bool:
+        if self._subscriber is None:
+            return False
+        self._ensure_started()
         try:
             await asyncio.wait_for(self.connected.wait(), timeout)
             return True
         except TimeoutError:
             return False
 
+    def _ensure_started(self) -> None:
+        if self._subscriber is not None and self._subscriber.task is None:
+            self._subscriber.start()
+
     # ---------------------------------------------------------------- Redis plumbing
 
-    async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            try:
-                result = await fn()
-            except RedisError as exc:
-                if "NOSCRIPT" not in str(exc):
-                    raise
-                for s in SCRIPTS.values():
-                    await self.redis.script_load(s.source)
-                result = await fn()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.stats.redis_errors += 1
-            if self.breaker.failure():
-                self.stats.breaker_open += 1
-            raise L2Unavailable(str(exc)) from exc
-        self.breaker.success()
-        return result
-
     async def _refresh_registry(self) -> None:
-        now = time.monotonic()
+        now = monotonic()
         if now - self._registry_at < self.options.registry_refresh:
             return
         self._registry_at = now
-        with contextlib.suppress(L2Unavailable):
-            self.registry.load(await self._call(lambda: self.redis.get(self.keyspace.registry)))
+        try:
+            self.registry.load((await self.link.call_checked([("GET", self.keyspace.registry)]))[0])
+        except (L2Unavailable, ValueError) as exc:
+            log.debug("registry_unavailable", error=str(exc))
 
-    async def _read(self, key: str, tags: list[str], lease: bool) -> tuple[Entry, dict[str, Any]]:
-        rk = self.keyspace.entry(key)
-        tag_keys = [self.keyspace.tag(t) for t in tags]
-
-        async def go() -> list[Any]:
-            pipe: Any = self.redis.pipeline(transaction=False)
-            pipe.execute_command("EVALSHA", _READ.sha, 1, rk, int(self.options.lease_ttl * 1000), "1" if lease else "0")
-            if tag_keys:
-                pipe.mget(tag_keys)
-            res: list[Any] = await pipe.execute(raise_on_error=False)
-            for r in res:
-                if isinstance(r, Exception):
-                    raise r
-            return res
-
-        res = await self._call(go)
-        entry = parse_read(key, res[0])
-        current: dict[str, Any] = dict(zip(tags, res[1], strict=True)) if tag_keys else {}
-        extra = [t for t in entry.tags if t not in current]
+    async def _read(self, key: str, tags: Sequence[str], lease: bool) -> Found:
+        lease_ms = int(self.options.lease_ttl * 1000) if lease else None
+        found = parse_found(key, tags, await self.link.call(read_commands(self.keyspace, key, tags, lease_ms)))
+        extra = found.missing()
         if extra:
-            values = await self._call(lambda: self.redis.mget([self.keyspace.tag(t) for t in extra]))
-            current.update(zip(extra, values, strict=True))
-        return entry, current
+            values = await self.link.call_checked([("GET", self.keyspace.tag(t)) for t in extra])
+            found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
+        return found
 
-    async def _tag_snapshot(self, tags: Sequence[str], current: dict[str, Any]) -> dict[str, str]:
-        snap: dict[str, str] = {}
-        for t in tags:
-            v = decode_str(current.get(t))
-            if v is None:
-                ensure = functools.partial(self.redis.execute_command, "EVALSHA", _ENSURE.sha, 1, self.keyspace.tag(t))
-                v = decode_str(await self._call(ensure))
-            snap[t] = v or ""
-        return snap
+    def _decode(self, found: Found) -> Any:
+        if found.entry.negative:
+            return NOT_FOUND
+        try:
+            return self.serializer.loads(found.entry.value or b"")
+        except Exception as exc:
+            log.warning("undecodable_value", key=found.entry.key, error=str(exc))
+            return MISSING
 
-    def _l1_put(self, key: str, value: Any, negative: bool, tags: Sequence[str], opts: EntryOptions,
-                delta: float, size: int) -> None:
-        now = time.monotonic()
-        hard = now + jittered(opts.l1_hard if not negative else min(opts.negative_ttl, opts.l1_hard),
-                              opts.jitter, self.rng)
-        soft = min(hard, now + jittered(opts.l1_soft, opts.jitter, self.rng)) if not negative else hard
-        keep = hard + (opts.fail_safe_max_age if opts.fail_safe else 0.0)
-        e = L1Entry(value, soft, hard, keep, tuple(tags), size, negative, delta)
-        if opts.early_refresh_beta and delta:
-            e.early = soft - XFETCH_HORIZON * delta * opts.early_refresh_beta
-        self.l1.put(key, e)
+    def _put_from_l2(self, key: str, found: Found, value: Any, opts: EntryOptions, tags: Sequence[str],
+                     since: int) -> None:
+        if self.l1.max_entries <= 0:
+            return
+        old = self._l1data.get(key)
+        e = make_entry(monotonic(), value, found.entry.negative, opts, found.remaining,
+                       [*found.entry.tags, *(t for t in tags if t not in found.entry.tags)],
+                       len(found.entry.value or b""), old.delta if old is not None else 0.0,
+                       found.entry.generation, self.rng)
+        self.l1.put(key, e, since)
 
-    # ---------------------------------------------------------------- public API
+    # ---------------------------------------------------------------- reads
 
     async def get(self, key: str, default: Any = None) -> Any:
         e = self._l1data.get(key)
-        if e is not None and time.monotonic() < e.hard:
+        if e is not None and monotonic() < e.hard:
+            e.ref = True
             self.stats.l1_hits += 1
             return default if e.negative else e.value
         self.stats.l1_misses += 1
+        self._ensure_started()
+        opts = self.options.entry
+        since = self.l1.begin()
         try:
             await self._refresh_registry()
-            entry, current = await self._read(key, [], lease=False)
+            found = await self._read(key, all_tags(key, (), self.registry), lease=False)
         except L2Unavailable:
-            return default
-        if not entry.hit or not tags_valid(entry, current):
+            cur = self._fallback(key, opts)
+            return default if cur is None or cur.negative else self._serve_fallback(key, cur, opts)
+        value = self._decode(found) if found.usable else MISSING
+        if value is MISSING:
             self.stats.l2_misses += 1
             return default
         self.stats.l2_hits += 1
-        value = None if entry.negative else self.serializer.loads(entry.value or b"")
-        self._l1_put(key, value, entry.negative, list(entry.tags), self.options.entry, 0.0, len(entry.value or b""))
-        return default if entry.negative else value
+        self._put_from_l2(key, found, value, opts, (), since)
+        return default if value is NOT_FOUND else value
 
     async def get_or_load(self, key: str, loader: Loader, *, ttl: float | None = None, tags: Iterable[str] = (),
                           options: EntryOptions | None = None) -> Any:
         e = self._l1data.get(key)
         if e is not None:
-            now = time.monotonic()
-            if now < e.early:  # fresh, and far from expiry: the common case, kept lean
+            now = monotonic()
+            if now < e.early:
+                e.ref = True
                 self.stats.l1_hits += 1
                 return None if e.negative else e.value
             if now < e.soft:
-                beta = (options or self.options.entry).early_refresh_beta
-                if beta and e.delta and not e.refreshing and \
-                        xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
-                    self.stats.early_refreshes += 1
-                    self._background(key, loader, ttl, tags, options, e)
+                e.ref = True
                 self.stats.l1_hits += 1
-                return None if e.negative else e.value
+                beta = (options or self.options.entry).early_refresh_beta
+                if beta and e.delta and xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
+                    self.stats.early_refreshes += 1
+                    self._background(key, loader, ttl, tags, options, e.generation)
+                return _out(e)
             if now < e.hard:
                 self.stats.stale_served += 1
-                if not e.refreshing:
-                    self._background(key, loader, ttl, tags, options, e)
-                return None if e.negative else e.value
+                self._background(key, loader, ttl, tags, options, e.generation)
+                return _out(e)
         self.stats.l1_misses += 1
-        fut = self._flights.get(key)
-        if fut is not None:
-            self.stats.coalesced += 1
-            return await asyncio.shield(fut)
-        fut = self._flights[key] = asyncio.get_running_loop().create_future()
-        try:
-            result = await self._load(key, loader, ttl, tags, options, background=False)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: followers may not exist
-            raise
+        self._ensure_started()
+        return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl), list(tags))
+
+    # ---------------------------------------------------------------- miss path
+
+    def _fallback(self, key: str, opts: EntryOptions) -> L1Entry | None:
+        if not opts.fail_safe:
+            return None
+        e = self._l1data.get(key)
+        return e if e is not None and monotonic() < e.keep else None
+
+    def _serve_fallback(self, key: str, e: L1Entry, opts: EntryOptions) -> Any:
+        self.stats.fail_safe += 1
+        until = min(monotonic() + opts.fail_safe_throttle, e.keep)
+        if until > e.hard:
+            self.l1.replace(key, e, L1Entry(e.value, until, until, e.keep, e.tags, e.size, e.negative, e.delta,
+                                            e.generation))
+        return _out(e)
+
+    async def _miss(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str]) -> Any:
+        fallback = self._fallback(key, opts)
+        if fallback is not None and self.breaker.state == "open":
+            return self._serve_fallback(key, fallback, opts)
+        task = self._flights.get(key)
+        leader = task is None
+        if task is None:
+            task = self._start_flight(key, loader, opts, tags, None, fallback is not None)
         else:
-            fut.set_result(result)
-            return result
+            self.stats.coalesced += 1
+        timeout = opts.loader_hard_timeout
+        if fallback is not None and opts.loader_soft_timeout is not None:
+            timeout = opts.loader_soft_timeout
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            cur = self._fallback(key, opts)
+            if task.done():  # the loader itself raised TimeoutError: an error like any other
+                if cur is not None:
+                    return self._serve_fallback(key, cur, opts)
+                raise
+            self.stats.loader_timeouts += 1  # the flight goes on and still fills the cache
+            if cur is not None:
+                return self._serve_fallback(key, cur, opts)
+            raise TimeoutError(f"loader for {key!r} took longer than {timeout}s") from None
+        except L2Unavailable:
+            cur = self._fallback(key, opts)
+            if cur is not None:
+                return self._serve_fallback(key, cur, opts)
+            return await self._load_without_l2(key, loader, opts, tags, self.l1.begin())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            cur = self._fallback(key, opts)
+            if cur is not None:
+                return self._serve_fallback(key, cur, opts)
+            raise
+        if leader:
+            e = self._l1data.get(key)
+            if e is not None and e.soft <= monotonic() < e.hard:
+                self._background(key, loader, None, tags, opts, e.generation)
+        return result
+
+    def _start_flight(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
+                      has_fallback: bool) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(self._load(key, loader, opts, tags, refresh_of, has_fallback))
+        self._flights[key] = task
+
+        def landed(t: asyncio.Task[Any]) -> None:
+            if self._flights.get(key) is t:
+                del self._flights[key]
+            if not t.cancelled() and t.exception() is not None and refresh_of is not None:
+                log.debug("background_refresh_failed", key=key, error=str(t.exception()))
+
+        task.add_done_callback(landed)
+        return task
+
+    def _background(self, key: str, loader: Loader, ttl: float | None, tags: Iterable[str],
+                    options: EntryOptions | None, refresh_of: str | None) -> None:
+        if key in self._flights:
+            return
+        self.stats.refreshes += 1
+        self._start_flight(key, loader, (options or self.options.entry).merged(ttl=ttl), list(tags),
+                           refresh_of or "", False)
+
+    async def _load(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
+                    has_fallback: bool) -> Any:
+        await self._refresh_registry()
+        tag_list = all_tags(key, tags, self.registry)
+        since = self.l1.begin()
+        try:
+            # Optimistic plain read first (a hit costs no script); the miss then takes its token, a
+            # second round trip that the load it precedes dwarfs. A refresh goes straight to the token.
+            found = None if refresh_of is not None else await self._read(key, tag_list, lease=False)
+            if found is None or not found.usable:
+                found = await self._read(key, tag_list, lease=True)
+        except L2Unavailable:
+            if has_fallback or refresh_of is not None:
+                raise
+            return await self._load_without_l2(key, loader, opts, tag_list, since)
+        if found.usable and (refresh_of is None or found.entry.generation != refresh_of):
+            value = self._decode(found)
+            if value is not MISSING:
+                self.stats.l2_hits += 1
+                self._put_from_l2(key, found, value, opts, tag_list, since)
+                return None if value is NOT_FOUND else value
+        self.stats.l2_misses += 1
+        lock: tuple[str, str] | None = None
+        if opts.distributed_lock:
+            value, lock = await self._lock_or_wait(key, tag_list, opts, since)
+            if value is not MISSING:
+                return value
+        try:
+            value, delta = await self._call_loader(loader)
+            return await self._store(key, value, opts, found, tag_list, delta, since)
         finally:
-            self._flights.pop(key, None)
+            if lock is not None:
+                with contextlib.suppress(L2Unavailable):  # it expires on its own
+                    await self.link.call([("EVALSHA", UNLOCK.sha, 1, lock[0], lock[1])])
+
+    async def _call_loader(self, loader: Loader) -> tuple[Any, float]:
+        self.stats.loader_calls += 1
+        t0 = monotonic()
+        try:
+            value = loader()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception:
+            self.stats.loader_errors += 1
+            raise
+        return value, monotonic() - t0
+
+    async def _load_without_l2(self, key: str, loader: Loader, opts: EntryOptions, tags: Sequence[str],
+                               since: int) -> Any:
+        value, delta = await self._call_loader(loader)
+        negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
+        if negative and not opts.cache_negative:
+            return None
+        data = b"" if negative else self.serializer.dumps(value)
+        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, None, tags, len(data), delta,
+                       None, self.rng)
+        self.l1.put(key, e, since)
+        return None if negative else value
+
+    async def _store(self, key: str, value: Any, opts: EntryOptions, found: Found, tags: list[str], delta: float,
+                     since: int) -> Any:
+        negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
+        if negative and not opts.cache_negative:
+            return None
+        data = b"" if negative else self.serializer.dumps(value)
+        ttl = jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng)
+        snap = {t: found.current.get(t) or "" for t in tags}
+        ttl_left: float | None
+        try:
+            reply = (await self.link.call([fill_command(self.keyspace, found.entry, data, negative, snap, ttl)]))[0]
+            gen = fill_result(reply)
+        except L2Unavailable:
+            gen, ttl_left = None, None
+        else:
+            if gen is None:
+                self.stats.fills_refused += 1
+                self.l1.remove(key)
+                return None if negative else value
+            self.stats.fills += 1
+            self.stats.negative_fills += negative
+            ttl_left = ttl
+        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, ttl_left, tags, len(data),
+                       delta, gen, self.rng)
+        self.l1.put(key, e, since)
+        return None if negative else value
+
+    async def _lock_or_wait(self, key: str, tags: list[str], opts: EntryOptions,
+                            since: int) -> tuple[Any, tuple[str, str] | None]:
+        lock_key = f"{self.keyspace.prefix}__cdcd:lock:{key}"
+        token = f"{self.run_id}:{next(_lock_ids)}"
+        acquire: list[Command] = [("SET", lock_key, token, "NX", "PX", max(1, int(opts.lock_ttl * 1000)))]
+        if (await self.link.call_checked(acquire))[0]:
+            return MISSING, (lock_key, token)
+        deadline = monotonic() + opts.lock_ttl
+        while monotonic() < deadline:
+            await asyncio.sleep(self.options.lock_poll)
+            found = await self._read(key, tags, lease=False)
+            if found.usable:
+                value = self._decode(found)
+                if value is not MISSING:
+                    self.stats.coalesced += 1
+                    self._put_from_l2(key, found, value, opts, tags, since)
+                    return (None if value is NOT_FOUND else value), None
+            if (await self.link.call_checked(acquire))[0]:
+                return MISSING, (lock_key, token)
+        return MISSING, None
+
+    # ---------------------------------------------------------------- writes
+
+    def _lock(self) -> asyncio.Lock:
+        if self._publish_lock is None:
+            self._publish_lock = asyncio.Lock()
+        return self._publish_lock
 
     async def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
                   options: EntryOptions | None = None) -> bool:
         opts = (options or self.options.entry).merged(ttl=ttl)
         data = self.serializer.dumps(value)
+        await self._refresh_registry()
         tag_list = all_tags(key, tags, self.registry)
-        self._l1_put(key, value, False, tag_list, opts, 0.0, len(data))
+        since = self.l1.begin()
         try:
-            entry, current = await self._read(key, tag_list, lease=True)
-            ok = await self._fill(entry, data, False, await self._tag_snapshot(tag_list, current), opts)
+            found = await self._read(key, tag_list, lease=True)
+            ttl_s = jittered(opts.ttl, opts.jitter, self.rng)
+            snap = {t: found.current.get(t) or "" for t in tag_list}
+            async with self._lock():
+                replies = await self.link.call([fill_command(self.keyspace, found.entry, data, False, snap, ttl_s),
+                                                *self._announce([key], [])])
+            gen = fill_result(replies[0])
+        except L2Unavailable:
+            self.l1.remove(key)
+            return False
+        if gen is None:
+            self.stats.fills_refused += 1
+            self.l1.remove(key)
+            return False
+        self.stats.fills += 1
+        e = make_entry(monotonic(), value, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
+        self.l1.put(key, e, since, fence=True)
+        return True
+
+    async def delete(self, key: str) -> bool:
+        try:
+            async with self._lock():
+                await self.link.call_checked([("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
+                                               max(1, int(self.options.tombstone_ttl * 1000))),
+                                              *self._announce([key], [])])
+            return True
         except L2Unavailable:
             return False
-        await self._publish(keys=[key])
-        return ok
+        finally:
+            self.l1.remove(key)
 
-    async def delete(self, key: str) -> None:
-        self.l1.remove(key)
-        with contextlib.suppress(L2Unavailable):
-            await self._call(lambda: self.redis.execute_command(
-                "EVALSHA", _INVALIDATE.sha, 1, self.keyspace.entry(key), int(self.options.entry.ttl * 1000)))
-        await self._publish(keys=[key])
+    async def invalidate_tag(self, tag: str) -> bool:
+        try:
+            async with self._lock():
+                await self.link.call_checked([("EVALSHA", BUMP.sha, 1, self.keyspace.tag(tag)),
+                                              *self._announce([], [tag])])
+            return True
+        except L2Unavailable:
+            return False
+        finally:
+            self.l1.remove_tags([tag])
 
-    async def invalidate_tag(self, tag: str) -> None:
-        self.l1.expire_tag(tag)
-        with contextlib.suppress(L2Unavailable):
-            await self._call(lambda: self.redis.execute_command("EVALSHA", _BUMP.sha, 1, self.keyspace.tag(tag)))
-        await self._publish(tags=[tag])
+    def _announce(self, keys: Sequence[str], tags: Sequence[str]) -> list[Command]:
+        if not self.options.publish:
+            return []
+        msgs = list(self.sequencer.messages([self.keyspace.entry(k) for k in keys], tags, "", time.time()))
+        self.stats.published += len(msgs)
+        return [("PUBLISH", self.keyspace.channel, m.encode()) for m in msgs]
+
+    # ---------------------------------------------------------------- decorator
 
     def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
-               options: EntryOptions | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+               options: EntryOptions | None = None) -> Callable[[F], F]:
         """Decorator for ``async def`` functions; see :meth:`Cache.cached`."""
 
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            sig = inspect.signature(fn)
+        def deco(fn: F) -> F:
+            if not inspect.iscoroutinefunction(fn):
+                raise TypeError(f"{fn.__qualname__} is not async: decorate it with a (sync) Cache")
+            tpl = KeyTemplate(fn, key, tags)
 
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                bound = sig.bind(*args, **kwargs)
-                bound.apply_defaults()
-                a = bound.arguments
-                return await self.get_or_load(key.format(**a), lambda: fn(*args, **kwargs), ttl=ttl,
-                                              tags=[t.format(**a) for t in tags], options=options)
+                k, t = tpl.render(args, kwargs)
+                return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options)
 
-            return wrapper
+            async def invalidate(*a: Any, **kw: Any) -> bool:
+                return await self.delete(tpl.render(a, kw)[0])
+
+            wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
+            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
+            return wrapper  # type: ignore[return-value]
 
         return deco
 
-    # ---------------------------------------------------------------- miss path
+    # ---------------------------------------------------------------- backplane (called by the listener)
 
-    def _background(self, key: str, loader: Loader, ttl: float | None, tags: Iterable[str],
-                    options: EntryOptions | None, e: L1Entry) -> None:
-        e.refreshing = True
-        self.stats.refreshes += 1
-
-        async def run() -> None:
-            try:
-                await self._load(key, loader, ttl, list(tags), options, background=True)
-            except Exception as exc:
-                log.debug("background_refresh_failed", key=key, error=str(exc))
-            finally:
-                e.refreshing = False
-
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _call_loader(self, loader: Loader) -> Any:
-        result = loader()
-        if inspect.isawaitable(result):
-            return await result
-        return result
-
-    async def _load(self, key: str, loader: Loader, ttl: float | None, tags: Iterable[str],
-                    options: EntryOptions | None, background: bool) -> Any:
-        opts = (options or self.options.entry).merged(ttl=ttl)
-        await self._refresh_registry()
-        tag_list = all_tags(key, tags, self.registry)
-        entry: Entry | None = None
-        snap: dict[str, str] | None = None
-        l2_value: Any = _MISSING
-        try:
-            entry, current = await self._read(key, tag_list, lease=True)
-            if entry.hit and not background:
-                if tags_valid(entry, current):
-                    self.stats.l2_hits += 1
-                    value = NOT_FOUND if entry.negative else self.serializer.loads(entry.value or b"")
-                    self._l1_put(key, value, entry.negative, list(entry.tags), opts, 0.0, len(entry.value or b""))
-                    return None if entry.negative else value
-                if not entry.negative:
-                    l2_value = self.serializer.loads(entry.value or b"")
-            self.stats.l2_misses += 1
-            snap = await self._tag_snapshot(tag_list, current)
-        except L2Unavailable:
-            entry = None
-        fallback: Any = _MISSING
-        if opts.fail_safe:
-            e = self._l1data.get(key)
-            fallback = (None if e.negative else e.value) if e is not None and time.monotonic() < e.keep else l2_value
-        timeout = opts.loader_hard_timeout
-        if fallback is not _MISSING and opts.loader_soft_timeout is not None:
-            timeout = opts.loader_soft_timeout
-        self.stats.loader_calls += 1
-        t0 = time.monotonic()
-        task = asyncio.ensure_future(self._call_loader(loader))
-        try:
-            value = await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
-            self.stats.loader_timeouts += 1
-
-            def late(t: asyncio.Future[Any]) -> None:
-                if not t.cancelled() and t.exception() is None:
-                    bg = asyncio.create_task(self._store(key, t.result(), opts, entry, snap, tag_list,
-                                                         time.monotonic() - t0))
-                    self._tasks.add(bg)
-                    bg.add_done_callback(self._tasks.discard)
-
-            task.add_done_callback(late)
-            if fallback is not _MISSING:
-                self.stats.fail_safe += 1
-                return fallback
-            raise
-        except Exception:
-            self.stats.loader_errors += 1
-            if fallback is not _MISSING:
-                self.stats.fail_safe += 1
-                return fallback
-            raise
-        return await self._store(key, value, opts, entry, snap, tag_list, time.monotonic() - t0)
-
-    async def _store(self, key: str, value: Any, opts: EntryOptions, entry: Entry | None,
-                     snap: dict[str, str] | None, tag_list: list[str], delta: float) -> Any:
-        negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
-        if negative and not opts.cache_negative:
-            return None
-        data = b"" if negative else self.serializer.dumps(value)
-        accepted = True
-        if entry is not None and snap is not None:
-            try:
-                accepted = await self._fill(entry, data, negative, snap, opts)
-            except L2Unavailable:
-                accepted = True
-        if accepted:
-            self._l1_put(key, NOT_FOUND if negative else value, negative, tag_list, opts, delta, len(data))
-        else:
-            self.l1.remove(key)
-        return None if negative else value
-
-    async def _fill(self, entry: Entry, data: bytes, negative: bool, snap: dict[str, str],
-                    opts: EntryOptions) -> bool:
-        ttl_ms = max(1, int(jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng) * 1000))
-        res = await self._call(lambda: self.redis.execute_command(
-            "EVALSHA", _FILL.sha, 1, self.keyspace.entry(entry.key), entry.generation or "", ttl_ms, data,
-            "1" if negative else "0", snapshot_json(snap)))
-        ok = res not in (0, b"0", "0", None)
-        if ok:
-            self.stats.fills += 1
-            self.stats.negative_fills += int(negative)
-        else:
-            self.stats.fills_refused += 1
-        return ok
-
-    # ---------------------------------------------------------------- backplane
-
-    async def _publish(self, keys: Sequence[str] = (), tags: Sequence[str] = ()) -> None:
-        if not self.options.publish:
-            return
-        for m in self.sequencer.messages([self.keyspace.entry(k) for k in keys], tags, "", time.time()):
-            with contextlib.suppress(L2Unavailable):
-                await self._call(functools.partial(self.redis.publish, self.keyspace.channel, m.encode()))
+    def apply_message(self, msg: Message) -> None:
+        prefix = self.keyspace.prefix
+        n = len(prefix)
+        if msg.keys:
+            self.l1.remove_many([k[n:] for k in msg.keys if k.startswith(prefix)])
+        if msg.tags:
+            self.l1.remove_tags(msg.tags)
+            if any(t.startswith("__table:") for t in msg.tags):
+                self._registry_at = -math.inf
 
     def reset_l1(self, why: str) -> None:
         self.stats.l1_resets += 1
         self.l1.expire_all()
+        self._registry_at = -math.inf
         log.debug("l1_reset", reason=why)
 
-    def _handle(self, data: bytes | str) -> None:
+    async def redis_reachable(self) -> bool:
         try:
-            msg = Message.decode(data)
-        except ValueError:
-            self.reset_l1("malformed backplane message")
-            return
-        if msg.run == self.sequencer.run:
-            return
-        self.stats.backplane_messages += 1
-        why = self.tracker.check(msg)
-        if why is not None:
-            self.stats.backplane_gaps += int(why.startswith("gap"))
-            self.reset_l1(why)
-            return
-        n = len(self.keyspace.prefix)
-        for k in msg.keys:
-            if k.startswith(self.keyspace.prefix):
-                self.l1.expire(k[n:])
-        for t in msg.tags:
-            self.l1.expire_tag(t)
-            if t.startswith("__table:"):
-                self._registry_at = -math.inf
-
-    async def _redis_reachable(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError, TimeoutError):
+            await self.link.call_checked([("PING",)])
+            return True
+        except L2Unavailable:
             return False
-
-    async def _listen(self) -> None:
-        delay = 0.05
-        pool = self.redis.connection_pool
-        while True:
-            pubsub: Any = None
-            try:
-                own = aredis.ConnectionPool(connection_class=pool.connection_class, **{
-                    **pool.connection_kwargs, "socket_timeout": 5.0, "health_check_interval": 2})
-                pubsub = aredis.Redis(connection_pool=own).pubsub()
-                await pubsub.subscribe(self.keyspace.channel)
-                while True:
-                    msg = await pubsub.get_message(timeout=0.5)
-                    if msg is None:
-                        continue
-                    if msg["type"] == "subscribe":
-                        self.reset_l1("backplane (re)subscribed")
-                        self.connected.set()
-                        delay = 0.05
-                    elif msg["type"] == "message":
-                        self._handle(msg["data"])
-            except (RedisError, OSError) as exc:
-                if self.connected.is_set() and await self._redis_reachable():
-                    self.reset_l1(f"backplane connection lost: {exc}")  # see Subscriber.run
-                self.connected.clear()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()

@@ -2,15 +2,22 @@
 
 ``get_or_load`` in order:
 
-1. L1 fresh -> return (XFetch may start one early background refresh);
-   L1 stale (past soft TTL) -> return at once, one background refresh.
-2. L2 (one round trip: READ script for value + fill token, MGET of the tag counters) -> a value whose
-   tags still hold the counters it recorded fills L1 and is returned.
-3. Miss -> single flight (one loader call per key per process; optionally one per key across processes
-   with a Redis lock), tag counters recorded *before* the loader runs, the loader, then FILL through the
-   guard: refused when any change reached the key since the token. A refused fill is not an error.
-4. Loader error or timeout -> the last known value if it is within ``fail_safe_max_age`` (fail-safe),
-   else the error. Redis errors feed a circuit breaker; while it is open L2 is skipped and L1 serves.
+1. L1 fresh -> return (XFetch may start one early background refresh); L1 stale (past the soft
+   TTL) -> return at once, one background refresh (stale-while-revalidate).
+2. L2, one round trip (entry + fill token, its TTL, the tag counters): a value whose recorded tag
+   counters are all current fills L1 and is returned. It keeps its age: a value loaded long ago
+   by another process is not fresh again in this one.
+3. Miss -> single flight (one loader call per key per process, background refreshes included;
+   optionally one per key across processes with a Redis lock); the token and the tag counters
+   are taken *before* the loader runs; then FILL through the guard, refused when any change
+   reached the key since the token. A refused fill is not an error: the caller gets what it
+   loaded, L2 keeps the newer state, and L1 keeps no copy.
+4. Loader error or timeout, or Redis unreachable -> the last known value if it is within
+   ``fail_safe_max_age`` (fail-safe), else the error. Redis errors feed a circuit breaker; while it
+   is open Redis is not called and L1 serves. A key with nothing in L1 is loaded without L2.
+
+L1 inserts are fenced against invalidations that overtake them (see :mod:`cdcd.client.l1`), so a
+value read before a change can never be inserted after the change's backplane message.
 """
 
 from __future__ import annotations
@@ -18,67 +25,87 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import inspect
+import itertools
 import math
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from time import monotonic
 from typing import Any, TypeVar
 
 import redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from cdcd.backplane import Message, Sequencer
-from cdcd.client.breaker import CircuitBreaker
-from cdcd.client.l1 import L1, L1Entry
-from cdcd.client.options import CacheOptions, EntryOptions
-from cdcd.client.protocol import (
+from cdcd.keyspace import Keyspace
+
+from ._log import log
+from .breaker import CircuitBreaker
+from .l1 import L1, L1Entry
+from .link import UNLOCK, Command, L2Unavailable, Link
+from .options import CacheOptions, EntryOptions
+from .protocol import (
+    BUMP,
+    INVALIDATE,
+    MISSING,
     NOT_FOUND,
     XFETCH_HORIZON,
+    Found,
+    KeyTemplate,
     Registry,
     all_tags,
     decode_str,
+    fill_command,
+    fill_result,
     jittered,
-    parse_read,
-    snapshot_json,
-    tags_valid,
+    make_entry,
+    parse_found,
+    read_commands,
     xfetch_due,
 )
-from cdcd.client.serializers import JsonSerializer, Serializer
-from cdcd.client.stats import Stats
-from cdcd.fillguard import Entry
-from cdcd.keyspace import SCRIPTS, Keyspace
+from .serializers import JsonSerializer, Serializer
+from .stats import Stats
 
-try:  # structlog is optional: the client needs only redis
-    import structlog
+__all__ = ["XFETCH_HORIZON", "Cache", "L2Unavailable"]
 
-    log: Any = structlog.get_logger("cdcd.client")
-except ImportError:  # pragma: no cover - exercised only without structlog
-    import logging
-
-    log = logging.getLogger("cdcd.client")
-
-T = TypeVar("T")
-_READ, _FILL, _INVALIDATE = SCRIPTS["read"], SCRIPTS["fill"], SCRIPTS["invalidate"]
-_BUMP, _ENSURE = SCRIPTS["bump_tag"], SCRIPTS["ensure_tag"]
-_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_MISSING = object()
+F = TypeVar("F", bound=Callable[..., Any])
+_lock_ids = itertools.count()
 
 
-class L2Unavailable(Exception):
-    """Redis is down or the breaker is open: callers degrade to L1 + loader."""
+def _out(e: L1Entry) -> Any:
+    return None if e.negative else e.value
+
+
+class _Flight:
+    """One in-flight load of a key. Lighter than a ``concurrent.futures.Future`` (no condition variable
+    per load): the event that waiters block on is created only when somebody waits."""
+
+    __slots__ = ("done", "error", "event", "value")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.event: threading.Event | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class Cache:
-    """Thread-safe; create one per process and share it."""
+    """Thread-safe; create one per process and share it.
+
+    ``client`` is a URL or a ``redis.Redis`` whose pool settings (host, TLS, auth, db) are used for
+    the cache's own connections, with the cache's timeouts and no retries (see :mod:`.link`).
+    """
 
     def __init__(self, client: redis.Redis | str = "redis://127.0.0.1:6379/0", options: CacheOptions | None = None,
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
         self.options = opts = options or CacheOptions()
         if isinstance(client, str):
-            client = redis.Redis.from_url(client, socket_timeout=opts.redis_timeout,
-                                          socket_connect_timeout=opts.redis_timeout)
+            client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(client))
         self.redis: Any = client
         self.keyspace = Keyspace(opts.prefix, opts.channel)
         self.serializer = serializer or JsonSerializer()
@@ -86,29 +113,38 @@ class Cache:
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self._l1data = self.l1.data  # bound once: the hit path avoids an attribute hop
         self.breaker = CircuitBreaker(opts.breaker_failures, opts.breaker_reset)
+        self.link = Link(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker, self.stats)
         self.registry = Registry()
         self._registry_at = -math.inf
         self.rng = rng or random.Random()
-        self._flights: dict[str, concurrent.futures.Future[Any]] = {}
+        self._flights: dict[str, _Flight] = {}
         self._flight_lock = threading.Lock()
-        self._locks: dict[str, tuple[str, str]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(opts.background_workers, thread_name_prefix="cdcd-cache")
         self.sequencer = Sequencer("app")
+        self._publish_lock = threading.Lock()
         self._subscriber: Any = None
-        self._closed = False
         if opts.subscribe:
-            from cdcd.client.subscriber import Subscriber
+            from .subscriber import Subscriber
 
             self._subscriber = Subscriber(self)
             self._subscriber.start()
+            # The first subscription resets L1; waiting for it (briefly) keeps early entries.
+            self._subscriber.connected.wait(opts.connect_timeout_s + opts.redis_timeout)
+
+    @property
+    def run_id(self) -> str:
+        """This process's backplane run id (its own messages are ignored by its listener)."""
+        return self.sequencer.run
 
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        self._closed = True
+        """Stop the listener and the background threads. Loads still queued are abandoned: their
+        waiters get ``RuntimeError`` instead of waiting forever."""
         if self._subscriber is not None:
             self._subscriber.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)  # see _submit: queued loads fail their waiters
+        self.link.close()
 
     def __enter__(self) -> Cache:
         return self
@@ -117,415 +153,456 @@ class Cache:
         self.close()
 
     def wait_subscribed(self, timeout: float = 5.0) -> bool:
-        return self._subscriber is not None and self._subscriber.connected.wait(timeout)
+        """True once the backplane listener is subscribed (False without a listener)."""
+        return self._subscriber is not None and bool(self._subscriber.connected.wait(timeout))
 
     # ---------------------------------------------------------------- Redis plumbing
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            result = fn()
-        except NoScriptError:
-            self._load_scripts()
-            try:
-                result = fn()
-            except RedisError as exc:
-                self._failed(exc)
-                raise L2Unavailable(str(exc)) from exc
-        except RedisError as exc:
-            if isinstance(exc, ResponseError) and str(exc).startswith("NOSCRIPT"):
-                self._load_scripts()
-                return self._call(fn)
-            self._failed(exc)
-            raise L2Unavailable(str(exc)) from exc
-        self.breaker.success()
-        return result
-
-    def _failed(self, exc: Exception) -> None:
-        self.stats.redis_errors += 1
-        if self.breaker.failure():
-            self.stats.breaker_open += 1
-            log.debug("redis_breaker_open", error=str(exc))
-
-    def _load_scripts(self) -> None:
-        for s in SCRIPTS.values():
-            self.redis.script_load(s.source)
-
-    def _script(self, pipe: Any, script: Any, key: str, *args: Any) -> None:
-        pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
-
     def _refresh_registry(self) -> None:
-        now = time.monotonic()
+        now = monotonic()
         if now - self._registry_at < self.options.registry_refresh:
             return
         self._registry_at = now
-        with contextlib.suppress(L2Unavailable):
-            self.registry.load(self._call(lambda: self.redis.get(self.keyspace.registry)))
+        try:
+            self.registry.load(self.link.call_checked([("GET", self.keyspace.registry)])[0])
+        except (L2Unavailable, ValueError) as exc:
+            log.debug("registry_unavailable", error=str(exc))
 
-    def _read(self, key: str, tags: list[str], lease: bool) -> tuple[Entry, dict[str, Any]]:
-        """Entry + fill token + current tag counters, in one round trip."""
-        rk = self.keyspace.entry(key)
-        tag_keys = [self.keyspace.tag(t) for t in tags]
+    def _read(self, key: str, tags: Sequence[str], lease: bool) -> Found:
+        lease_ms = int(self.options.lease_ttl * 1000) if lease else None
+        found = parse_found(key, tags, self.link.call(read_commands(self.keyspace, key, tags, lease_ms)))
+        extra = found.missing()
+        if extra:  # filled by a caller that named other tags: one more round trip
+            values = self.link.call_checked([("GET", self.keyspace.tag(t)) for t in extra])
+            found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
+        return found
 
-        def go() -> list[Any]:
-            if not tag_keys:  # one command: no pipeline object to build
-                if not lease:  # a plain read needs no script
-                    return [self.redis.execute_command("HMGET", rk, "v", "g", "d", "n", "t")]
-                return [self.redis.execute_command("EVALSHA", _READ.sha, 1, rk, int(self.options.lease_ttl * 1000),
-                                                   "1")]
-            pipe: Any = self.redis.pipeline(transaction=False)
-            self._script(pipe, _READ, rk, int(self.options.lease_ttl * 1000), "1" if lease else "0")
-            if tag_keys:
-                pipe.mget(tag_keys)
-            res: list[Any] = pipe.execute(raise_on_error=False)
-            for r in res:
-                if isinstance(r, Exception):
-                    raise r
-            return res
+    def _decode(self, found: Found) -> Any:
+        """The entry's value (``NOT_FOUND`` for a cached "not found"); MISSING if it does not decode."""
+        if found.entry.negative:
+            return NOT_FOUND
+        try:
+            return self.serializer.loads(found.entry.value or b"")
+        except Exception as exc:
+            log.warning("undecodable_value", key=found.entry.key, error=str(exc))
+            return MISSING
 
-        res = self._call(go)
-        entry = parse_read(key, res[0])
-        current: dict[str, Any] = dict(zip(tags, res[1], strict=True)) if tag_keys else {}
-        extra = [t for t in entry.tags if t not in current]
-        if extra:  # filled by a caller that named other tags
-            values = self._call(lambda: self.redis.mget([self.keyspace.tag(t) for t in extra]))
-            current.update(zip(extra, values, strict=True))
-        return entry, current
+    def _put_from_l2(self, key: str, found: Found, value: Any, opts: EntryOptions, tags: Sequence[str],
+                     since: int) -> None:
+        if self.l1.max_entries <= 0:
+            return
+        old = self._l1data.get(key)
+        e = make_entry(monotonic(), value, found.entry.negative, opts, found.remaining,
+                       [*found.entry.tags, *(t for t in tags if t not in found.entry.tags)],
+                       len(found.entry.value or b""), old.delta if old is not None else 0.0,
+                       found.entry.generation, self.rng)
+        self.l1.put(key, e, since)
 
-    def _tag_snapshot(self, tags: Sequence[str], current: dict[str, Any]) -> dict[str, str]:
-        """Counters to record with a fill, taken before the loader runs; missing ones are created."""
-        snap: dict[str, str] = {}
-        for t in tags:
-            v = decode_str(current.get(t))
-            if v is None:
-                ensure = functools.partial(self.redis.execute_command, "EVALSHA", _ENSURE.sha, 1, self.keyspace.tag(t))
-                v = decode_str(self._call(ensure))
-            snap[t] = v or ""
-        return snap
-
-    # ---------------------------------------------------------------- L1 helpers
-
-    def _l1_put(self, key: str, value: Any, negative: bool, tags: Sequence[str], opts: EntryOptions,
-                delta: float, size: int) -> None:
-        now = time.monotonic()
-        hard = now + jittered(opts.l1_hard if not negative else min(opts.negative_ttl, opts.l1_hard),
-                              opts.jitter, self.rng)
-        soft = min(hard, now + jittered(opts.l1_soft, opts.jitter, self.rng)) if not negative else hard
-        keep = hard + (opts.fail_safe_max_age if opts.fail_safe else 0.0)
-        e = L1Entry(value, soft, hard, keep, tuple(tags), size, negative, delta)
-        if opts.early_refresh_beta and delta:
-            e.early = soft - XFETCH_HORIZON * delta * opts.early_refresh_beta
-        self.l1.put(key, e)
-
-    @staticmethod
-    def _out(e: L1Entry) -> Any:
-        return None if e.negative else e.value
-
-    # ---------------------------------------------------------------- public API
+    # ---------------------------------------------------------------- reads
 
     def get(self, key: str, default: Any = None) -> Any:
-        """L1, then L2 (no loader, no fill). Tags are validated as recorded by the entry."""
+        """L1, then L2; never calls a loader. A cached "not found" returns ``default``."""
         e = self._l1data.get(key)
-        if e is not None and time.monotonic() < e.hard:
+        if e is not None and monotonic() < e.hard:
+            e.ref = True
             self.stats.l1_hits += 1
             return default if e.negative else e.value
         self.stats.l1_misses += 1
+        opts = self.options.entry
+        since = self.l1.begin()
         try:
             self._refresh_registry()
-            entry, current = self._read(key, [], lease=False)
+            found = self._read(key, all_tags(key, (), self.registry), lease=False)
         except L2Unavailable:
-            return default
-        if not entry.hit or not tags_valid(entry, current):
+            cur = self._fallback(key, opts)
+            return default if cur is None or cur.negative else self._serve_fallback(key, cur, opts)
+        value = self._decode(found) if found.usable else MISSING
+        if value is MISSING:
             self.stats.l2_misses += 1
             return default
         self.stats.l2_hits += 1
-        value = None if entry.negative else self.serializer.loads(entry.value or b"")
-        self._l1_put(key, value, entry.negative, list(entry.tags), self.options.entry, 0.0, len(entry.value or b""))
-        return default if entry.negative else value
+        self._put_from_l2(key, found, value, opts, (), since)
+        return default if value is NOT_FOUND else value
 
     def get_or_load(self, key: str, loader: Callable[[], Any], *, ttl: float | None = None,
                     tags: Iterable[str] = (), options: EntryOptions | None = None) -> Any:
+        """The value of ``key``, loading it with ``loader()`` on a miss (see the module docstring).
+
+        ``loader`` returns the value, or ``NOT_FOUND`` (or ``None``) for "no such row", which is
+        cached for ``negative_ttl`` and returned as ``None``. Its exceptions are never cached.
+        """
         e = self._l1data.get(key)
         if e is not None:
-            now = time.monotonic()
+            now = monotonic()
             if now < e.early:  # fresh, and far from expiry: the common case, kept lean
+                e.ref = True
                 self.stats.l1_hits += 1
                 return None if e.negative else e.value
-            if now < e.soft:
-                opts = options or self.options.entry
-                beta = opts.early_refresh_beta
-                if beta and e.delta and not e.refreshing and \
-                        xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
+            if now < e.soft:  # fresh, inside the XFetch window
+                e.ref = True
+                self.stats.l1_hits += 1
+                beta = (options or self.options.entry).early_refresh_beta
+                if beta and e.delta and xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
                     self.stats.early_refreshes += 1
-                    self._background(key, loader, ttl, tags, options, e)
-                self.stats.l1_hits += 1
-                return None if e.negative else e.value
+                    self._background(key, loader, ttl, tags, options, e.generation)
+                return _out(e)
             if now < e.hard:  # stale-while-revalidate
                 self.stats.stale_served += 1
-                if not e.refreshing:
-                    self._background(key, loader, ttl, tags, options, e)
-                return None if e.negative else e.value
+                self._background(key, loader, ttl, tags, options, e.generation)
+                return _out(e)
         self.stats.l1_misses += 1
-        return self._coalesced(key, loader, ttl, tags, options)
-
-    def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
-            options: EntryOptions | None = None) -> bool:
-        """Write-through after the app changed the database. Goes through the guard too: if a change
-        reached the key meanwhile (possibly this very write, via the daemon), the daemon's state wins.
-        Other processes' L1s drop the key via the backplane. Returns whether L2 took the value."""
-        opts = (options or self.options.entry).merged(ttl=ttl)
-        data = self.serializer.dumps(value)
-        tag_list = all_tags(key, tags, self.registry)
-        self._l1_put(key, value, False, tag_list, opts, 0.0, len(data))
-        try:
-            entry, current = self._read(key, tag_list, lease=True)
-            snap = self._tag_snapshot(tag_list, current)
-            ok = self._fill(entry, data, False, snap, opts)
-        except L2Unavailable:
-            return False
-        self._publish(keys=[key])
-        return ok
-
-    def delete(self, key: str) -> None:
-        self.l1.remove(key)
-        with contextlib.suppress(L2Unavailable):
-            self._call(lambda: self.redis.execute_command(
-                "EVALSHA", _INVALIDATE.sha, 1, self.keyspace.entry(key), int(self.options.entry.ttl * 1000)))
-        self._publish(keys=[key])
-
-    def invalidate_tag(self, tag: str) -> None:
-        """O(1): bump the counter; entries that recorded the old value now miss everywhere."""
-        self.l1.expire_tag(tag)
-        with contextlib.suppress(L2Unavailable):
-            self._call(lambda: self.redis.execute_command("EVALSHA", _BUMP.sha, 1, self.keyspace.tag(tag)))
-        self._publish(tags=[tag])
-
-    def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
-               options: EntryOptions | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: ``@cache.cached(key="user:{user_id}", tags=["tenant:{tenant_id}"], ttl=60)``.
-        Templates are filled from the function's arguments by name. Sync functions only; see AsyncCache."""
-
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            sig = inspect.signature(fn)
-
-            @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                bound = sig.bind(*args, **kwargs)
-                bound.apply_defaults()
-                a = bound.arguments
-                return self.get_or_load(key.format(**a), lambda: fn(*args, **kwargs), ttl=ttl,
-                                        tags=[t.format(**a) for t in tags], options=options)
-
-            return wrapper
-
-        return deco
+        return self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl), list(tags))
 
     # ---------------------------------------------------------------- miss path
 
-    def _coalesced(self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str],
-                   options: EntryOptions | None) -> Any:
+    def _fallback(self, key: str, opts: EntryOptions) -> L1Entry | None:
+        """The L1 entry fail-safe may serve now (expired ones included; invalidated ones are gone)."""
+        if not opts.fail_safe:
+            return None
+        e = self._l1data.get(key)
+        return e if e is not None and monotonic() < e.keep else None
+
+    def _serve_fallback(self, key: str, e: L1Entry, opts: EntryOptions) -> Any:
+        """Fail-safe: serve ``e`` and keep serving it for ``fail_safe_throttle`` without retrying."""
+        self.stats.fail_safe += 1
+        until = min(monotonic() + opts.fail_safe_throttle, e.keep)
+        if until > e.hard:
+            t = L1Entry(e.value, until, until, e.keep, e.tags, e.size, e.negative, e.delta, e.generation)
+            self.l1.replace(key, e, t)
+        return _out(e)
+
+    def _miss(self, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str]) -> Any:
+        fallback = self._fallback(key, opts)
+        if fallback is not None and self.breaker.state == "open":
+            return self._serve_fallback(key, fallback, opts)  # Redis known down: do not wait for it
+        timed = opts.loader_soft_timeout is not None or opts.loader_hard_timeout is not None
         with self._flight_lock:
-            fut = self._flights.get(key)
-            leader = fut is None
-            if leader:
-                fut = self._flights[key] = concurrent.futures.Future()
-        assert fut is not None
+            fl = self._flights.get(key)
+            leader = fl is None
+            if fl is None:
+                fl = self._flights[key] = _Flight()
+            if (not leader or timed) and fl.event is None:
+                fl.event = threading.Event()  # somebody will wait for it
         if not leader:
             self.stats.coalesced += 1
-            return fut.result()
-        try:
-            result = self._load(key, loader, ttl, tags, options, background=False)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
+        elif timed:
+            self._submit(fl, key, loader, opts, tags, None, fallback is not None)
         else:
-            fut.set_result(result)
-            return result
-        finally:
-            with self._flight_lock:
-                self._flights.pop(key, None)
+            self._flight(fl, key, loader, opts, tags, None, fallback is not None)
+        timeout = opts.loader_hard_timeout
+        if fallback is not None and opts.loader_soft_timeout is not None:
+            timeout = opts.loader_soft_timeout
+        if not fl.done and not fl.event.wait(timeout):  # type: ignore[union-attr]
+            self.stats.loader_timeouts += 1  # the flight goes on and still fills the cache
+            cur = self._fallback(key, opts)
+            if cur is not None:
+                return self._serve_fallback(key, cur, opts)
+            raise TimeoutError(f"loader for {key!r} took longer than {timeout}s")
+        try:
+            result = fl.result()
+        except L2Unavailable:
+            cur = self._fallback(key, opts)
+            if cur is not None:
+                return self._serve_fallback(key, cur, opts)
+            return self._load_without_l2(key, loader, opts, tags, self.l1.begin())
+        except Exception:
+            cur = self._fallback(key, opts)
+            if cur is not None:
+                return self._serve_fallback(key, cur, opts)
+            raise
+        if leader:  # an entry that came back from L2 already stale gets its refresh now
+            e = self._l1data.get(key)
+            if e is not None and e.soft <= monotonic() < e.hard:
+                self._background(key, loader, None, tags, opts, e.generation)
+        return result
 
     def _background(self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str],
-                    options: EntryOptions | None, e: L1Entry) -> None:
-        e.refreshing = True
+                    options: EntryOptions | None, refresh_of: str | None) -> None:
+        """One background refresh per key: nothing starts while a load or refresh of it is in flight."""
+        if key in self._flights:
+            return
+        with self._flight_lock:
+            if key in self._flights:
+                return
+            fl = self._flights[key] = _Flight()
         self.stats.refreshes += 1
-        tag_list = list(tags)
+        opts = (options or self.options.entry).merged(ttl=ttl)
+        self._submit(fl, key, loader, opts, list(tags), refresh_of or "", False)
 
-        def run() -> None:
-            try:
-                self._load(key, loader, ttl, tag_list, options, background=True)
-            except Exception as exc:
-                log.debug("background_refresh_failed", key=key, error=str(exc))
-            finally:
-                e.refreshing = False
+    def _submit(self, fl: _Flight, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str],
+                refresh_of: str | None, has_fallback: bool) -> None:
+        """Run a flight on the pool. If it never runs (the cache closed), its waiters get an error instead
+        of waiting forever."""
+
+        def abandoned(job: concurrent.futures.Future[None]) -> None:
+            if job.cancelled():
+                self._land(key, fl, None, RuntimeError("cache closed"))
 
         try:
-            self._pool.submit(run)
-        except RuntimeError:  # closed
-            e.refreshing = False
+            self._pool.submit(self._flight, fl, key, loader, opts, tags, refresh_of, has_fallback
+                              ).add_done_callback(abandoned)
+        except RuntimeError as exc:  # already closed
+            self._land(key, fl, None, RuntimeError(f"cache closed: {exc}"))
 
-    def _load(self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str],
-              options: EntryOptions | None, background: bool) -> Any:
-        opts = (options or self.options.entry).merged(ttl=ttl)
+    def _flight(self, fl: _Flight, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str],
+                refresh_of: str | None, has_fallback: bool) -> None:
+        try:
+            result = self._load(key, loader, opts, tags, refresh_of, has_fallback)
+        except BaseException as exc:
+            self._land(key, fl, None, exc)
+            if refresh_of is not None:
+                log.debug("background_refresh_failed", key=key, error=str(exc))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._land(key, fl, result, None)
+
+    def _land(self, key: str, fl: _Flight, result: Any, error: BaseException | None) -> None:
+        """The flight is over: unregister it, then wake whoever waits (under the lock, so no waiter can
+        join it after its outcome is set without also finding its event)."""
+        with self._flight_lock:
+            if self._flights.get(key) is fl:
+                del self._flights[key]
+            fl.value, fl.error, fl.done = result, error, True
+            event = fl.event
+        if event is not None:
+            event.set()
+
+    def _load(self, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str],
+              refresh_of: str | None, has_fallback: bool) -> Any:
+        """One flight: L2 (with the fill token), else the loader and a guarded fill.
+
+        ``refresh_of`` (a background refresh): the generation of the copy being refreshed; an L2 entry
+        of another generation is a refresh someone else already did and is adopted, the same one is
+        reloaded. ``has_fallback``: Redis failures are raised (the caller serves its fallback) rather
+        than answered by a load without L2.
+        """
         self._refresh_registry()
         tag_list = all_tags(key, tags, self.registry)
-        entry: Entry | None = None
-        snap: dict[str, str] | None = None
-        l2_value: Any = _MISSING
+        since = self.l1.begin()
         try:
-            entry, current = self._read(key, tag_list, lease=True)
-            if entry.hit and not background:
-                if tags_valid(entry, current):
-                    self.stats.l2_hits += 1
-                    value = NOT_FOUND if entry.negative else self.serializer.loads(entry.value or b"")
-                    self._l1_put(key, value, entry.negative, list(entry.tags), opts, 0.0, len(entry.value or b""))
-                    return None if entry.negative else value
-                if not entry.negative:
-                    l2_value = self.serializer.loads(entry.value or b"")  # stale by tags: a fail-safe fallback
-            self.stats.l2_misses += 1
-            snap = self._tag_snapshot(tag_list, current)
-            if opts.distributed_lock:
-                got = self._await_other_process(key, entry, tag_list, opts)
-                if got is not _MISSING:
-                    return got
+            # Optimistic plain read first (a hit costs no script); the miss then takes its token, a
+            # second round trip that the load it precedes dwarfs. A refresh goes straight to the token.
+            found = None if refresh_of is not None else self._read(key, tag_list, lease=False)
+            if found is None or not found.usable:
+                found = self._read(key, tag_list, lease=True)
         except L2Unavailable:
-            entry = None
-        try:
-            return self._run_loader(key, loader, opts, entry, snap, tag_list, l2_value)
-        finally:
-            if opts.distributed_lock:
-                self._release_lock(key)
-
-    def _run_loader(self, key: str, loader: Callable[[], Any], opts: EntryOptions, entry: Entry | None,
-                    snap: dict[str, str] | None, tag_list: list[str], l2_value: Any) -> Any:
-        fallback = self._fallback(key, opts, l2_value)
-        timeout = opts.loader_hard_timeout
-        if fallback is not _MISSING and opts.loader_soft_timeout is not None:
-            timeout = opts.loader_soft_timeout
-        self.stats.loader_calls += 1
-        t0 = time.monotonic()
-        if timeout is None:
-            try:
-                value = loader()
-            except Exception:
-                self.stats.loader_errors += 1
-                if fallback is not _MISSING:
-                    self.stats.fail_safe += 1
-                    return fallback
+            if has_fallback or refresh_of is not None:
                 raise
-            return self._store(key, value, opts, entry, snap, tag_list, time.monotonic() - t0)
-        fut = self._pool.submit(loader)
+            return self._load_without_l2(key, loader, opts, tag_list, since)
+        if found.usable and (refresh_of is None or found.entry.generation != refresh_of):
+            value = self._decode(found)
+            if value is not MISSING:
+                self.stats.l2_hits += 1
+                self._put_from_l2(key, found, value, opts, tag_list, since)
+                return None if value is NOT_FOUND else value
+        self.stats.l2_misses += 1
+        lock: tuple[str, str] | None = None
+        if opts.distributed_lock:
+            value, lock = self._lock_or_wait(key, tag_list, opts, since)
+            if value is not MISSING:
+                return value
         try:
-            value = fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            self.stats.loader_timeouts += 1
-            # the loader finishes in the background and still fills the cache (through the guard)
-            fut.add_done_callback(lambda f: self._store_late(key, f, opts, entry, snap, tag_list, t0))
-            if fallback is not _MISSING:
-                self.stats.fail_safe += 1
-                return fallback
-            raise TimeoutError(f"loader for {key!r} took longer than {timeout}s") from None
+            value, delta = self._call_loader(loader)
+            return self._store(key, value, opts, found, tag_list, delta, since)
+        finally:
+            if lock is not None:
+                with contextlib.suppress(L2Unavailable):  # it expires on its own
+                    self.link.call([("EVALSHA", UNLOCK.sha, 1, lock[0], lock[1])])
+
+    def _call_loader(self, loader: Callable[[], Any]) -> tuple[Any, float]:
+        self.stats.loader_calls += 1
+        t0 = monotonic()
+        try:
+            value = loader()
         except Exception:
             self.stats.loader_errors += 1
-            if fallback is not _MISSING:
-                self.stats.fail_safe += 1
-                return fallback
             raise
-        return self._store(key, value, opts, entry, snap, tag_list, time.monotonic() - t0)
+        return value, monotonic() - t0
 
-    def _store_late(self, key: str, fut: concurrent.futures.Future[Any], opts: EntryOptions, entry: Entry | None,
-                    snap: dict[str, str] | None, tag_list: list[str], t0: float) -> None:
-        if fut.exception() is None:
-            with contextlib.suppress(Exception):
-                self._store(key, fut.result(), opts, entry, snap, tag_list, time.monotonic() - t0)
-
-    def _fallback(self, key: str, opts: EntryOptions, l2_value: Any) -> Any:
-        if not opts.fail_safe:
-            return _MISSING
-        e = self._l1data.get(key)
-        if e is not None and time.monotonic() < e.keep:
-            return self._out(e)
-        return l2_value
-
-    def _store(self, key: str, value: Any, opts: EntryOptions, entry: Entry | None, snap: dict[str, str] | None,
-               tag_list: list[str], delta: float) -> Any:
+    def _load_without_l2(self, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: Sequence[str],
+                         since: int) -> Any:
+        """Redis is unreachable and L1 has nothing: the loader answers, L1 alone keeps it (fenced like any
+        insert, dropped by the reset when the backplane reconnects)."""
+        value, delta = self._call_loader(loader)
         negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
         if negative and not opts.cache_negative:
             return None
         data = b"" if negative else self.serializer.dumps(value)
-        accepted = True
-        if entry is not None and snap is not None:
-            try:
-                accepted = self._fill(entry, data, negative, snap, opts)
-            except L2Unavailable:
-                accepted = True  # L2 is down: L1 alone, bounded by its TTL and reset on reconnect
-        if accepted:
-            self._l1_put(key, NOT_FOUND if negative else value, negative, tag_list, opts, delta, len(data))
-        else:
-            self.l1.remove(key)  # a newer change reached the key while we loaded: keep no copy of ours
+        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, None, tags, len(data), delta,
+                       None, self.rng)
+        self.l1.put(key, e, since)
         return None if negative else value
 
-    def _fill(self, entry: Entry, data: bytes, negative: bool, snap: dict[str, str], opts: EntryOptions) -> bool:
-        ttl = opts.negative_ttl if negative else opts.ttl
-        ttl_ms = max(1, int(jittered(ttl, opts.jitter, self.rng) * 1000))
-        res = self._call(lambda: self.redis.execute_command(
-            "EVALSHA", _FILL.sha, 1, self.keyspace.entry(entry.key), entry.generation or "", ttl_ms, data,
-            "1" if negative else "0", snapshot_json(snap)))
-        ok = res not in (0, b"0", "0", None)
-        if ok:
-            self.stats.fills += 1
-            if negative:
-                self.stats.negative_fills += 1
+    def _store(self, key: str, value: Any, opts: EntryOptions, found: Found, tags: list[str], delta: float,
+               since: int) -> Any:
+        negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
+        if negative and not opts.cache_negative:
+            return None
+        data = b"" if negative else self.serializer.dumps(value)
+        ttl = jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng)
+        snap = {t: found.current.get(t) or "" for t in tags}
+        try:
+            gen = fill_result(self.link.call([fill_command(self.keyspace, found.entry, data, negative, snap, ttl)])[0])
+        except L2Unavailable:
+            gen, ttl_left = None, None  # Redis went away after the token: L1 alone, as in _load_without_l2
         else:
+            if gen is None:
+                self.stats.fills_refused += 1
+                self.l1.remove(key)  # a newer change reached the key while we loaded: keep no copy of ours
+                return None if negative else value
+            self.stats.fills += 1
+            self.stats.negative_fills += negative
+            ttl_left = ttl
+        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, ttl_left, tags, len(data),
+                       delta, gen, self.rng)
+        self.l1.put(key, e, since)
+        return None if negative else value
+
+    def _lock_or_wait(self, key: str, tags: list[str], opts: EntryOptions,
+                      since: int) -> tuple[Any, tuple[str, str] | None]:
+        """Cross-process single flight: the lock holder loads; the others wait for its fill, at most
+        ``lock_ttl`` (a holder that died stops blocking when its lock expires)."""
+        lock_key = f"{self.keyspace.prefix}__cdcd:lock:{key}"
+        token = f"{self.run_id}:{next(_lock_ids)}"
+        acquire: list[Command] = [("SET", lock_key, token, "NX", "PX", max(1, int(opts.lock_ttl * 1000)))]
+        if self.link.call_checked(acquire)[0]:
+            return MISSING, (lock_key, token)
+        deadline = monotonic() + opts.lock_ttl
+        while monotonic() < deadline:
+            time.sleep(self.options.lock_poll)
+            found = self._read(key, tags, lease=False)
+            if found.usable:
+                value = self._decode(found)
+                if value is not MISSING:
+                    self.stats.coalesced += 1
+                    self._put_from_l2(key, found, value, opts, tags, since)
+                    return (None if value is NOT_FOUND else value), None
+            if self.link.call_checked(acquire)[0]:  # the holder finished without filling, or died
+                return MISSING, (lock_key, token)
+        return MISSING, None
+
+    # ---------------------------------------------------------------- writes
+
+    def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
+            options: EntryOptions | None = None) -> bool:
+        """Write-through after the app changed the database. Goes through the guard too: if a change
+        reached the key meanwhile (possibly this very write, via the daemon), the newer state wins and
+        this process's L1 drops the key. Other processes' L1s drop it via the backplane.
+
+        Returns whether L2 took the value (False: refused by the guard, or Redis unreachable).
+        """
+        opts = (options or self.options.entry).merged(ttl=ttl)
+        data = self.serializer.dumps(value)
+        self._refresh_registry()
+        tag_list = all_tags(key, tags, self.registry)
+        since = self.l1.begin()
+        try:
+            found = self._read(key, tag_list, lease=True)
+            ttl_s = jittered(opts.ttl, opts.jitter, self.rng)
+            snap = {t: found.current.get(t) or "" for t in tag_list}
+            with self._publish_lock:
+                replies = self.link.call([fill_command(self.keyspace, found.entry, data, False, snap, ttl_s),
+                                          *self._announce([key], [])])
+            gen = fill_result(replies[0])
+        except L2Unavailable:
+            self.l1.remove(key)
+            return False
+        if gen is None:
             self.stats.fills_refused += 1
-        return ok
+            self.l1.remove(key)
+            return False
+        self.stats.fills += 1
+        e = make_entry(monotonic(), value, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
+        self.l1.put(key, e, since, fence=True)
+        return True
 
-    def _await_other_process(self, key: str, entry: Entry | None, tags: list[str], opts: EntryOptions) -> Any:
-        """Cross-process single flight: the lock holder loads; others wait for its fill (at most lock_ttl)."""
-        lock = f"{self.keyspace.entry(key)}:__lock"
-        token = self.sequencer.run + str(threading.get_ident())
-        if self._call(lambda: self.redis.set(lock, token, nx=True, px=int(opts.lock_ttl * 1000))):
-            self._locks[key] = (lock, token)
-            return _MISSING
-        deadline = time.monotonic() + opts.lock_ttl
-        while time.monotonic() < deadline:
-            time.sleep(0.02)
-            got, current = self._read(key, tags, lease=False)
-            if got.hit and tags_valid(got, current):
-                self.stats.coalesced += 1
-                return None if got.negative else self.serializer.loads(got.value or b"")
-        return _MISSING  # the holder died or is slow: load ourselves
+    def delete(self, key: str) -> bool:
+        """Invalidate ``key`` everywhere: a tombstone in L2 (fills in flight fail), this L1, other L1s via the
+        backplane. Returns False when Redis was unreachable (only this process's L1 dropped it)."""
+        try:
+            with self._publish_lock:
+                self.link.call_checked([("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
+                                         max(1, int(self.options.tombstone_ttl * 1000))),
+                                        *self._announce([key], [])])
+            return True
+        except L2Unavailable:
+            return False
+        finally:
+            self.l1.remove(key)  # after Redis: a read racing the write cannot re-insert the old value
 
-    def _release_lock(self, key: str) -> None:
-        held = self._locks.pop(key, None)
-        if held is not None:
-            with contextlib.suppress(L2Unavailable):
-                self._call(lambda: self.redis.eval(_UNLOCK, 1, held[0], held[1]))
+    def invalidate_tag(self, tag: str) -> bool:
+        """O(1): bump the tag's counter; every entry that recorded the old value misses, everywhere.
+        Returns False when Redis was unreachable (only this process's L1 dropped them)."""
+        try:
+            with self._publish_lock:
+                self.link.call_checked([("EVALSHA", BUMP.sha, 1, self.keyspace.tag(tag)), *self._announce([], [tag])])
+            return True
+        except L2Unavailable:
+            return False
+        finally:
+            self.l1.remove_tags([tag])
 
-    # ---------------------------------------------------------------- backplane
-
-    def _publish(self, keys: Sequence[str] = (), tags: Sequence[str] = ()) -> None:
+    def _announce(self, keys: Sequence[str], tags: Sequence[str]) -> list[Command]:
+        """PUBLISH commands for this process's change (call with the publish lock held: numbers in order)."""
         if not self.options.publish:
-            return
-        for m in self.sequencer.messages([self.keyspace.entry(k) for k in keys], tags, "", time.time()):
-            with contextlib.suppress(L2Unavailable):
-                self._call(functools.partial(self.redis.publish, self.keyspace.channel, m.encode()))
+            return []
+        msgs = list(self.sequencer.messages([self.keyspace.entry(k) for k in keys], tags, "", time.time()))
+        self.stats.published += len(msgs)
+        return [("PUBLISH", self.keyspace.channel, m.encode()) for m in msgs]
+
+    # ---------------------------------------------------------------- decorator
+
+    def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
+               options: EntryOptions | None = None) -> Callable[[F], F]:
+        """``@cache.cached(key="user:{user_id}", tags=["tenant:{tenant_id}"], ttl=60)`` on a sync function.
+
+        Templates are filled from the function's arguments by name (defaults included). The wrapper
+        has ``.key(*args, **kwargs)`` and ``.invalidate(*args, **kwargs)``. For ``async def``
+        functions use :meth:`AsyncCache.cached`.
+        """
+
+        def deco(fn: F) -> F:
+            import inspect
+
+            if inspect.iscoroutinefunction(fn):
+                raise TypeError(f"{fn.__qualname__} is async: decorate it with an AsyncCache")
+            tpl = KeyTemplate(fn, key, tags)
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                k, t = tpl.render(args, kwargs)
+                return self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options)
+
+            wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
+            wrapper.invalidate = lambda *a, **kw: self.delete(tpl.render(a, kw)[0])  # type: ignore[attr-defined]
+            return wrapper  # type: ignore[return-value]
+
+        return deco
+
+    # ---------------------------------------------------------------- backplane (called by the listener)
 
     def apply_message(self, msg: Message) -> None:
-        """Drop what a backplane message names (called by the subscriber)."""
+        """Drop what a backplane message names: its keys and every entry carrying one of its tags."""
         prefix = self.keyspace.prefix
         n = len(prefix)
-        for k in msg.keys:
-            if k.startswith(prefix):
-                self.l1.expire(k[n:])
-        for t in msg.tags:
-            self.l1.expire_tag(t)
-            if t.startswith("__table:"):
-                self._registry_at = -math.inf  # cheap: a truncate is a good moment to re-read the rules
+        if msg.keys:
+            self.l1.remove_many([k[n:] for k in msg.keys if k.startswith(prefix)])
+        if msg.tags:
+            self.l1.remove_tags(msg.tags)
+            if any(t.startswith("__table:") for t in msg.tags):
+                self._registry_at = -math.inf  # a truncate is a good moment to re-read the rules
 
     def reset_l1(self, why: str) -> None:
         """The backplane may have lost messages: nothing in L1 can be trusted to be current."""
         self.stats.l1_resets += 1
         self.l1.expire_all()
+        self._registry_at = -math.inf
         log.debug("l1_reset", reason=why)
+
+    def redis_reachable(self) -> bool:
+        try:
+            self.link.call_checked([("PING",)])
+            return True
+        except L2Unavailable:
+            return False

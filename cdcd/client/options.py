@@ -1,55 +1,69 @@
-"""Typed options with documented defaults. Every field is a per-call override too (``get_or_load(..., options=)``)."""
+"""Typed options with documented defaults.
+
+:class:`EntryOptions` say how one entry is cached (every field can be overridden per call with
+``options=`` or, for ``ttl``, directly); :class:`CacheOptions` say how the cache talks to Redis and
+how big L1 may grow.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
 class EntryOptions:
     """How one entry is cached.
 
-    Lifetimes, from a value's load: *fresh* until ``soft_ttl`` (returned as is; XFetch may refresh it a
-    little early), *stale* until ``ttl`` (returned at once while one background refresh runs:
-    stale-while-revalidate), *expired* after ``ttl`` (reloaded before returning; kept only as the
-    fail-safe fallback until ``fail_safe_max_age`` past expiry).
+    A value's life, from its load: *fresh* until ``soft_ttl`` (served as is; XFetch may refresh
+    it a little early), *stale* until ``ttl`` (served at once while one background refresh runs:
+    stale-while-revalidate), *expired* after ``ttl`` (reloaded before returning; kept in L1 only
+    as the fail-safe fallback, until ``fail_safe_max_age`` past expiry). An entry found in L2
+    keeps the age it has there: a process that reads it late does not make it younger.
     """
 
     ttl: float = 300.0
-    """Seconds an entry lives in L2 (Redis, jittered) and, at most, in L1 before it must be reloaded."""
+    """Seconds a value lives in L2 (Redis, jittered): its hard TTL."""
     l1_ttl: float | None = None
-    """Seconds an entry lives in L1 (default: ``ttl``). The worst-case L1 staleness when the backplane
-    loses a message without anyone noticing."""
+    """Seconds L1 may serve a copy before re-reading L2 (default: ``ttl``). The backplane normally
+    drops a changed key within milliseconds; this bounds L1 staleness when it cannot (see the README)."""
     soft_ttl: float | None = None
-    """Seconds after which a value is served stale while one background refresh runs (default: no
-    stale-while-revalidate: ``soft_ttl = l1_ttl``)."""
+    """Seconds after which a value is served stale while one background refresh runs (default:
+    ``ttl``, i.e. no stale-while-revalidate)."""
     jitter: float = 0.1
     """Every TTL written is multiplied by a random factor in [1 - jitter, 1 + jitter] so entries
     filled together do not expire together."""
     early_refresh_beta: float = 1.0
-    """XFetch (Vattani et al. 2015) eagerness: refresh early with probability growing as expiry nears,
-    scaled by how long the last load took. 0 turns it off."""
+    """XFetch (Vattani et al. 2015) eagerness: refresh early with probability
+    ``exp(-time_to_soft_expiry / (load_time * beta))``. 0 turns it off."""
     cache_negative: bool = True
-    """Cache a loader's "not found" (``NOT_FOUND``, or ``None`` with ``none_is_not_found``). Errors never are."""
+    """Cache a loader's "not found" (``NOT_FOUND``, or ``None`` with ``none_is_not_found``) through
+    the same fill guard, so an insert between token and fill wins. Errors are never cached."""
     negative_ttl: float = 30.0
+    """Seconds a "not found" lives (short: inserts normally invalidate it, this bounds the rest)."""
     none_is_not_found: bool = True
+    """A loader returning ``None`` means "not found" (else ``None`` is cached as a value)."""
     fail_safe: bool = True
-    """Serve the last known value when the loader fails or times out (or Redis is down and L1 has it)."""
+    """Serve the last known value when the loader fails or times out, or Redis is unreachable."""
     fail_safe_max_age: float = 3600.0
     """How long past its expiry a value may still be served by fail-safe; after that the error surfaces."""
+    fail_safe_throttle: float = 1.0
+    """After a fail-safe, keep serving the fallback this many seconds before calling the failing loader
+    (or Redis) again, so an outage does not turn every request into a failing call."""
     loader_soft_timeout: float | None = None
-    """With a fail-safe value at hand, wait at most this long for the loader, serve the old value, and let
-    the loader finish in the background and update the cache."""
+    """With a fail-safe value at hand, wait at most this long for the loader, serve the old value, and
+    let the loader finish in the background and update the cache."""
     loader_hard_timeout: float | None = None
-    """Give up on the loader after this long even without a fallback (the loader keeps running in the
-    background; its result still fills the cache)."""
+    """Give up on the loader after this long even without a fallback (``TimeoutError``; the loader keeps
+    running in the background and its result still fills the cache)."""
     distributed_lock: bool = False
     """Coalesce misses across processes too, with a short Redis lock (SET NX PX)."""
     lock_ttl: float = 5.0
-    """The lock's lifetime: a holder that dies blocks others at most this long."""
+    """The lock's lifetime: a holder that dies blocks the others at most this long."""
 
     def merged(self, **changes: object) -> EntryOptions:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+        """A copy with the non-None ``changes`` (``self`` when there are none: the common, cheap case)."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **given) if given else self  # type: ignore[arg-type]
 
     @property
     def l1_hard(self) -> float:
@@ -59,6 +73,10 @@ class EntryOptions:
     def l1_soft(self) -> float:
         return min(self.soft_ttl, self.l1_hard) if self.soft_ttl is not None else self.l1_hard
 
+    @property
+    def soft(self) -> float:
+        return min(self.soft_ttl, self.ttl) if self.soft_ttl is not None else self.ttl
+
 
 @dataclass(frozen=True, slots=True)
 class CacheOptions:
@@ -67,23 +85,40 @@ class CacheOptions:
     prefix: str = ""
     """The keyspace prefix of the daemon's rules (``keyspace.prefix``), e.g. ``v1:``."""
     channel: str | None = None
-    """Backplane channel (default ``<prefix>__cdcd:bp``, as the daemon)."""
+    """Backplane channel (default ``<prefix>__cdcd:bp``, as the daemon's)."""
     l1_max_entries: int = 100_000
+    """0 turns L1 off (every read goes to Redis)."""
     l1_max_bytes: int = 256 * 1024 * 1024
-    """Approximate: the serialized size of each value is counted."""
+    """Approximate: each entry counts its serialized size plus a fixed overhead."""
     redis_timeout: float = 0.5
-    """Socket timeout of every Redis call: a dead Redis costs at most this per call until the breaker opens."""
+    """Socket timeout of every Redis call (the cache's connections never retry on their own): a dead
+    Redis costs at most this per call until the breaker opens, then nothing."""
+    connect_timeout: float | None = None
+    """Socket connect timeout (default: ``redis_timeout``)."""
     breaker_failures: int = 3
     """Consecutive Redis failures that open the circuit breaker."""
     breaker_reset: float = 2.0
     """Seconds the breaker stays open before one probe call is let through."""
     lease_ttl: float = 10.0
     """Fill-token lease lifetime: a loader slower than this cannot fill L2 (its value is still returned)."""
+    tombstone_ttl: float = 60.0
+    """Lifetime of the tombstone ``delete`` leaves (it keeps the key's version; fills in flight fail)."""
     subscribe: bool = True
     """Listen to the backplane (drop L1 copies the daemon or other processes changed)."""
     publish: bool = True
     """Announce this process's own set/delete/invalidate_tag on the backplane."""
+    backplane_ping: float = 1.0
+    """Seconds between PINGs on the backplane connection; no answer within ``2 * backplane_ping +
+    redis_timeout`` counts as a lost connection (a silent network partition is noticed, not waited out)."""
     registry_refresh: float = 60.0
     """Seconds between reloads of the daemon's rules registry (table tags for TRUNCATE)."""
+    lock_poll: float = 0.02
+    """Seconds between L2 checks while another process holds the load lock."""
     background_workers: int = 4
-    entry: EntryOptions = EntryOptions()
+    """Threads for background refreshes and timed loaders (sync cache)."""
+    entry: EntryOptions = field(default_factory=EntryOptions)
+    """Defaults for every entry."""
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return self.connect_timeout if self.connect_timeout is not None else self.redis_timeout

@@ -1,16 +1,29 @@
-"""What sync and async caches share: key names, the daemon's registry, entry validation, TTL jitter."""
+"""What the sync and async caches share: commands, reply parsing, the daemon's registry, entry lifetimes,
+TTL jitter, XFetch, key templates. No I/O here: each cache only sends what these build and parses what
+comes back, so both obey exactly the same rules.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cdcd.fillguard import Entry, FillGuard
-from cdcd.keyspace import Keyspace
+from cdcd.keyspace import SCRIPTS, Keyspace
+
+from .l1 import ENTRY_OVERHEAD, L1Entry
+from .link import Command, L2Unavailable, raise_errors
+from .options import EntryOptions
+
+READ, FILL, INVALIDATE = SCRIPTS["read"], SCRIPTS["fill"], SCRIPTS["invalidate"]
+BUMP, ENSURE = SCRIPTS["bump_tag"], SCRIPTS["ensure_tag"]
+_FIELDS = ("v", "g", "d", "n", "t")
 
 
 class _NotFound:
@@ -28,6 +41,10 @@ class _NotFound:
 
 
 NOT_FOUND: Any = _NotFound()
+MISSING: Any = object()  # internal: "no value" where None is a value
+
+
+# ------------------------------------------------------------------------------------------ registry
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -44,11 +61,14 @@ class Registry:
     """The daemon's rules (``<prefix>__cdcd:rules``): which table a key or tag name derives from.
 
     An entry records the table tag of every table its key and tags derive from, so one TRUNCATE
-    (one counter bump) invalidates it without any scan.
+    (one counter bump) invalidates it without any scan. A template's placeholder matches any
+    non-empty text, so a name two tables could produce records both table tags (one more
+    invalidation, never one fewer).
     """
 
     def __init__(self) -> None:
         self.patterns: list[tuple[re.Pattern[str], str]] = []
+        self._memo: dict[str, tuple[str, ...]] = {}
 
     def load(self, raw: bytes | str | None) -> None:
         patterns = []
@@ -59,22 +79,89 @@ class Registry:
                 for t in (*spec.get("keys", []), *spec.get("tags", [])):
                     patterns.append((_template_regex(t), tag))
         self.patterns = patterns
+        self._memo = {}
+
+    def implied_by(self, name: str) -> tuple[str, ...]:
+        got = self._memo.get(name)
+        if got is None:
+            got = tuple(dict.fromkeys(tag for rx, tag in self.patterns if rx.match(name)))
+            if len(self._memo) > 65_536:
+                self._memo = {}
+            self._memo[name] = got
+        return got
 
     def implied(self, names: Iterable[str]) -> list[str]:
         out: list[str] = []
         for name in names:
-            for rx, tag in self.patterns:
-                if tag not in out and rx.match(name):
+            for tag in self.implied_by(name):
+                if tag not in out:
                     out.append(tag)
         return out
 
 
 def all_tags(key: str, tags: Iterable[str], registry: Registry) -> list[str]:
-    given = list(tags)
+    """The caller's tags plus the table tags the key and those tags imply."""
+    given = list(dict.fromkeys(tags))
+    if not registry.patterns:
+        return given
     return given + [t for t in registry.implied([key, *given]) if t not in given]
 
 
-def tags_valid(entry: Entry, current: Mapping[str, bytes | str | None]) -> bool:
+# ------------------------------------------------------------------------------------------ reads
+
+
+def read_commands(ks: Keyspace, key: str, tags: Sequence[str], lease_ttl_ms: int | None) -> list[Command]:
+    """One round trip: the entry, its remaining TTL and the current counters of ``tags``.
+
+    With a lease (``get_or_load``, ``set``) the READ script also creates the fill token when the key
+    is empty, and ENSURE_TAG creates missing counters so the snapshot recorded with the fill is
+    real (taken *before* the loader runs). A plain read (``get``) needs neither: HMGET and GET.
+    """
+    rk = ks.entry(key)
+    if lease_ttl_ms is None:
+        cmds: list[Command] = [("HMGET", rk, *_FIELDS), ("PTTL", rk)]
+        cmds.extend(("GET", ks.tag(t)) for t in tags)
+    else:
+        cmds = [("EVALSHA", READ.sha, 1, rk, lease_ttl_ms, "1"), ("PTTL", rk)]
+        cmds.extend(("EVALSHA", ENSURE.sha, 1, ks.tag(t)) for t in tags)
+    return cmds
+
+
+def decode_str(v: Any) -> str | None:
+    if v is None or v is False:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass(slots=True)
+class Found:
+    """What one read found: the entry (with its fill token), its L2 life left, the current tag counters."""
+
+    entry: Entry
+    remaining: float | None  # seconds until Redis expires it; None: no expiry
+    current: dict[str, str | None]
+
+    @property
+    def usable(self) -> bool:
+        """A value or a cached "not found" whose recorded tag counters are all still current."""
+        return self.entry.hit and tags_valid(self.entry, self.current)
+
+    def missing(self) -> list[str]:
+        """Tags the entry recorded whose counters this read did not fetch (a second, rare round trip)."""
+        return [t for t in self.entry.tags if t not in self.current]
+
+
+def parse_found(key: str, tags: Sequence[str], replies: Sequence[Any]) -> Found:
+    raise_errors(replies)
+    entry = FillGuard.parse(key, list(replies[0]))
+    pttl = replies[1]
+    remaining = pttl / 1000.0 if isinstance(pttl, int) and pttl >= 0 else None
+    current = {t: decode_str(v) for t, v in zip(tags, replies[2:], strict=True)}
+    return Found(entry, remaining, current)
+
+
+def tags_valid(entry: Entry, current: Mapping[str, Any]) -> bool:
+    """Every tag the entry recorded still has the counter it recorded (a lost counter never matches)."""
     for t, v in entry.tags.items():
         c = current.get(t)
         if c is None:
@@ -83,6 +170,31 @@ def tags_valid(entry: Entry, current: Mapping[str, bytes | str | None]) -> bool:
             return False
     return True
 
+
+def fill_command(ks: Keyspace, entry: Entry, data: bytes, negative: bool, snap: Mapping[str, str],
+                 ttl: float) -> Command:
+    return ("EVALSHA", FILL.sha, 1, ks.entry(entry.key), entry.generation or "", max(1, int(ttl * 1000)), data,
+            "1" if negative else "0", snapshot_json(snap))
+
+
+def fill_result(reply: Any) -> str | None:
+    """The new generation when the fill landed, None when the guard refused it."""
+    if isinstance(reply, Exception):
+        raise L2Unavailable(f"Redis refused the fill: {reply}")
+    if reply in (0, b"0", "0", None):
+        return None
+    return decode_str(reply)
+
+
+def snapshot_json(snap: Mapping[str, str]) -> str:
+    return json.dumps(dict(snap), separators=(",", ":"), sort_keys=True) if snap else ""
+
+
+def parse_read(key: str, raw: Any) -> Entry:
+    return FillGuard.parse(key, list(raw))
+
+
+# ------------------------------------------------------------------------------------------ lifetimes
 
 XFETCH_HORIZON = 20.0  # in units of delta*beta: exp(-20) ~ 2e-9, not worth a random draw
 
@@ -102,15 +214,61 @@ def jittered(ttl: float, jitter: float, rng: random.Random) -> float:
     return ttl * (1.0 + rng.uniform(-jitter, jitter))
 
 
-def parse_read(key: str, raw: Any) -> Entry:
-    return FillGuard.parse(key, list(raw))
+def make_entry(now: float, value: Any, negative: bool, opts: EntryOptions, remaining: float | None,
+               tags: Sequence[str], size: int, delta: float, generation: str | None,
+               rng: random.Random) -> L1Entry:
+    """The L1 copy of a value with ``remaining`` seconds of L2 life left (its written TTL when just filled).
+
+    The value keeps its age: an entry written ``a`` seconds ago is fresh for ``soft - a`` more
+    seconds and served (stale) for ``remaining``, both capped by L1's own lifetime, after which L1
+    re-reads L2. An entry this process never got from L2 (``remaining`` None) gets the full TTLs.
+    """
+    if negative:
+        life = jittered(min(opts.negative_ttl, opts.l1_hard), opts.jitter, rng)
+        if remaining is not None:
+            life = min(life, remaining)
+        soft = hard = now + life
+    else:
+        hard_left = jittered(opts.l1_hard, opts.jitter, rng)
+        soft_left = jittered(opts.l1_soft, opts.jitter, rng)
+        if remaining is not None:
+            hard_left = min(hard_left, remaining)
+            soft_left = min(soft_left, remaining - (opts.ttl - opts.soft))
+        hard = now + hard_left
+        soft = min(hard, now + soft_left)
+    keep = hard + (opts.fail_safe_max_age if opts.fail_safe else 0.0)
+    e = L1Entry(value, soft, hard, keep, tuple(tags), size + ENTRY_OVERHEAD, negative, delta, generation)
+    beta = opts.early_refresh_beta
+    if beta > 0 and delta > 0:
+        e.early = max(now, soft - XFETCH_HORIZON * delta * beta) if soft > now else soft
+    return e
 
 
-def snapshot_json(snap: Mapping[str, str]) -> str:
-    return json.dumps(dict(snap), separators=(",", ":"), sort_keys=True) if snap else ""
+# ------------------------------------------------------------------------------------------ decorator
 
 
-def decode_str(v: Any) -> str | None:
-    if v is None or v is False:
-        return None
-    return v.decode() if isinstance(v, bytes) else str(v)
+class KeyTemplate:
+    """``user:{user_id}`` filled from a function's arguments by parameter name.
+
+    Binding arguments with ``inspect.Signature.bind`` costs microseconds; a call with exactly the
+    positional parameters (the common case) is mapped with a ``zip`` instead.
+    """
+
+    def __init__(self, fn: Callable[..., Any], key: str, tags: Sequence[str]) -> None:
+        self.key, self.tags = key, tuple(tags)
+        self.sig = inspect.signature(fn)
+        params = list(self.sig.parameters.values())
+        simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        self._names = tuple(p.name for p in params) if simple else None
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        names = self._names
+        if names is not None and not kwargs and len(args) == len(names):
+            return dict(zip(names, args, strict=True))
+        bound = self.sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def render(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, list[str]]:
+        a = self.arguments(args, kwargs)
+        return self.key.format_map(a), [t.format_map(a) for t in self.tags]

@@ -1,29 +1,49 @@
-"""Value serializers. JSON by default (what the daemon writes for ``update`` rules); msgpack optional."""
+"""How values become the bytes stored in the entry's ``d`` field, and back.
+
+JSON is the default because it is what the daemon writes for ``update`` rules (the row
+projection): a client reading a daemon-written value must decode it with the same
+serializer. msgpack is smaller and faster for keys only applications write; anything with
+``dumps``/``loads`` can be plugged in (the :class:`Serializer` protocol). A value that does
+not decode is treated as a miss and reloaded, never returned garbled.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
+@runtime_checkable
 class Serializer(Protocol):
+    """Value <-> bytes. Must be thread-safe and free of side effects."""
+
     def dumps(self, value: Any) -> bytes: ...
 
     def loads(self, data: bytes) -> Any: ...
 
 
 class JsonSerializer:
-    """Compact JSON; ``default=str`` so dates, Decimals and UUIDs round-trip as strings like the daemon's."""
+    """Compact JSON; ``default=str`` so dates, Decimals and UUIDs go out as strings, like the daemon's."""
+
+    __slots__ = ("_encode",)
+
+    def __init__(self) -> None:
+        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
     def dumps(self, value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":"), default=str).encode()
+        return self._encode(value).encode()
 
     def loads(self, data: bytes) -> Any:
         return json.loads(data)
 
 
 class MsgpackSerializer:
-    """Smaller and faster than JSON; only for keys the daemon does not write values to (invalidate rules)."""
+    """Smaller and faster than JSON; only for keys the daemon does not write values to (its values are JSON).
+
+    Needs ``msgpack`` (``pip install 'cdcd[msgpack]'``), imported here so the client itself never does.
+    """
+
+    __slots__ = ("_packb", "_unpackb")
 
     def __init__(self) -> None:
         import msgpack
@@ -32,7 +52,21 @@ class MsgpackSerializer:
         self._unpackb = msgpack.unpackb
 
     def dumps(self, value: Any) -> bytes:
-        return bytes(self._packb(value, default=str))
+        return bytes(self._packb(value, default=str, use_bin_type=True))
 
     def loads(self, data: bytes) -> Any:
-        return self._unpackb(data)
+        return self._unpackb(data, raw=False)
+
+
+class RawSerializer:
+    """Values are ``bytes``, stored as they are (the application serializes)."""
+
+    __slots__ = ()
+
+    def dumps(self, value: Any) -> bytes:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"RawSerializer stores bytes, got {type(value).__name__}")
+        return bytes(value)
+
+    def loads(self, data: bytes) -> Any:
+        return data

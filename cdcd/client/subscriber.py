@@ -1,36 +1,54 @@
 """The backplane listener: keeps L1 in step with the daemon and with other processes.
 
-Redis pub/sub loses messages while a subscriber is disconnected and says nothing
-about it, so every message carries ``(origin, run, seq)``. L1 is reset (every
-entry expired) when this listener cannot be sure it saw everything:
+Messages name keys (full Redis keys) and tags whose values changed; the listener drops those
+from L1 (and every entry carrying such a tag). Redis pub/sub loses messages while a subscriber
+is disconnected and says nothing about it, so every message carries ``(origin, run, seq)`` and L1
+is reset (every entry expired; kept only as a fail-safe fallback) when the listener cannot be
+sure it saw everything:
 
 * on every (re)subscription: messages may have been published while it was not listening;
 * on a gap in a run's sequence numbers;
-* on the first message of a daemon run it has not seen (a daemon restarted: its
-  first messages may have been published before we heard of it).
+* on the first message of a daemon run when another daemon run was already heard since the
+  subscription (a daemon restarted: it may have published before we heard of it).
 
-A run of an application process that is new to us is not a reason: its messages
-only ever name what that process itself wrote. The daemon also publishes an
-empty heartbeat every second while idle, so a lost *last* message is noticed
-within about a second instead of at the next change.
+The first run of a daemon heard after subscribing, and any application run new to us, are not
+reasons: everything before the subscription is covered by its reset. A repeated or older
+sequence number (a publish retried after a lost reply) is not a gap either.
+
+A silent connection (a network partition, no RST) is noticed by PINGs every
+``backplane_ping`` seconds: no reply within ``2 * backplane_ping + redis_timeout`` counts as a
+lost connection. When the subscription is lost while Redis itself still answers, L1 is reset at
+once (the daemon may be publishing what we now miss); when Redis is down, nothing can change or
+be announced, so L1 keeps serving until the reset at re-subscription.
+
+**Staleness bound.** While connected, an L1 copy lags a change by the backplane latency (the
+daemon publishes after Redis holds the change; milliseconds). If the listener is cut off, the
+lag is at most the detection time above; if it cannot run at all, ``l1_ttl``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections import OrderedDict
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from cdcd.backplane import Message
 
+from ._log import log
+
 if TYPE_CHECKING:
-    from cdcd.client.cache import Cache
+    from .aio import AsyncCache
+    from .cache import Cache
 
 MAX_RUNS = 10_000
+PURGE_EVERY = 30.0  # seconds between sweeps of entries past their fail-safe window
+POLL = 0.2
 
 
 class SeqTracker:
@@ -39,40 +57,52 @@ class SeqTracker:
     def __init__(self, own_run: str) -> None:
         self.own_run = own_run
         self.last: OrderedDict[str, int] = OrderedDict()
+        self._daemon_heard = False
+
+    def subscribed(self) -> None:
+        """A (re)subscription resets L1, which covers everything published before it."""
+        self.last.clear()
+        self._daemon_heard = False
 
     def check(self, msg: Message) -> str | None:
         """None when the message follows what we saw; else why L1 must be reset."""
         if msg.run == self.own_run:
             return None
         prev = self.last.get(msg.run)
-        self.last[msg.run] = msg.seq
-        self.last.move_to_end(msg.run)
-        if len(self.last) > MAX_RUNS:
-            self.last.popitem(last=False)
         if prev is None:
-            return f"new daemon run {msg.run}" if msg.origin == "cdcd" else None
+            self.last[msg.run] = msg.seq
+            if len(self.last) > MAX_RUNS:
+                self.last.popitem(last=False)
+            if msg.origin != "cdcd":
+                return None
+            heard, self._daemon_heard = self._daemon_heard, True
+            return f"new daemon run {msg.run}" if heard else None
+        self.last.move_to_end(msg.run)
+        if msg.seq <= prev:
+            return None  # a repeat (retried publish) or reordered: nothing was lost
+        self.last[msg.run] = msg.seq
         if msg.seq != prev + 1:
             return f"gap in run {msg.run}: seq {prev} then {msg.seq}"
         return None
 
 
-class Subscriber(threading.Thread):
-    def __init__(self, cache: Cache) -> None:
-        super().__init__(name="cdcd-backplane", daemon=True)
+class _Listener:
+    """Decoding, sequence tracking and applying: the part both listeners share."""
+
+    def __init__(self, cache: Cache | AsyncCache) -> None:
         self.cache = cache
-        self.tracker = SeqTracker(cache.sequencer.run)
-        self.connected = threading.Event()
-        self._stopping = threading.Event()
+        self.tracker = SeqTracker(cache.run_id)
+        self.ever_connected = False
+        opts = cache.options
+        self.ping_every = opts.backplane_ping
+        self.silent_after = 2 * opts.backplane_ping + opts.redis_timeout
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self.join(3)
-
-    def _redis_reachable(self) -> bool:
-        try:
-            return bool(self.cache.redis.ping())
-        except (RedisError, OSError):
-            return False
+    def on_subscribed(self) -> None:
+        if self.ever_connected:
+            self.cache.stats.backplane_reconnects += 1
+        self.ever_connected = True
+        self.tracker.subscribed()
+        self.cache.reset_l1("backplane (re)subscribed")
 
     def handle(self, data: bytes | str) -> None:
         cache = self.cache
@@ -82,47 +112,150 @@ class Subscriber(threading.Thread):
             cache.reset_l1("malformed backplane message")
             return
         if msg.run == self.tracker.own_run:
-            return
+            return  # our own change: already applied locally
         cache.stats.backplane_messages += 1
         why = self.tracker.check(msg)
         if why is not None:
             if why.startswith("gap"):
                 cache.stats.backplane_gaps += 1
             cache.reset_l1(why)
-            return
-        cache.apply_message(msg)
+        cache.apply_message(msg)  # its own keys and tags are known superseded: removed, not just expired
+
+    def on_reply(self, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) >= 3 and reply[0] in (b"message", "message"):
+            self.handle(reply[2])
+
+
+class Subscriber(threading.Thread):
+    """The sync cache's listener thread, on a connection of its own."""
+
+    def __init__(self, cache: Cache) -> None:
+        super().__init__(name="cdcd-backplane", daemon=True)
+        self.cache = cache
+        self.core = _Listener(cache)
+        self.connected = threading.Event()
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(3)
 
     def run(self) -> None:
         delay = 0.05
-        pool = self.cache.redis.connection_pool
+        cache, core = self.cache, self.core
+        last_purge = monotonic()
         while not self._stopping.is_set():
-            pubsub: Any = None
+            conn: Any = None
             try:
-                # its own connection, with a health check so a silent partition is noticed within seconds
-                own = redis.ConnectionPool(connection_class=pool.connection_class, **{
-                    **pool.connection_kwargs, "socket_timeout": 5.0, "health_check_interval": 2})
-                pubsub = redis.Redis(connection_pool=own).pubsub()  # type: ignore[no-untyped-call]
-                pubsub.subscribe(self.cache.keyspace.channel)
+                conn = cache.link.new_connection()
+                conn.connect()
+                conn.send_command("SUBSCRIBE", cache.keyspace.channel)
+                reply = conn.read_response(push_request=True)
+                if not (isinstance(reply, list) and reply[0] in (b"subscribe", "subscribe")):
+                    raise RedisConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                core.on_subscribed()
+                self.connected.set()
+                delay = 0.05
+                last_rx = last_ping = monotonic()
                 while not self._stopping.is_set():
-                    msg = pubsub.get_message(timeout=0.5)
-                    if msg is None:
-                        continue
-                    if msg["type"] == "subscribe":
-                        self.cache.reset_l1("backplane (re)subscribed")
-                        self.connected.set()
-                        delay = 0.05
-                    elif msg["type"] == "message":
-                        self.handle(msg["data"])
+                    if conn.can_read(timeout=POLL):
+                        core.on_reply(conn.read_response(push_request=True))
+                        last_rx = monotonic()
+                    now = monotonic()
+                    if now - last_ping >= core.ping_every:
+                        conn.send_command("PING", check_health=False)
+                        last_ping = now
+                    if now - last_rx > core.silent_after:
+                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
+                    if now - last_purge > PURGE_EVERY:
+                        cache.l1.purge_dead(now)
+                        last_purge = now
             except (RedisError, OSError) as exc:
-                if self.connected.is_set() and self._redis_reachable():
-                    # only our subscription broke: the daemon may be publishing what we now miss
-                    self.cache.reset_l1(f"backplane connection lost: {exc}")
-                # Redis itself is down: nothing can change it or be announced, so L1 keeps serving
-                # (fail-safe, bounded by the L1 TTL); the reset on re-subscription covers the gap.
+                if self.connected.is_set():
+                    self.connected.clear()
+                    log.debug("backplane_lost", error=str(exc))
+                    if cache.redis_reachable():
+                        cache.reset_l1(f"backplane connection lost: {exc}")
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:  # a bug must not silently end the listener (and L1's invalidation)
+                log.error("backplane_listener_error", error=repr(exc))
                 self.connected.clear()
+                cache.reset_l1(f"backplane listener error: {exc!r}")
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                if pubsub is not None:
-                    with contextlib.suppress(RedisError, OSError):
-                        pubsub.close()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.disconnect()
+
+
+class AsyncSubscriber:
+    """The asyncio cache's listener task, on a connection of its own."""
+
+    def __init__(self, cache: AsyncCache) -> None:
+        self.cache = cache
+        self.core = _Listener(cache)
+        self.connected = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run(), name="cdcd-backplane")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    async def run(self) -> None:
+        delay = 0.05
+        cache, core = self.cache, self.core
+        last_purge = monotonic()
+        while True:
+            conn: Any = None
+            try:
+                conn = cache.link.new_connection()
+                await conn.connect()
+                await conn.send_command("SUBSCRIBE", cache.keyspace.channel)
+                reply = await conn.read_response(push_request=True)
+                if not (isinstance(reply, list) and reply[0] in (b"subscribe", "subscribe")):
+                    raise RedisConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                core.on_subscribed()
+                self.connected.set()
+                delay = 0.05
+                last_rx = last_ping = monotonic()
+                while True:
+                    reply = await conn.read_response(timeout=POLL, push_request=True)
+                    if reply is not None:
+                        core.on_reply(reply)
+                        last_rx = monotonic()
+                    now = monotonic()
+                    if now - last_ping >= core.ping_every:
+                        await conn.send_command("PING", check_health=False)
+                        last_ping = now
+                    if now - last_rx > core.silent_after:
+                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
+                    if now - last_purge > PURGE_EVERY:
+                        cache.l1.purge_dead(now)
+                        last_purge = now
+            except (RedisError, OSError) as exc:
+                if self.connected.is_set():
+                    self.connected.clear()
+                    log.debug("backplane_lost", error=str(exc))
+                    if await cache.redis_reachable():
+                        cache.reset_l1(f"backplane connection lost: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:
+                log.error("backplane_listener_error", error=repr(exc))
+                self.connected.clear()
+                cache.reset_l1(f"backplane listener error: {exc!r}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect(nowait=True)

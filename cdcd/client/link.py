@@ -1,0 +1,271 @@
+"""Talking to Redis: batches of commands in one round trip, on the cache's own connections.
+
+Why not a plain ``redis.Redis``: its defaults retry a failed call up to ten times with backoff
+(seconds of waiting on a dead Redis, where the cache wants one bounded timeout and then the
+circuit breaker), and each call takes the pool lock and polls the socket for stray data, which
+is a third of an L2 hit's client time on loopback. So the cache makes its own connections
+from the application's pool settings (host, TLS, auth, db...) with its own timeouts and no
+retries, keeps idle ones in a deque (atomic push/pop, no lock), and pipelines every batch:
+entry, its TTL and its tag counters in one round trip.
+
+A connection that fails is closed, never reused (no half-read replies can leak into the next
+call). A reused idle connection that fails with a connection error (Redis restarted, idle
+timeout) is retried once on a fresh one and the other idle ones are dropped. Every batch is
+safe to repeat: reads and lease creation are idempotent, a repeated fill is refused by the
+guard, a repeated invalidation or tag bump invalidates once more, and a repeated backplane
+message has a sequence number subscribers already saw.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cdcd.keyspace import SCRIPTS, Script
+
+from .breaker import CircuitBreaker
+from .stats import Stats
+
+Command = tuple[Any, ...]
+
+# Release the cross-process load lock only if we still hold it.
+UNLOCK = Script("client_unlock", "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                                 "return redis.call('DEL', KEYS[1]) end return 0")
+CLIENT_SCRIPTS: tuple[Script, ...] = (*SCRIPTS.values(), UNLOCK)
+
+_FAILURES = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class L2Unavailable(Exception):
+    """Redis is down, the breaker is open, or Redis refused the command: callers degrade to L1 + loader."""
+
+
+def connection_settings(pool: Any, timeout: float, connect_timeout: float, retry: Any) -> tuple[Any, dict[str, Any]]:
+    """The pool's connection class and arguments with the cache's timeouts and no retries."""
+    kwargs = dict(pool.connection_kwargs)
+    kwargs.update(socket_timeout=timeout, socket_connect_timeout=connect_timeout, retry=retry,
+                  health_check_interval=0)
+    return pool.connection_class, kwargs
+
+
+def _pack_py(cmds: Sequence[Command]) -> bytes:
+    out: list[bytes] = []
+    add = out.append
+    for cmd in cmds:
+        add(b"*%d\r\n" % len(cmd))
+        for a in cmd:
+            b = a if isinstance(a, bytes) else (a.encode() if isinstance(a, str) else str(a).encode())
+            add(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def _find_hiredis_pack() -> Callable[[Command], bytes] | None:
+    """hiredis (optional, usually installed with redis[hiredis]) packs in C."""
+    try:
+        from hiredis import pack_command
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return pack_command
+
+
+_hiredis_pack = _find_hiredis_pack()
+
+
+def pack(cmds: Sequence[Command]) -> bytes:
+    """RESP for a batch of commands whose arguments are bytes, str or int (all the cache sends).
+
+    redis-py's packer inspects every argument through several layers of Python; on an L2 hit
+    that was a quarter of the client's time. hiredis's C packer when present, else one join.
+    """
+    if _hiredis_pack is not None:
+        return b"".join([_hiredis_pack(c) for c in cmds])
+    return _pack_py(cmds)
+
+
+def _scripts_missing(replies: Sequence[Any]) -> bool:
+    return any(isinstance(r, NoScriptError) for r in replies)
+
+
+def raise_errors(replies: Sequence[Any]) -> None:
+    """An error reply (WRONGTYPE: someone wrote the key outside cdcd...) makes L2 unusable for this call."""
+    for r in replies:
+        if isinstance(r, ResponseError):
+            raise L2Unavailable(f"Redis refused the command: {r}")
+
+
+class Link:
+    """Sync command batches with a breaker. Thread-safe."""
+
+    def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
+                 stats: Stats) -> None:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.connection_class, self.connection_kwargs = connection_settings(
+            pool, timeout, connect_timeout, Retry(NoBackoff(), 0))
+        self.breaker = breaker
+        self.stats = stats
+        self._idle: collections.deque[Any] = collections.deque()
+
+    def new_connection(self) -> Any:
+        return self.connection_class(**self.connection_kwargs)
+
+    def call(self, cmds: Sequence[Command]) -> list[Any]:
+        """Replies in order; error replies are returned as exceptions. Raises :class:`L2Unavailable`."""
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = self._run(cmds)
+            if _scripts_missing(out):  # Redis restarted or failed over: load and repeat (see module doc)
+                self._run([("SCRIPT", "LOAD", s.source) for s in CLIENT_SCRIPTS])
+                out = self._run(cmds)
+        except _FAILURES as exc:
+            self.stats.redis_errors += 1
+            if self.breaker.failure():
+                self.stats.breaker_open += 1
+            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.breaker.success()
+        return out
+
+    def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = self.call(cmds)
+        raise_errors(out)
+        return out
+
+    def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self.new_connection()
+        else:
+            try:
+                out = self._exchange(conn, cmds)
+            except RedisConnectionError:
+                conn.disconnect()
+                self.close()  # its siblings most likely died with it
+            except BaseException:
+                conn.disconnect()
+                raise
+            else:
+                self._idle.append(conn)
+                return out
+            conn = self.new_connection()
+        try:
+            out = self._exchange(conn, cmds)
+        except BaseException:
+            conn.disconnect()
+            raise
+        self._idle.append(conn)
+        return out
+
+    @staticmethod
+    def _exchange(conn: Any, cmds: Sequence[Command]) -> list[Any]:
+        conn.send_packed_command([pack(cmds)], check_health=False)
+        out: list[Any] = []
+        for _ in cmds:
+            try:
+                out.append(conn.read_response())
+            except ResponseError as exc:  # an error reply: the connection is still in step
+                out.append(exc)
+        return out
+
+    def close(self) -> None:
+        while self._idle:
+            try:
+                self._idle.pop().disconnect()
+            except IndexError:
+                break
+            except Exception:  # closing a dead socket may fail: nothing to do
+                continue
+
+
+class AsyncLink:
+    """The same over ``redis.asyncio`` connections. A cancelled call closes its connection."""
+
+    def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
+                 stats: Stats) -> None:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.connection_class, self.connection_kwargs = connection_settings(
+            pool, timeout, connect_timeout, Retry(NoBackoff(), 0))
+        self.breaker = breaker
+        self.stats = stats
+        self._idle: collections.deque[Any] = collections.deque()
+
+    def new_connection(self) -> Any:
+        return self.connection_class(**self.connection_kwargs)
+
+    async def call(self, cmds: Sequence[Command]) -> list[Any]:
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = await self._run(cmds)
+            if _scripts_missing(out):
+                await self._run([("SCRIPT", "LOAD", s.source) for s in CLIENT_SCRIPTS])
+                out = await self._run(cmds)
+        except _FAILURES as exc:
+            self.stats.redis_errors += 1
+            if self.breaker.failure():
+                self.stats.breaker_open += 1
+            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.breaker.success()
+        return out
+
+    async def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = await self.call(cmds)
+        raise_errors(out)
+        return out
+
+    async def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self.new_connection()
+        else:
+            try:
+                out = await self._exchange(conn, cmds)
+            except RedisConnectionError:
+                await conn.disconnect(nowait=True)
+                await self.close()
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            else:
+                self._idle.append(conn)
+                return out
+            conn = self.new_connection()
+        try:
+            out = await self._exchange(conn, cmds)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._idle.append(conn)
+        return out
+
+    @staticmethod
+    async def _exchange(conn: Any, cmds: Sequence[Command]) -> list[Any]:
+        await conn.send_packed_command([pack(cmds)], check_health=False)
+        out: list[Any] = []
+        for _ in cmds:
+            try:
+                out.append(await conn.read_response())
+            except ResponseError as exc:
+                out.append(exc)
+        return out
+
+    async def close(self) -> None:
+        while self._idle:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                break
+            try:
+                await conn.disconnect(nowait=True)
+            except Exception:  # closing a dead socket may fail
+                continue

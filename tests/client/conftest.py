@@ -1,0 +1,75 @@
+"""Fixtures for the client library's tests: real Redis servers from :mod:`cdcd.devservers`, never mocks.
+
+Each test gets its own keyspace prefix (so its channel and keys are its own) on a shared server;
+tests that kill, pause or restart Redis get a private one. Nothing here needs Postgres or the
+daemon: "daemon-style" writes go through the daemon's own APPLY and BUMP_TAG scripts and its
+backplane message format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from cdcd.client import Cache, CacheOptions, EntryOptions
+from cdcd.devservers import RedisServer
+from cdcd.keyspace import Keyspace
+from tests.client.support import FakeDaemon
+
+
+@pytest.fixture(scope="session")
+def redis_srv() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A private server the test may stop, pause and start again (same port)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    with contextlib.suppress(Exception):
+        server.resume()
+    server.stop()
+
+
+@pytest.fixture
+def rds(redis_srv: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_srv.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ks() -> Keyspace:
+    return Keyspace(f"t{uuid.uuid4().hex[:10]}:")
+
+
+@pytest.fixture
+def make_cache(redis_srv: RedisServer, ks: Keyspace) -> Iterator[Callable[..., Cache]]:
+    """``make_cache(**cache_options, entry=EntryOptions(...))``: caches closed at teardown; jitter 0 by default."""
+    made: list[Cache] = []
+
+    def make(url: str | None = None, **kw: Any) -> Cache:
+        entry = kw.pop("entry", EntryOptions(jitter=0.0))
+        rng = kw.pop("rng", None)
+        cache = Cache(url or redis_srv.url, CacheOptions(prefix=ks.prefix, entry=entry, **kw), rng=rng)
+        made.append(cache)
+        return cache
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def daemon(rds: redis.Redis, ks: Keyspace) -> FakeDaemon:
+    return FakeDaemon(rds, ks)

@@ -1,0 +1,38 @@
+"""``cdcd.client`` must import and work with nothing but ``redis`` installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from cdcd.devservers import RedisServer
+
+BLOCKED = ("pydantic", "pydantic_settings", "structlog", "psycopg", "psycopg2", "kafka", "yaml", "prometheus_client",
+           "msgpack", "hiredis", "cdcd.rules", "cdcd.config", "cdcd.daemon")
+
+
+def test_client_imports_and_runs_with_only_redis(redis_srv: RedisServer) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name in {BLOCKED!r} or name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError(f"blocked: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from cdcd.client import Cache, CacheOptions, AsyncCache
+        with Cache({redis_srv.url!r}, CacheOptions(prefix="imp:")) as c:
+            assert c.get_or_load("k", lambda: {{"a": 1}}) == {{"a": 1}}
+            assert c.get("k") == {{"a": 1}}
+            assert c.invalidate_tag("t")
+            assert c.wait_subscribed(2)  # the listener works with the pure-Python parser too
+        loaded = {{m.split(".")[0] for m in sys.modules}}
+        assert not loaded & {set(b.split(".")[0] for b in BLOCKED if "." not in b)!r}, loaded
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
