@@ -8,7 +8,6 @@ backplane message format.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,22 +22,15 @@ from tests.client.support import FakeDaemon
 
 
 @pytest.fixture(scope="session")
-def redis_srv() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
+def redis_srv(redis_server: RedisServer) -> RedisServer:
+    """The suite's shared server (tests/conftest.py), under the name these tests use."""
+    return redis_server
 
 
 @pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
+def own_redis(private_redis: RedisServer) -> RedisServer:
     """A private server the test may stop, pause and start again (same port)."""
-    server = RedisServer()
-    server.start()
-    yield server
-    with contextlib.suppress(Exception):
-        server.resume()
-    server.stop()
+    return private_redis
 
 
 @pytest.fixture
