@@ -10,7 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cdcd.config import Config
 
 EXIT_CONFIG = 2
 
@@ -19,16 +22,24 @@ def _err(msg: str) -> None:
     print(f"cdcd: {msg}", file=sys.stderr)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load(path: str) -> Config | None:
+    """The configuration, or None after printing where and what is wrong (callers exit 2)."""
     from cdcd.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _err(str(exc))
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from cdcd.daemon import Daemon
     from cdcd.logs import configure
     from cdcd.sources.base import SourceError
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        _err(str(exc))
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     configure(args.log_format or config.log.format, args.log_level or config.log.level)
     daemon = Daemon(config)
@@ -47,13 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cdcd.config import ConfigError, PostgresSourceSettings, load_config
+    from cdcd.config import PostgresSourceSettings
     from cdcd.sources.base import SourceError, SourceUnavailable
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        _err(str(exc))
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     rules = config.rules()
     print(f"{args.config}: OK: {len(rules.by_relation)} table rule(s), prefix {rules.keyspace.prefix!r}, "
@@ -79,12 +88,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from cdcd.config import ConfigError, load_config
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        _err(str(exc))
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     try:
         row = json.loads(args.row)
@@ -145,14 +151,12 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    from cdcd.config import ConfigError, load_config
+    from cdcd.config import ConfigError
     from cdcd.logs import configure
     from cdcd.warm import warm
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        _err(str(exc))
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     configure(config.log.format, config.log.level)
     try:
