@@ -98,7 +98,21 @@ def raise_errors(replies: Sequence[Any]) -> None:
             raise L2Unavailable(f"Redis refused the command: {r}")
 
 
-class Link:
+class _LinkBase:
+    """What the sync and async links share: connection settings without retries, the idle deque, the breaker."""
+
+    def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker, stats: Stats,
+                 no_retry: Any) -> None:
+        self.connection_class, self.connection_kwargs = connection_settings(pool, timeout, connect_timeout, no_retry)
+        self.breaker = breaker
+        self.stats = stats
+        self._idle: collections.deque[Any] = collections.deque()
+
+    def new_connection(self) -> Any:
+        return self.connection_class(**self.connection_kwargs)
+
+
+class Link(_LinkBase):
     """Sync command batches with a breaker. Thread-safe."""
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
@@ -106,14 +120,7 @@ class Link:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.connection_class, self.connection_kwargs = connection_settings(
-            pool, timeout, connect_timeout, Retry(NoBackoff(), 0))
-        self.breaker = breaker
-        self.stats = stats
-        self._idle: collections.deque[Any] = collections.deque()
-
-    def new_connection(self) -> Any:
-        return self.connection_class(**self.connection_kwargs)
+        super().__init__(pool, timeout, connect_timeout, breaker, stats, Retry(NoBackoff(), 0))
 
     def call(self, cmds: Sequence[Command]) -> list[Any]:
         """Replies in order; error replies are returned as exceptions. Raises :class:`L2Unavailable`."""
@@ -184,7 +191,7 @@ class Link:
                 continue
 
 
-class AsyncLink:
+class AsyncLink(_LinkBase):
     """The same over ``redis.asyncio`` connections. A cancelled call closes its connection."""
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
@@ -192,14 +199,7 @@ class AsyncLink:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        self.connection_class, self.connection_kwargs = connection_settings(
-            pool, timeout, connect_timeout, Retry(NoBackoff(), 0))
-        self.breaker = breaker
-        self.stats = stats
-        self._idle: collections.deque[Any] = collections.deque()
-
-    def new_connection(self) -> Any:
-        return self.connection_class(**self.connection_kwargs)
+        super().__init__(pool, timeout, connect_timeout, breaker, stats, Retry(NoBackoff(), 0))
 
     async def call(self, cmds: Sequence[Command]) -> list[Any]:
         if not self.breaker.allow():
