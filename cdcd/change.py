@@ -101,6 +101,15 @@ class Transaction:
     xid: int | None = None
     invalidations: list[Invalidation] = field(default_factory=list)
     origin: str = ""  # e.g. "pg:slot" or "kafka:topic/partition": for logs only
+    # Set when the source stopped collecting rows past its per-transaction cap: ``changes`` is then
+    # empty and ``touched`` counts the row changes per (schema, table). The planner turns that into
+    # "everything derived from these tables is stale" (a table tag bump and a floor at the commit
+    # version), which costs O(tables), not O(rows). See docs/huge-transactions-and-truncates.md.
+    touched: dict[tuple[str, str], int] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.touched is not None
 
     def __len__(self) -> int:
         return len(self.changes) + len(self.invalidations)

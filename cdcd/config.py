@@ -37,6 +37,12 @@ class PostgresSourceSettings(BaseModel):
     create_publication: bool = Field(default=True, description="create/extend the publication for the rules' tables")
     status_interval: float = Field(default=1.0, gt=0, description="seconds between standby status updates")
     max_batch: int = Field(default=5000, ge=1, description="changes per Redis pipeline at most")
+    max_transaction_changes: int = Field(
+        default=20_000, ge=1, description="row changes buffered per transaction; past it the transaction degrades "
+                                          "to one table-wide invalidation per table it touched")
+    max_transaction_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1, description="pgoutput row bytes buffered per transaction; past it the "
+                                                   "transaction degrades like max_transaction_changes")
     password: SecretStr | None = Field(default=None, description="overrides a password in the DSN; never logged")
     password_file: Path | None = Field(default=None, description="file holding the password (Docker/K8s secret)")
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None

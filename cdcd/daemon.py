@@ -283,8 +283,13 @@ class Daemon:
         m.batches.inc()
         m.writes.labels("tombstone").inc(result.tombstones)
         m.writes.labels("value").inc(result.values)
+        if result.floored:
+            m.writes.labels("floored").inc(result.floored)
         m.stale_writes.inc(result.refused)
         m.tag_bumps.inc(result.tags)
+        if batch.degraded_transactions:
+            m.degraded_transactions.inc(batch.degraded_transactions)
+            m.degraded_changes.inc(batch.degraded_changes)
         m.backplane.inc(result.messages)
         m.redis_rtt.observe(result.rtt)
         if batch.commit_ts:

@@ -131,6 +131,17 @@ redis.call('SET', KEYS[1], s)
 return s
 """
 
+# Table floor: KEYS[1] is the floors hash, ARGV: relation, version. The floor only moves up
+# (a replayed older truncate is a no-op). Returns the floor now in force. The floors hash is read by
+# the daemon (once at start and after a Redis restart), never from inside the apply script: an apply
+# call touches only its entry key, so it stays single-slot on Redis Cluster.
+RAISE_FLOOR = _PRELUDE + r"""
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and not newer(ARGV[2], cur) then return cur end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return ARGV[2]
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Script:
@@ -151,6 +162,7 @@ SCRIPTS: dict[str, Script] = {
         Script("invalidate", INVALIDATE),
         Script("bump_tag", BUMP_TAG),
         Script("ensure_tag", ENSURE_TAG),
+        Script("raise_floor", RAISE_FLOOR),
     )
 }
 
@@ -192,6 +204,11 @@ class Keyspace:
     def registry(self) -> str:
         """JSON of the rules' key and tag templates per table, so clients can derive table tags."""
         return f"{self.prefix}__cdcd:rules"
+
+    @property
+    def floors(self) -> str:
+        """Hash relation -> version of its newest TRUNCATE (or degraded transaction): older values are refused."""
+        return f"{self.prefix}__cdcd:floors"
 
     @property
     def dead_letters(self) -> str:

@@ -23,6 +23,12 @@ class Metrics:
         self.stale_writes = Counter("cdcd_writes_refused_total",
                                     "Writes Redis refused because the entry held a newer version", registry=r)
         self.tag_bumps = Counter("cdcd_tag_bumps_total", "Tag counters bumped", registry=r)
+        self.degraded_transactions = Counter(
+            "cdcd_degraded_transactions_total",
+            "Transactions past source.max_transaction_changes/bytes, applied as table-wide invalidations",
+            registry=r)
+        self.degraded_changes = Counter("cdcd_degraded_changes_total",
+                                        "Row changes of degraded transactions (counted, not kept)", registry=r)
         self.backplane = Counter("cdcd_backplane_messages_total", "Backplane messages published", registry=r)
         self.retries = Counter("cdcd_retries_total", "Retries after a failure, by what failed", ["target"],
                                registry=r)

@@ -14,7 +14,12 @@ The mapping of one change, per table rule:
   every template column is in the replica identity;
 * delete: old keys get tombstones, old tags are bumped;
 * truncate: the table tag ``__table:<schema>.<table>`` is bumped, which every
-  entry derived from the table records, so it is O(1) whatever the table size.
+  entry derived from the table records, so it is O(1) whatever the table size,
+  and the table's *floor* is raised to the truncate's version: the sink turns any
+  value write of that table at or below its floor into a tombstone, so an older
+  insert applied late (another partition, a replay) never becomes a valid value;
+* a degraded transaction (a source stopped keeping its rows past a cap) counts
+  as a truncate of every table it touched, at its commit version.
 """
 
 from __future__ import annotations
@@ -301,6 +306,13 @@ class Batch:
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
     transactions: int = 0
+    floors: dict[str, int] = field(default_factory=dict)  # relation -> version of its newest truncate
+    degraded_transactions: int = 0
+    degraded_changes: int = 0
+
+    def raise_floor(self, relation: str, version: int) -> None:
+        if version > self.floors.get(relation, -1):
+            self.floors[relation] = version
 
     def put(self, w: Write) -> None:
         old = self.writes.get(w.key)
@@ -377,6 +389,8 @@ class Rules:
                 ts = txn.commit_time.timestamp()
                 batch.commit_ts = max(batch.commit_ts, ts)
                 batch.oldest_commit_ts = ts if not batch.oldest_commit_ts else min(batch.oldest_commit_ts, ts)
+            if txn.touched is not None:
+                self._plan_degraded(txn, batch, truncated)
             for change in txn.changes:
                 plan_change(change, txn, batch, truncated)
             for inv in txn.invalidations:
@@ -385,6 +399,21 @@ class Rules:
                 batch.tags.update(inv.tags)
                 batch.counts[("(message)", "m")] += 1
         return batch
+
+    def _plan_degraded(self, txn: Transaction, batch: Batch, truncated: set[str]) -> None:
+        """A transaction whose rows were not kept: every table it touched is treated as truncated."""
+        batch.degraded_transactions += 1
+        for (schema, table), n in (txn.touched or {}).items():
+            batch.degraded_changes += n
+            rule = self._rule_of.get((schema, table))
+            rel = rule.relation if rule is not None else f"{schema}.{table}"
+            batch.counts[(rel, "degraded")] += n
+            if rule is None:
+                batch.problems.append(Problem("unmapped_table", rel, "no rule for this table", txn.position))
+                continue
+            batch.tags.add(rule.table_tag)
+            batch.raise_floor(rel, txn.version)
+            truncated.add(rel)
 
     def _report_unresolved(self, templates: tuple[Template, ...], row: Row, rule: CompiledRule, change: Change,
                            txn: Transaction, batch: Batch) -> None:
@@ -410,6 +439,7 @@ class Rules:
         batch.counts[(rel, op._value_)] += 1  # not op.value (a descriptor) nor a dict on Op (Python __hash__)
         if op is Op.TRUNCATE:
             batch.tags.add(rule.table_tag)
+            batch.raise_floor(rel, txn.version)
             truncated.add(rel)
             return
         version = txn.version

@@ -8,6 +8,13 @@ writes are versioned (a repeat is refused as not newer), tag bumps and messages
 are safe to repeat (one more invalidation, never one fewer).
 
 Each script call touches one key, so the same calls work on Redis Cluster.
+
+Table floors (TRUNCATE ordering): a value write of a table whose version is at or
+below the table's floor (the version of its newest truncate or degraded
+transaction) is sent as a tombstone instead. The sink knows the floors: it reads
+the floors hash at start and after a Redis restart, and raises them itself, in
+the same pipeline as the truncate's tag bump. The check costs one dict lookup per
+value and nothing in Lua (see docs/huge-transactions-and-truncates.md).
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from cdcd.backplane import Sequencer
 from cdcd.change import Rejected
-from cdcd.keyspace import SCRIPTS
+from cdcd.keyspace import SCRIPTS, Keyspace
 from cdcd.rules import Batch, Rules
 
 _APPLY = SCRIPTS["apply"]
 _BUMP = SCRIPTS["bump_tag"]
 _ENSURE = SCRIPTS["ensure_tag"]
+_FLOOR = SCRIPTS["raise_floor"]
 # EVALSHA <apply sha> 1: the fixed head of every entry write, packed once
 _APPLY_HEAD = b"*9\r\n$7\r\nEVALSHA\r\n$40\r\n" + _APPLY.sha.encode() + b"\r\n$1\r\n1\r\n"
 _BUMP_HEAD = b"*4\r\n$7\r\nEVALSHA\r\n$40\r\n" + _BUMP.sha.encode() + b"\r\n$1\r\n1\r\n"
@@ -45,6 +53,7 @@ class ApplyResult:
     tags: int
     messages: int
     rtt: float
+    floored: int = 0  # values sent as tombstones because their table was truncated at a newer version
 
 
 def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0) -> redis.Redis:
@@ -61,6 +70,9 @@ class RedisSink:
         self.source_name = source_name
         self.packed = True  # raw RESP on a connection of its own; False: a redis-py pipeline (any client)
         self._conn: Any = None
+        # table tag -> floor version: values at or below it are refused (sent as tombstones)
+        self.floors: dict[str, int] = {}
+        self._tag_relation = {r.table_tag: rel for rel, r in rules.by_relation.items()}
 
     def load_scripts(self) -> None:
         for script in SCRIPTS.values():
@@ -74,9 +86,17 @@ class RedisSink:
         for rule in rels:
             pipe.execute_command("EVALSHA", _ENSURE.sha, 1, self.ks.tag(rule.table_tag))
         self._registry(pipe)
+        pipe.hgetall(self.ks.floors)
         res = pipe.execute()
         for rule, epoch in zip(rels, res, strict=False):
             self.rules.table_epochs[rule.table_tag] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        for rel, version in res[-1].items():
+            self._note_floor(rel.decode() if isinstance(rel, bytes) else str(rel), int(version))
+
+    def _note_floor(self, relation: str, version: int) -> None:
+        tag = Keyspace.table_tag(relation)
+        if version > self.floors.get(tag, -1):
+            self.floors[tag] = version
 
     def _registry(self, pipe: Any) -> None:
         pipe.set(self.ks.registry, json.dumps(self.rules.registry(), separators=(",", ":")))
@@ -92,6 +112,10 @@ class RedisSink:
         self._registry(pipe)
         for tag, epoch in self.rules.table_epochs.items():
             pipe.set(self.ks.tag(tag), epoch, nx=True)
+        for tag, floor in self.floors.items():
+            rel = self._tag_relation.get(tag)
+            if rel is not None:
+                pipe.execute_command("EVALSHA", _FLOOR.sha, 1, self.ks.floors, rel, str(floor))
         pipe.execute()
 
     def applied_state(self) -> dict[str, str]:
@@ -143,6 +167,8 @@ class RedisSink:
         if not packed_bumps:
             for tag in tags:
                 cmds.append(("EVALSHA", _BUMP.sha, 1, ks.tag(tag)))
+        for rel, floor in batch.floors.items():
+            cmds.append(("EVALSHA", _FLOOR.sha, 1, ks.floors, rel, str(floor)))
         version = str(batch.version)
         messages = list(self.sequencer.messages(batch.writes.keys(), tags, version, batch.commit_ts or time.time()))
         cmds.append(("HSET", ks.applied, "run", self.sequencer.run, "seq", self.sequencer.seq, "version", version,
@@ -152,8 +178,14 @@ class RedisSink:
             cmds.append(("PUBLISH", channel, m.encode()))
         return cmds, tags, restored, len(messages)
 
+    def _floor_of(self, batch: Batch) -> dict[str, int]:
+        """The floors in force for this batch's values: known ones raised by the batch's own truncates."""
+        for rel, version in batch.floors.items():
+            self._note_floor(rel, version)
+        return self.floors
+
     def _finish(self, batch: Batch, results: list[Any], tags: list[str], restored: int, tombstones: int,
-                messages: int, rtt: float) -> ApplyResult:
+                messages: int, rtt: float, floored: int = 0) -> ApplyResult:
         for r in results:
             if isinstance(r, Exception):
                 if isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"):
@@ -167,7 +199,7 @@ class RedisSink:
             if tag in self.rules.table_epochs:
                 self.rules.table_epochs[tag] = new.decode() if isinstance(new, bytes) else str(new)
         return ApplyResult(applied=applied, refused=n - applied, tombstones=tombstones, values=n - tombstones,
-                           tags=len(tags), messages=messages, rtt=rtt)
+                           tags=len(tags), messages=messages, rtt=rtt, floored=floored)
 
     def _send_packed(self, batch: Batch) -> PendingApply:
         """The batch as raw RESP on the sink's connection: the same commands, in the same order, as the
@@ -185,6 +217,9 @@ class RedisSink:
         rules = self.rules
         parts: list[bytes] = []
         tombstones = 0
+        floored = 0
+        floors = self._floor_of(batch)
+        tombstone_ttl = self.rules.tombstone_ttl_ms
         last_version = -1
         ver = b""
         conn = self._conn
@@ -199,11 +234,16 @@ class RedisSink:
                 if w.version != last_version:
                     last_version = w.version
                     ver = b"%d" % w.version
-                ttl = ttls.get(w.ttl_ms)
-                if ttl is None:
-                    ttl = ttls[w.ttl_ms] = b"$%d\r\n%d\r\n" % (len(str(w.ttl_ms)), w.ttl_ms)
-                key = w.key.encode()
                 data = w.data
+                ttl_ms = w.ttl_ms
+                if floors and data is not None and w.table_tag is not None \
+                        and w.version <= floors.get(w.table_tag, -1):
+                    data, ttl_ms = None, tombstone_ttl  # older than its table's last truncate
+                    floored += 1
+                ttl = ttls.get(ttl_ms)
+                if ttl is None:
+                    ttl = ttls[ttl_ms] = b"$%d\r\n%d\r\n" % (len(str(ttl_ms)), ttl_ms)
+                key = w.key.encode()
                 if data is None:
                     tombstones += 1
                     parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\nt\r\n%b$0\r\n\r\n$0\r\n\r\n"
@@ -234,7 +274,7 @@ class RedisSink:
             conn.disconnect()
             raise
         return PendingApply(self, batch, conn, tags, restored, tombstones, messages, t0,
-                            replies=len(batch.writes) + len(tail) + len(tags))
+                            replies=len(batch.writes) + len(tail) + len(tags), floored=floored)
 
     def _apply_pipeline(self, batch: Batch) -> ApplyResult:
         """The portable path (any redis-py client, e.g. a cluster client): one redis-py pipeline."""
@@ -242,8 +282,15 @@ class RedisSink:
         cmd = pipe.execute_command
         apply_sha = _APPLY.sha
         tombstones = 0
+        floored = 0
+        floors = self._floor_of(batch)
         snaps: dict[str, bytes] = {}
         for w in batch.writes.values():
+            if w.data is not None and w.table_tag is not None and w.version <= floors.get(w.table_tag, -1):
+                floored += 1  # older than its table's last truncate: a tombstone, never a value
+                tombstones += 1
+                cmd("EVALSHA", apply_sha, 1, w.key, w.version, "t", self.rules.tombstone_ttl_ms, b"", "")
+                continue
             if w.data is None:
                 tombstones += 1
                 cmd("EVALSHA", apply_sha, 1, w.key, w.version, "t", w.ttl_ms, b"", "")
@@ -261,15 +308,17 @@ class RedisSink:
         t0 = time.perf_counter()
         results = pipe.execute(raise_on_error=False)
         rtt = time.perf_counter() - t0
-        return self._finish(batch, results, tags, restored, tombstones, messages, rtt)
+        return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored)
 
 
 class PendingApply:
     """A batch sent to Redis whose replies have not been read yet (see :meth:`RedisSink.begin`)."""
 
     def __init__(self, sink: RedisSink, batch: Batch, conn: Any, tags: list[str], restored: int, tombstones: int,
-                 messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None) -> None:
+                 messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None,
+                 floored: int = 0) -> None:
         self.sink, self.batch, self.conn, self.tags = sink, batch, conn, tags
+        self.floored = floored
         self.restored, self.tombstones, self.messages, self.t0 = restored, tombstones, messages, t0
         self.replies = replies
         self.done = done
@@ -285,7 +334,7 @@ class PendingApply:
             raise
         rtt = time.perf_counter() - self.t0
         self.done = self.sink._finish(self.batch, results, self.tags, self.restored, self.tombstones,
-                                      self.messages, rtt)
+                                      self.messages, rtt, self.floored)
         return self.done
 
 

@@ -5,21 +5,33 @@ back until Commit: a transaction is only handed on whole, after the server says
 it committed. (Protocol 1 does not stream in-progress transactions: the server
 spills large ones to disk and sends them at commit, so there is nothing to
 abort.) Reference: PostgreSQL docs, "Logical Replication Message Formats".
+
+Memory is bounded by configuration, not by input: past ``max_changes`` rows or
+``max_bytes`` of row messages in one transaction, the decoder stops keeping rows
+and only counts them per table (``Transaction.touched``). The planner turns such
+a *degraded* transaction into table-wide invalidations at its commit version.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import structlog
 
 from cdcd.change import UNAVAILABLE, Change, Invalidation, Op, Rejected, Transaction
 from cdcd.sources.pgtypes import converter
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 MESSAGE_PREFIX = "cdcd"
+MAX_TRANSACTION_CHANGES = 20_000
+MAX_TRANSACTION_BYTES = 8 * 1024 * 1024
+
+log = structlog.get_logger("cdcd.source.pgoutput")
 
 _I8 = struct.Struct("!b")
 _I16 = struct.Struct("!h")
@@ -142,16 +154,25 @@ class PgOutputDecoder:
     new decoder for every replication session.
     """
 
-    def __init__(self, origin: str = "pg") -> None:
+    def __init__(self, origin: str = "pg", max_changes: int = MAX_TRANSACTION_CHANGES,
+                 max_bytes: int = MAX_TRANSACTION_BYTES) -> None:
         self.origin = origin
+        self.max_changes = max_changes
+        self.max_bytes = max_bytes
         self.relations: dict[int, Relation] = {}
         self._txn: Transaction | None = None
+        self._txn_bytes = 0  # row message bytes of the open transaction, for max_bytes
         self._bad_messages: list[str] = []
         self._toast = False  # set by _tuple when a column was an unchanged TOAST value
 
     @property
     def in_transaction(self) -> bool:
         return self._txn is not None
+
+    @property
+    def buffered(self) -> int:
+        """Row changes held for the open transaction (bounded by ``max_changes``)."""
+        return len(self._txn.changes) if self._txn is not None else 0
 
     def feed(self, payload: bytes, lsn: int = 0) -> Transaction | Rejected | None:
         r = _Reader(payload)
@@ -169,6 +190,7 @@ class PgOutputDecoder:
             # the commit time is taken from Commit (one datetime per transaction, not two)
             self._txn = Transaction(version=final_lsn, changes=[], position=None, commit_time=None, xid=xid,
                                     origin=self.origin)
+            self._txn_bytes = 0
             return None
         if kind == "C":
             try:
@@ -182,6 +204,11 @@ class PgOutputDecoder:
             txn.version = commit_lsn
             txn.position = end_lsn
             txn.commit_time = _ts(commit_ts)
+            if txn.touched is not None:
+                log.warning("transaction_degraded", xid=txn.xid, version=lsn_to_str(commit_lsn),
+                            changes=sum(txn.touched.values()),
+                            tables=sorted(f"{s}.{t}" for s, t in txn.touched),
+                            detail="committed; every entry derived from these tables is invalidated at once")
             return txn
         if kind == "R":
             self._relation(r)
@@ -192,9 +219,14 @@ class PgOutputDecoder:
         if kind == "T":
             n = r.i32()
             r.i8()  # options: cascade / restart identity, irrelevant to caches
+            txn = self._current()
             for _ in range(n):
                 rel = self._rel(r.u32())
-                self._current().changes.append(Change(Op.TRUNCATE, rel.schema, rel.table))
+                if txn.touched is not None:  # degraded: a truncate is table-wide already
+                    key = (rel.schema, rel.table)
+                    txn.touched[key] = txn.touched.get(key, 0) + 1
+                else:
+                    txn.changes.append(Change(Op.TRUNCATE, rel.schema, rel.table))
             return None
         if kind == "M":
             return self._message(r, lsn)
@@ -297,6 +329,16 @@ class PgOutputDecoder:
         txn = self._txn
         if txn is None:
             raise DecodeError("row change outside a transaction")
+        touched = txn.touched
+        if touched is None:
+            self._txn_bytes += len(buf)
+            if len(txn.changes) >= self.max_changes or self._txn_bytes > self.max_bytes:
+                touched = self._degrade(txn)
+        if touched is not None:
+            # Degraded: O(1) per table, whatever the number of rows. The row is not decoded at all.
+            key = (rel.schema, rel.table)
+            touched[key] = touched.get(key, 0) + 1
+            return
         r.pos = 6
         if kind == "I":
             if tag != 78:  # 'N'
@@ -320,6 +362,17 @@ class PgOutputDecoder:
                 if value is UNAVAILABLE and before.get(name, UNAVAILABLE) is not UNAVAILABLE:
                     after[name] = before[name]
         txn.changes.append(Change(Op.UPDATE, rel.schema, rel.table, before, after))
+
+    def _degrade(self, txn: Transaction) -> dict[tuple[str, str], int]:
+        """Past a cap: drop the rows held so far, keep only how many changed per table."""
+        touched: dict[tuple[str, str], int] = dict(Counter((c.schema, c.table) for c in txn.changes))
+        txn.touched = touched
+        txn.changes = []
+        log.warning("transaction_degrading", xid=txn.xid, final_lsn=lsn_to_str(txn.version),
+                    max_changes=self.max_changes, max_bytes=self.max_bytes, buffered_bytes=self._txn_bytes,
+                    detail="transaction exceeds source.max_transaction_changes/bytes: its rows are no longer "
+                           "kept; at commit every entry derived from the tables it touched is invalidated")
+        return touched
 
     def _message(self, r: _Reader, lsn: int) -> Transaction | Rejected | None:
         transactional = bool(r.i8() & 1)

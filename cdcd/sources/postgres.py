@@ -56,7 +56,7 @@ class PostgresSource:
         self.name = f"pg:{settings.slot}"
         self._conn: Any = None
         self._cur: Any = None
-        self._decoder = PgOutputDecoder(self.name)
+        self._decoder = PgOutputDecoder(self.name, settings.max_transaction_changes, settings.max_transaction_bytes)
         self._acked = 0
         self._received = 0
         self._last_forced = 0.0
@@ -187,7 +187,8 @@ class PostgresSource:
                 raise SourceUnavailable(f"slot {self.settings.slot!r} vanished: {msg}") from exc
             raise SourceError(f"START_REPLICATION failed: {msg}") from exc
         self._conn, self._cur = conn, cur
-        self._decoder = PgOutputDecoder(self.name)
+        self._decoder = PgOutputDecoder(self.name, self.settings.max_transaction_changes,
+                                        self.settings.max_transaction_bytes)
         log.info("replication_started", slot=self.settings.slot, publication=self.settings.publication,
                  options=options)
 
