@@ -144,3 +144,35 @@ def test_lsn_text_roundtrip_and_invalidation_parsing() -> None:
         parse_invalidation(b'{"keys": [1]}')
     with pytest.raises(ValueError, match="expected an object"):
         parse_invalidation(b'{"key": ["a"]}')
+
+
+def _insert(i: int) -> bytes:
+    return b"I" + struct.pack("!I", 1) + b"N" + tup(str(i), f"u{i}@x", "1.00", None, "t")
+
+
+def test_degrades_past_the_change_cap_and_keeps_only_table_counts() -> None:
+    dec = PgOutputDecoder(max_changes=3)
+    dec.feed(relation(1, COLS))
+    dec.feed(begin(100))
+    peak = 0
+    for i in range(10):
+        dec.feed(_insert(i))
+        peak = max(peak, dec.buffered)
+    dec.feed(b"T" + struct.pack("!ib", 1, 0) + struct.pack("!I", 1))  # a truncate once degraded: counted
+    (txn,) = feed_all(dec, commit(120, 130))
+    assert isinstance(txn, Transaction) and txn.degraded
+    assert peak == 3 and txn.changes == [] and txn.touched == {("public", "users"): 11}
+    dec.feed(begin(200))  # the next transaction starts fresh
+    dec.feed(_insert(99))
+    (small,) = feed_all(dec, commit(210, 220))
+    assert isinstance(small, Transaction) and not small.degraded and len(small.changes) == 1
+
+
+def test_degrades_past_the_byte_cap() -> None:
+    dec = PgOutputDecoder(max_changes=1000, max_bytes=len(_insert(1)) * 2)
+    dec.feed(relation(1, COLS))
+    dec.feed(begin(100))
+    for i in range(5):
+        dec.feed(_insert(i))
+    (txn,) = feed_all(dec, commit(120, 130))
+    assert isinstance(txn, Transaction) and txn.touched == {("public", "users"): 5}
