@@ -16,11 +16,16 @@ import redis
 from cdcd.backplane import Sequencer
 from cdcd.change import Change, Op, Transaction
 from cdcd.client import Cache, CacheOptions
+from cdcd.keyspace import Keyspace
 from cdcd.sinks.redis import RedisSink
 from cdcd.sources.postgres import PostgresSource
 from tests.helpers import DaemonThread, entry, make_config, wait_until
 
 CAP = 50
+
+
+def table_tag_key(prefix: str) -> str:
+    return Keyspace(prefix).tag(Keyspace.table_tag("public.users"))
 
 
 def _users(sql: Any, ids: range, name: str = "old") -> None:
@@ -48,7 +53,7 @@ def test_degraded_transaction_invalidates_the_table(cfg: dict[str, Any], r: redi
             assert c.get_or_load("tenant-names:1", lambda: ["old"], tags=["tenant:1"]) == ["old"]
             assert c.get("tenant-names:1") == ["old"]
         assert "__table:public.users" in entry(r, f"{p}tenant-names:1")["t"]
-        tag = f"{p}__tag:__table:public.users"
+        tag = table_tag_key(p)
         tag_before = int(r.get(tag) or b"0")
 
         with psycopg.connect(app_db) as conn:  # one transaction: 80 inserts + 100 updates > CAP
@@ -58,7 +63,7 @@ def test_degraded_transaction_invalidates_the_table(cfg: dict[str, Any], r: redi
         wait_until(lambda: m.degraded_transactions._value.get() == 1, what="degraded metric")
         assert m.degraded_changes._value.get() == 180
         assert int(r.get(tag) or b"0") > tag_before  # the table tag moved
-        floor = r.hget(f"{p}__cdcd:floors", "public.users")
+        floor = r.hget(Keyspace(p).floors, "public.users")
         assert floor is not None and int(floor) == d.daemon.last_version
 
         with _cache(cfg) as c:
@@ -88,7 +93,7 @@ def test_rolled_back_big_transaction_changes_nothing(cfg: dict[str, Any], r: red
     try:
         _users(sql, range(1, 3))
         wait_until(lambda: entry(r, f"{p}user:2").get("d"), what="seed")
-        tag = r.get(f"{p}__tag:__table:public.users")
+        tag = r.get(table_tag_key(p))
         with psycopg.connect(app_db) as conn:
             conn.execute("INSERT INTO users (id, email, name, tenant_id) SELECT i, 'u' || i || '@x', 'ghost', 1 "
                          "FROM generate_series(3, 500) i")
@@ -97,8 +102,8 @@ def test_rolled_back_big_transaction_changes_nothing(cfg: dict[str, Any], r: red
         sql("UPDATE users SET name = 'marker' WHERE id = 2")  # committed after the rollback
         wait_until(lambda: b"marker" in (r.hget(f"{p}user:2", "d") or b""), what="marker")
         assert m.degraded_transactions._value.get() == 0
-        assert r.get(f"{p}__tag:__table:public.users") == tag
-        assert r.hget(f"{p}__cdcd:floors", "public.users") is None
+        assert r.get(table_tag_key(p)) == tag
+        assert r.hget(Keyspace(p).floors, "public.users") is None
         with _cache(cfg) as c:
             assert c.get("user:1")["name"] == "old"
             for i in range(3, 500, 37):
@@ -174,7 +179,7 @@ def _truncate_then_late_insert(cfg: dict[str, Any], r: redis.Redis, packed: bool
         assert c.get("user:7")["name"] == "post"
     # a replayed older truncate never lowers the floor
     sink.apply(sink.rules.plan([_txn(150, Change(Op.TRUNCATE, "public", "users"))]))
-    assert int(r.hget(f"{p}__cdcd:floors", "public.users") or 0) == 200
+    assert int(r.hget(Keyspace(p).floors, "public.users") or 0) == 200
 
 
 def test_truncate_not_overtaken_by_older_insert(cfg: dict[str, Any], r: redis.Redis) -> None:
@@ -196,4 +201,4 @@ def test_truncate_floor_survives_redis_restart(cfg: dict[str, Any], private_redi
     sink.apply(sink.rules.plan([_txn(100, Change(Op.INSERT, "public", "users", None, dict(ROW)))]))
     with _cache(cfg) as c:
         assert c.get("user:7") is None
-    assert int(r.hget(f"{cfg['keyspace']['prefix']}__cdcd:floors", "public.users") or 0) == 200
+    assert int(r.hget(Keyspace(cfg['keyspace']['prefix']).floors, "public.users") or 0) == 200

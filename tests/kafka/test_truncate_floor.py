@@ -16,6 +16,7 @@ from kafka import KafkaProducer
 
 from cdcd.client import Cache, CacheOptions
 from cdcd.devservers import KafkaServer, RedisServer
+from cdcd.keyspace import Keyspace
 from tests.helpers import DaemonThread, config_dict, entry, make_config, unique, wait_until
 from tests.kafka.conftest import FAST_GROUP
 
@@ -39,7 +40,7 @@ def test_truncate_not_overtaken_by_older_insert_on_another_partition(
     try:
         producer.send(topic, key=None, value=_record("t", 2000, None), partition=0)
         producer.flush()
-        wait_until(lambda: r.hget(f"{p}__cdcd:applied", "version") == b"2000", 30, what="truncate applied")
+        wait_until(lambda: r.hget(Keyspace(p).applied, "version") == b"2000", 30, what="truncate applied")
         row = {"id": 7, "email": "late@x", "name": "before the truncate", "tenant_id": 1,
                "updated_at": "2026-01-01T00:00:00Z"}
         producer.send(topic, key=json.dumps({"id": 7}).encode(), value=_record("c", 1500, row), partition=1)
@@ -49,6 +50,6 @@ def test_truncate_not_overtaken_by_older_insert_on_another_partition(
             assert c.get("user:7") is None  # main: the pre-truncate row is served as valid
             assert c.get("user:email:late@x") is None
         assert "d" not in entry(r, f"{p}user:7")
-        assert r.hget(f"{p}__cdcd:floors", "public.users") == b"2000"
+        assert r.hget(Keyspace(p).floors, "public.users") == b"2000"
     finally:
         d.stop()
