@@ -112,7 +112,7 @@ def _state(r: redis.Redis, prefix: str) -> dict[str, Any]:
         if r.type(k) == b"hash":
             h: dict[str, Any] = {f.decode(): v for f, v in r.hgetall(k).items() if f not in (b"g", b"ts", b"run")}
             if "t" in h:  # counters are clock-seeded: compare "records the current counter" instead
-                h["t"] = {t: r.get(f"{prefix}__tag:{t}").decode() == c for t, c in json.loads(h["t"]).items()}
+                h["t"] = {t: r.get(f"{prefix}#tag:{t}").decode() == c for t, c in json.loads(h["t"]).items()}
             out[name.removeprefix(prefix)] = (h, r.pttl(k) > 0)
     return out
 
