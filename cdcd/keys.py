@@ -152,17 +152,26 @@ class Template:
             if v is None or v is UNAVAILABLE:
                 return None
             s = render_value(v)
-            return lits[0] + escape(s) + lits[1] if s else None
-        out = lits[0]
-        for i, col in enumerate(self.columns):
+            if "%" in s or ":" in s or "#" in s or "{" in s or "}" in s:
+                s = s.translate(_ESCAPE)
+            return lits[0] + s + lits[1] if s else None
+        parts = [lits[0]]
+        for col, lit in zip(self.columns, lits[1:], strict=False):  # the cases above, inlined: no call per column
             v = row.get(col, UNAVAILABLE)
-            if v is None or v is UNAVAILABLE:
-                return None
-            s = render_value(v)
-            if not s:
-                return None
-            out += escape(s) + lits[i + 1]
-        return out
+            t = type(v)
+            if t is int:
+                parts.append(str(v))
+            else:
+                if v is None or v is UNAVAILABLE:
+                    return None
+                s = v if t is str else render_value(v)
+                if not s:
+                    return None
+                if "%" in s or ":" in s or "#" in s or "{" in s or "}" in s:
+                    s = s.translate(_ESCAPE)
+                parts.append(s)
+            parts.append(lit)
+        return "".join(parts)
 
     def unresolvable(self, row: Mapping[str, Any]) -> list[str]:
         """Columns the template needs that ``row`` does not carry (unsent by the source)."""
