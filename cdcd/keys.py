@@ -155,23 +155,19 @@ class Template:
             if "%" in s or ":" in s or "#" in s or "{" in s or "}" in s:
                 s = s.translate(_ESCAPE)
             return lits[0] + s + lits[1] if s else None
-        parts = [lits[0]]
-        for col, lit in zip(self.columns, lits[1:], strict=False):  # the cases above, inlined: no call per column
+        out = lits[0]
+        for i, col in enumerate(self.columns, 1):  # the cases above, inlined: no escape() call per column
             v = row.get(col, UNAVAILABLE)
-            t = type(v)
-            if t is int:
-                parts.append(str(v))
-            else:
+            if type(v) is not str:
                 if v is None or v is UNAVAILABLE:
                     return None
-                s = v if t is str else render_value(v)
-                if not s:
-                    return None
-                if "%" in s or ":" in s or "#" in s or "{" in s or "}" in s:
-                    s = s.translate(_ESCAPE)
-                parts.append(s)
-            parts.append(lit)
-        return "".join(parts)
+                v = render_value(v)
+            if not v:
+                return None
+            if "%" in v or ":" in v or "#" in v or "{" in v or "}" in v:
+                v = v.translate(_ESCAPE)
+            out += v + lits[i]
+        return out
 
     def unresolvable(self, row: Mapping[str, Any]) -> list[str]:
         """Columns the template needs that ``row`` does not carry (unsent by the source)."""
