@@ -258,3 +258,27 @@ def test_prefix_with_hash_is_refused() -> None:
         CacheOptions(prefix="v1#")
     with pytest.raises(ValueError, match="prefix may not contain"):
         KeyspaceSettings(prefix="a#")
+
+
+def test_client_key_builders_render_like_the_daemon() -> None:
+    from cdcd.client import AsyncCache
+    from cdcd.client.protocol import KeyTemplate
+
+    def fn(a: Any, b: Any = "z", tenant: Any = None) -> None: ...
+
+    tpl = KeyTemplate(fn, "pair:{a}:{b}", ["tenant:{tenant}"])
+    rules = make_config_rules()
+    for a, b in (("x:y", "z"), ("x", "y:z"), ("#cdcd:rules", "%7B"), ("é", "{b}"), (7, True)):
+        want = rules.explain("pairs", {"a": a, "b": b})["keys"][0][len("v9:"):]
+        assert tpl.render((a, b), {}) == (want, []) and Cache.key("pair:{a}:{b}", a=a, b=b) == want
+        assert AsyncCache.key("pair:{a}:{b}", a=a, b=b) == want
+    assert tpl.render(("", "z", 3), {}) == (None, ["tenant:3"])  # empty: no key, the call is not cached
+    assert tpl.render((None,), {"tenant": "t:1"}) == (None, ["tenant:t%3A1"])
+    with pytest.raises(TypeError, match="not parameters"):
+        KeyTemplate(fn, "x:{nope}", [])
+
+
+def make_config_rules() -> Any:
+    from cdcd.rules import Defaults, Rules, TableRule
+
+    return Rules({"pairs": TableRule(keys=["pair:{a}:{b}"])}, KeyspaceSettings(prefix="v9:"), Defaults())
