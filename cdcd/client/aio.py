@@ -235,7 +235,7 @@ class AsyncCache:
         self.stats.l1_misses += 1
         self._ensure_started()
         return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl),
-                                 check_names(key, tags))
+                                check_names(key, tags))
 
     # ---------------------------------------------------------------- miss path
 

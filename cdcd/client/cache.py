@@ -255,7 +255,7 @@ class Cache:
                 return _out(e)
         self.stats.l1_misses += 1
         return self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl),
-                                 check_names(key, tags))
+                          check_names(key, tags))
 
     # ---------------------------------------------------------------- miss path
 
