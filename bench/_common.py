@@ -137,7 +137,7 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
 
 
 def applied_version(r: redis.Redis, prefix: str) -> int:
-    v = r.hget(f"{prefix}__cdcd:applied", "version")
+    v = r.hget(f"{prefix}#cdcd:applied", "version")
     return int(v) if v else 0
 
 

@@ -105,7 +105,7 @@ class Subscriber:
         self.r = redis.Redis.from_url(url)
         self.r.config_set("notify-keyspace-events", "Kh")
         self._bp: Any = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        self._bp.subscribe(f"{prefix}__cdcd:bp")
+        self._bp.subscribe(f"{prefix}#cdcd:bp")
         self._ks: Any = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self._ks.psubscribe(f"__keyspace@0__:{prefix}user:[0-9]*")
         self.threads = [threading.Thread(target=self._run_bp, daemon=True),

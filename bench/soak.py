@@ -310,7 +310,7 @@ def run_soak(kills: int = 20, seed: int = 1, ops: int = 6000, op_pause: float = 
                     result.lost_changes.append(uid)
             elif d is None or (json.loads(d)["email"], json.loads(d)["name"]) != want:
                 result.lost_changes.append(uid)
-        entries: Any = r.xrange(f"{prefix}__cdcd:dlq")
+        entries: Any = r.xrange(f"{prefix}#cdcd:dlq")
         for _id, fields in entries:
             result.dead_letters.append({k.decode(): v.decode(errors="replace") for k, v in fields.items()})
         for marker in result.malformed_sent:

@@ -30,6 +30,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from cdcd.keys import check_name
 from cdcd.keyspace import SCRIPTS, Keyspace, run_script
 
 
@@ -73,6 +74,7 @@ class FillGuard:
         )
 
     def read(self, key: str, lease: bool = True) -> Entry:
+        check_name(key)  # names with '#' could address cdcd's own keys
         raw = run_script(self.client, SCRIPTS["read"], [self.keyspace.entry(key)],
                          [self.lease_ttl_ms, "1" if lease else "0"])
         return self.parse(key, list(raw))  # type: ignore[call-overload]
@@ -90,6 +92,7 @@ class FillGuard:
         return res not in (0, b"0", "0", None)
 
     def invalidate(self, key: str, tombstone_ttl: float = 60.0) -> None:
+        check_name(key)
         run_script(self.client, SCRIPTS["invalidate"], [self.keyspace.entry(key)],
                    [max(1, int(tombstone_ttl * 1000))])
 
@@ -99,6 +102,7 @@ class FillGuard:
                 for t in tags}
 
     def bump_tag(self, tag: str) -> str:
+        check_name(tag, "tag")
         return _s(run_script(self.client, SCRIPTS["bump_tag"], [self.keyspace.tag(tag)], [])) or ""
 
     def tags_valid(self, entry: Entry) -> bool:

@@ -38,7 +38,7 @@ stale: no reader would be served from them):
   list under ``user-orders:{user_id}``.
 
 No false positive for a change in flight: every candidate is re-checked after
-the daemon's applied version (``<prefix>__cdcd:applied`` field ``version``) has
+the daemon's applied version (``<prefix>#cdcd:applied`` field ``version``) has
 passed the WAL insert position read after the row was read, and counts as stale
 only when neither the row (same ``ctid``/``xmin``) nor the entry (same
 generation) moved across that wait. A row visible to the inspector's snapshot
@@ -683,13 +683,11 @@ class Inspector:
     # -------------------------------------------------------------- passes
 
     def _checks_for_rows(self, t: Table, rows: list[DbRow], lsn: int, seen: set[str]) -> list[Check]:
-        from cdcd.rules import NULL_KEY, UNRESOLVABLE
-
         by_key: dict[str, Check] = {}
         for r in rows:
             for tpl in t.rule.keys:
                 k = tpl.render(r.values)
-                if k is NULL_KEY or k is UNRESOLVABLE:
+                if k is None:
                     continue
                 full = self.ks.entry(k)
                 lookup = (tpl, {col: r.raw[col] or "" for col in tpl.columns})
@@ -811,11 +809,10 @@ class Inspector:
             time.sleep(0.02)
 
     def _scan_keys(self, limit: int | None) -> Iterator[str]:
-        internal = self.ks.prefix + "__"
         n = 0
         for raw in self.redis.scan_iter(match=_glob_escape(self.ks.prefix) + "*", count=1000):
             k = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            if k.startswith(internal):
+            if self.ks.is_system(k):
                 continue
             yield k
             n += 1
@@ -827,18 +824,14 @@ class Inspector:
         out = []
         for t in self.tables.values():
             for tpl in t.rule.keys:
-                m = _template_regex(tpl).match(bare)
-                if m is None:
+                values = tpl.match(bare)  # the daemon's own templates, unescaped
+                if values is None:
                     continue
-                values: dict[str, str] = {}
-                for col, text in zip(tpl.columns, m.groups(), strict=True):
+                for col, text in values.items():
                     c = t.col(col)
                     if c is not None and c.oid == _BYTEA:
-                        text = "\\x" + text
-                    if values.setdefault(col, text) != text:
-                        break
-                else:
-                    out.append((t, tpl, values))
+                        values[col] = "\\x" + text
+                out.append((t, tpl, values))
         return out
 
     def run(self, sample: int | None, all_rows: bool) -> InspectReport:
@@ -912,20 +905,6 @@ class Inspector:
 
 def _glob_escape(s: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", s)
-
-
-_REGEX_CACHE: dict[str, re.Pattern[str]] = {}
-
-
-def _template_regex(tpl: Template) -> re.Pattern[str]:
-    rx = _REGEX_CACHE.get(tpl.text)
-    if rx is None:
-        parts = [re.escape(tpl.literals[0])]
-        for lit in tpl.literals[1:]:
-            parts.append("(.*?)")
-            parts.append(re.escape(lit))
-        rx = _REGEX_CACHE[tpl.text] = re.compile("^" + "".join(parts) + "$", re.DOTALL)
-    return rx
 
 
 # ------------------------------------------------------------------------------ entry points

@@ -166,15 +166,16 @@ SCRIPTS: dict[str, Script] = {
     )
 }
 
-RESERVED = "__"  # key templates may not start with this: it is where cdcd's own keys live
-
-
 @dataclass(frozen=True, slots=True)
 class Keyspace:
     """Names of everything cdcd keeps in Redis, under one version prefix (``v3:``).
 
     Bumping the prefix in the rules moves the whole cache to a fresh keyspace,
     which is how a schema change that alters cached shapes is rolled out.
+
+    cdcd's own keys live under ``<prefix>#``: rendered keys and tags escape ``#``
+    (:mod:`cdcd.keys`) and names applications pass directly may not contain it,
+    so no row value and no caller can name them.
     """
 
     prefix: str = ""
@@ -184,35 +185,47 @@ class Keyspace:
         return self.prefix + key
 
     def tag(self, tag: str) -> str:
-        return f"{self.prefix}__tag:{tag}"
+        return f"{self.prefix}#tag:{tag}"
+
+    def system(self, name: str) -> str:
+        """An internal key: ``<prefix>#cdcd:<name>``."""
+        return f"{self.prefix}#cdcd:{name}"
+
+    def is_system(self, key: str) -> bool:
+        """Whether a full Redis key is one of cdcd's own (tag counters included), not an entry."""
+        return key.startswith(self.prefix + "#")
 
     @staticmethod
     def table_tag(relation: str) -> str:
         """The tag every entry derived from a table implicitly carries; a TRUNCATE bumps it."""
-        return f"__table:{relation}"
+        return f"#table:{relation}"
+
+    @staticmethod
+    def is_table_tag(tag: str) -> bool:
+        return tag.startswith("#table:")
 
     @property
     def channel(self) -> str:
-        return self.channel_name or f"{self.prefix}__cdcd:bp"
+        return self.channel_name or self.system("bp")
 
     @property
     def applied(self) -> str:
         """Hash with the daemon's last applied version/seq/run, for the inspector and status."""
-        return f"{self.prefix}__cdcd:applied"
+        return self.system("applied")
 
     @property
     def registry(self) -> str:
         """JSON of the rules' key and tag templates per table, so clients can derive table tags."""
-        return f"{self.prefix}__cdcd:rules"
+        return self.system("rules")
 
     @property
     def floors(self) -> str:
         """Hash relation -> version of its newest TRUNCATE (or degraded transaction): older values are refused."""
-        return f"{self.prefix}__cdcd:floors"
+        return self.system("floors")
 
     @property
     def dead_letters(self) -> str:
-        return f"{self.prefix}__cdcd:dlq"
+        return self.system("dlq")
 
 
 def encode_version(version: int) -> str:

@@ -13,7 +13,7 @@ The mapping of one change, per table rule:
   and new tags are bumped. Old values need ``REPLICA IDENTITY FULL`` unless
   every template column is in the replica identity;
 * delete: old keys get tombstones, old tags are bumped;
-* truncate: the table tag ``__table:<schema>.<table>`` is bumped, which every
+* truncate: the table tag ``#table:<schema>.<table>`` is bumped, which every
   entry derived from the table records, so it is O(1) whatever the table size,
   and the table's *floor* is raised to the truncate's version: the sink turns any
   value write of that table at or below its floor into a tombstone, so an older
@@ -28,7 +28,6 @@ import base64
 import json
 import json.encoder
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
@@ -38,34 +37,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cdcd.change import UNAVAILABLE, Change, Op, Row, Transaction
-from cdcd.keyspace import RESERVED, Keyspace
+from cdcd.keys import Template as Template  # re-exported: key templates live in cdcd.keys
+from cdcd.keys import render_value as render_value
+from cdcd.keyspace import Keyspace
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 
 # ------------------------------------------------------------------------------ values
-
-
-def render_value(v: Any) -> str:
-    """The one canonical text of a column value inside a key, shared by every source."""
-    t = type(v)
-    if t is str:
-        return str(v)
-    if t is int:
-        return str(v)
-    if t is bool:
-        return "true" if v else "false"
-    if isinstance(v, Decimal):
-        return str(v)
-    if isinstance(v, datetime | date | time):
-        return v.isoformat()
-    if isinstance(v, bytes | bytearray | memoryview):
-        return bytes(v).hex()
-    if t is float:
-        return repr(v)
-    if isinstance(v, dict | list):
-        return json.dumps(v, sort_keys=True, separators=(",", ":"))
-    return str(v)
 
 
 def _json_default(v: Any) -> Any:
@@ -106,69 +85,6 @@ def encode_projection(row: Row) -> bytes:
 # ------------------------------------------------------------------------------ templates
 
 
-class _Missing:
-    pass
-
-
-NULL_KEY = "null"  # a key column is NULL: the row has no such key
-UNRESOLVABLE = "unresolvable"  # a key column was not sent (replica identity / TOAST)
-
-
-@dataclass(frozen=True, slots=True)
-class Template:
-    """``user:email:{email}`` compiled into literal/column pieces."""
-
-    text: str
-    literals: tuple[str, ...]
-    columns: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> Template:
-        literals: list[str] = []
-        columns: list[str] = []
-        pending = ""
-        try:
-            parsed = list(string.Formatter().parse(text))
-        except ValueError as exc:
-            raise ValueError(f"template {text!r}: {exc}") from None
-        for literal, name, spec, conv in parsed:
-            pending += literal
-            if name is None:
-                continue
-            if spec or conv:
-                raise ValueError(f"template {text!r}: format specs and conversions are not supported ({{{name}}})")
-            if not _IDENT.match(name):
-                raise ValueError(f"template {text!r}: {{{name}}} is not a column name")
-            literals.append(pending)
-            columns.append(name)
-            pending = ""
-        literals.append(pending)
-        return cls(text, tuple(literals), tuple(columns))
-
-    def render(self, row: Row) -> str:
-        """The key, or :data:`NULL_KEY` / :data:`UNRESOLVABLE` (never a key containing a placeholder)."""
-        lits = self.literals
-        if len(lits) == 2:  # one column: most templates, and the planner's hottest call
-            v = row.get(self.columns[0], UNAVAILABLE)
-            t = type(v)
-            if t is int or t is str:
-                return f"{lits[0]}{v}{lits[1]}"
-            if v is None:
-                return NULL_KEY
-            if v is UNAVAILABLE:
-                return UNRESOLVABLE
-            return lits[0] + render_value(v) + lits[1]
-        out = lits[0]
-        for i, col in enumerate(self.columns):
-            v = row.get(col, UNAVAILABLE)
-            if v is None:
-                return NULL_KEY
-            if v is UNAVAILABLE:
-                return UNRESOLVABLE
-            out += render_value(v) + lits[i + 1]
-        return out
-
-
 # ------------------------------------------------------------------------------ models
 
 
@@ -200,11 +116,7 @@ class TableRule(BaseModel):
     @classmethod
     def _templates(cls, v: list[str]) -> list[str]:
         for t in v:
-            Template.parse(t)
-            if t.startswith(RESERVED):
-                raise ValueError(f"template {t!r}: names starting with {RESERVED!r} are reserved for cdcd")
-            if not t.strip():
-                raise ValueError("empty template")
+            Template.parse(t)  # syntax, '#', and ':' between placeholders (so rendering is injective)
         return v
 
     @field_validator("columns")
@@ -237,13 +149,15 @@ class KeyspaceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prefix: str = Field(default="", description="keyspace version prefix applied to every key, e.g. 'v3:'")
-    channel: str | None = Field(default=None, description="backplane channel (default <prefix>__cdcd:bp)")
+    channel: str | None = Field(default=None, description="backplane channel (default <prefix>#cdcd:bp)")
 
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
         if any(c.isspace() for c in v):
             raise ValueError("the prefix may not contain whitespace")
+        if "#" in v:
+            raise ValueError("the prefix may not contain '#': cdcd's own keys live under '<prefix>#'")
         return v
 
 
@@ -369,10 +283,9 @@ class Rules:
         if rule is None:
             raise KeyError(f"no rule for table {qualify(relation)}")
         return {
-            "keys": [self.keyspace.entry(k) for k in (t.render(row) for t in rule.keys)
-                     if k not in (NULL_KEY, UNRESOLVABLE)],
-            "tags": [k for k in (t.render(row) for t in rule.tags) if k not in (NULL_KEY, UNRESOLVABLE)],
-            "unresolved": [t.text for t in (*rule.keys, *rule.tags) if t.render(row) in (NULL_KEY, UNRESOLVABLE)],
+            "keys": [self.keyspace.entry(k) for k in (t.render(row) for t in rule.keys) if k is not None],
+            "tags": [k for k in (t.render(row) for t in rule.tags) if k is not None],
+            "unresolved": [t.text for t in (*rule.keys, *rule.tags) if t.render(row) is None],
         }
 
     # -------------------------------------------------------------------- planning
@@ -418,8 +331,8 @@ class Rules:
     def _report_unresolved(self, templates: tuple[Template, ...], row: Row, rule: CompiledRule, change: Change,
                            txn: Transaction, batch: Batch) -> None:
         for t in templates:
-            if t.render(row) is UNRESOLVABLE:
-                missing = [c for c in t.columns if row.get(c, UNAVAILABLE) is UNAVAILABLE]
+            missing = t.unresolvable(row)
+            if missing:
                 batch.problems.append(Problem(
                     "unresolvable_key", rule.relation,
                     f"{change.op.name.lower()}: template {t.text!r} needs {missing} which the source did not "
@@ -451,14 +364,13 @@ class Rules:
         if after is not None:
             for t in rule.keys:
                 k = t.render(after)
-                if k is UNRESOLVABLE or k is NULL_KEY:
-                    if k is UNRESOLVABLE:
-                        self._report_unresolved((t,), after, rule, change, txn, batch)
+                if k is None:  # NULL/empty: no such key; or a column the source did not send
+                    self._report_unresolved((t,), after, rule, change, txn, batch)
                     continue
                 new_keys.append(k)
             for t in rule.tags:
                 k = t.render(after)
-                if k is not UNRESOLVABLE and k is not NULL_KEY:
+                if k is not None:
                     tags.add(k)
         if before is not None:
             # Old keys: only report unresolvable ones for deletes; for updates without the old row
@@ -467,8 +379,8 @@ class Rules:
             tombstone_ttl = self.tombstone_ttl_ms
             for t in rule.keys:
                 k = t.render(before)
-                if k is UNRESOLVABLE or k is NULL_KEY:
-                    if report and k is UNRESOLVABLE:
+                if k is None:
+                    if report:
                         self._report_unresolved((t,), before, rule, change, txn, batch)
                     continue
                 if k not in new_keys:
@@ -478,8 +390,8 @@ class Rules:
                         writes[key] = Write(key, version, None, tombstone_ttl)
             for t in rule.tags:
                 k = t.render(before)
-                if k is UNRESOLVABLE or k is NULL_KEY:
-                    if report and k is UNRESOLVABLE:
+                if k is None:
+                    if report:
                         self._report_unresolved((t,), before, rule, change, txn, batch)
                     continue
                 tags.add(k)

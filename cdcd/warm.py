@@ -37,7 +37,7 @@ from psycopg import sql
 
 from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
-from cdcd.rules import NULL_KEY, UNRESOLVABLE, CompiledRule, encode_projection
+from cdcd.rules import CompiledRule, encode_projection
 from cdcd.sources.pgoutput import str_to_lsn
 from cdcd.sources.pgtypes import convert
 
@@ -129,7 +129,7 @@ def _rows(conn: psycopg.Connection[Any], relation: str, cols: list[tuple[str, in
 
 def _entries(rule: CompiledRule, row: dict[str, Any]) -> tuple[list[str], bytes]:
     proj = row if rule.columns is None else {c: row[c] for c in rule.columns}
-    keys = [k for k in (t.render(row) for t in rule.keys) if k not in (NULL_KEY, UNRESOLVABLE)]
+    keys = [k for k in (t.render(row) for t in rule.keys) if k is not None]
     return keys, encode_projection(proj)
 
 

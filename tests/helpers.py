@@ -138,7 +138,7 @@ def entries(r: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:
     out = {}
     for k in r.scan_iter(match=f"{prefix}*", count=1000):
         name = k.decode()
-        if name.startswith(prefix + "__"):
+        if name.startswith(prefix + "#"):
             continue
         out[name] = entry(r, name)
     return out

@@ -52,7 +52,7 @@ def test_degraded_transaction_invalidates_the_table(cfg: dict[str, Any], r: redi
             # transaction bumps no row tags, only the table tag, which the fill recorded via the registry
             assert c.get_or_load("tenant-names:1", lambda: ["old"], tags=["tenant:1"]) == ["old"]
             assert c.get("tenant-names:1") == ["old"]
-        assert "__table:public.users" in entry(r, f"{p}tenant-names:1")["t"]
+        assert "#table:public.users" in entry(r, f"{p}tenant-names:1")["t"]
         tag = table_tag_key(p)
         tag_before = int(r.get(tag) or b"0")
 

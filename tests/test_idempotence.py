@@ -43,7 +43,7 @@ def test_replayed_and_shuffled_transactions_change_nothing(cfg: dict[str, Any], 
         sink.apply(rules.plan([t]))
     first = entries(r, p)
     assert len(first) >= 30
-    tags_first = {k: int(r.get(k)) for k in r.scan_iter(match=f"{p}__tag:*")}
+    tags_first = {k: int(r.get(k)) for k in r.scan_iter(match=f"{p}#tag:*")}
 
     for t in reversed(txns):  # out of order
         res = sink.apply(rules.plan([t]))
@@ -51,5 +51,5 @@ def test_replayed_and_shuffled_transactions_change_nothing(cfg: dict[str, Any], 
     random.Random(7).shuffle(txns)
     sink.apply(rules.plan(txns))  # all at once, shuffled
     assert entries(r, p) == first  # identical, generations included: refused writes touch nothing
-    tags_after = {k: int(r.get(k)) for k in r.scan_iter(match=f"{p}__tag:*")}
+    tags_after = {k: int(r.get(k)) for k in r.scan_iter(match=f"{p}#tag:*")}
     assert all(tags_after[k] >= v for k, v in tags_first.items())  # tags only move forward (extra invalidations)

@@ -77,7 +77,7 @@ def _populate(dsn: str, r: redis.Redis, prefix: str, n: int = 40) -> None:
 
 
 def _applied(r: redis.Redis, prefix: str) -> int:
-    v = r.hget(f"{prefix}__cdcd:applied", "version")
+    v = r.hget(f"{prefix}#cdcd:applied", "version")
     return int(v) if v else 0
 
 

@@ -28,7 +28,7 @@ tables:
 
 def rules():  # type: ignore[no-untyped-def]
     r = parse_config(BASE).rules()
-    r.table_epochs["__table:public.users"] = "100"
+    r.table_epochs["#table:public.users"] = "100"
     return r
 
 
@@ -57,10 +57,10 @@ def test_insert_writes_projection_with_table_snapshot() -> None:
     b = r.plan([txn(Change(Op.INSERT, "public", "users", None, user(1, "a@x", 7)))])
     assert set(b.writes) == {"v3:user:1", "v3:user:email:a@x"}
     w = b.writes["v3:user:1"]
-    assert w.version == 10 and w.table_tag == "__table:public.users"
+    assert w.version == 10 and w.table_tag == "#table:public.users"
     assert json.loads(w.data or b"") == {"id": 1, "email": "a@x", "tenant_id": 7}  # projection: no "name"
     assert b.tags == {"tenant:7"}
-    assert r.snapshot("__table:public.users") == '{"__table:public.users":"100"}'
+    assert r.snapshot("#table:public.users") == '{"#table:public.users":"100"}'
 
 
 def test_key_column_update_tombstones_the_old_key_and_bumps_both_tags() -> None:
@@ -89,7 +89,7 @@ def test_unsent_toast_column_invalidates_instead_of_writing() -> None:
 def test_truncate_bumps_the_table_tag_and_later_values_become_tombstones() -> None:
     b = rules().plan([txn(Change(Op.TRUNCATE, "public", "users")),
                       txn(Change(Op.INSERT, "public", "users", None, user(3, "c@x", 1)), version=12)])
-    assert "__table:public.users" in b.tags
+    assert "#table:public.users" in b.tags
     assert b.writes["v3:user:3"].data is None
 
 
@@ -113,7 +113,10 @@ def test_null_key_column_means_no_such_key() -> None:
 @pytest.mark.parametrize("mutate, message", [
     (lambda y: y.replace("action: update", "action: update\n    bogus: 1"), "tables.users.bogus: Extra inputs"),
     (lambda y: y.replace('keys: ["audit:{id}"]', "keys: []"), "needs at least one key or tag"),
-    (lambda y: y.replace('["user:{id}", ', '["__x:{id}", '), "reserved for cdcd"),
+    (lambda y: y.replace('["user:{id}", ', '["#x:{id}", '), "reserved for cdcd"),
+    (lambda y: y.replace('["user:{id}", ', '["user:{id}{email}", '),
+     r"the text between \{id\} and \{email\} must contain ':'"),
+    (lambda y: y.replace('prefix: "v3:"', 'prefix: "v3#"'), "prefix may not contain '#'"),
     (lambda y: y.replace("  app.audit:", "  a.b.c:"), "is not a table name"),
     (lambda y: y.replace('keys: ["audit:{id}"]', 'keys: ["audit:{id}"]\n    columns: [id]'),
      "'columns' is the projection of action 'update'"),

@@ -57,7 +57,7 @@ def test_warm_100k_rows_without_overwriting_a_concurrent_change(cfg: dict[str, A
         assert entry(r, f"{p}user:2")["d"].encode() == warmed
         # values record the table tag, so a TRUNCATE invalidates warmed entries too
         assert json.loads(entry(r, f"{p}user:3")["t"]) == {
-            "__table:public.users": r.get(f"{p}__tag:__table:public.users").decode()}
+            "#table:public.users": r.get(f"{p}#tag:#table:public.users").decode()}
         assert not r.exists(f"{p}order:1")  # invalidate rules are not warmed
     finally:
         d.stop()

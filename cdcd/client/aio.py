@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aredis
 
 from cdcd.backplane import Message, Sequencer
+from cdcd.keys import check_name, render
 from cdcd.keyspace import Keyspace
 
 from ._log import log
@@ -46,6 +47,7 @@ from .protocol import (
     KeyTemplate,
     Registry,
     all_tags,
+    check_names,
     decode_str,
     fill_command,
     fill_result,
@@ -191,6 +193,7 @@ class AsyncCache:
             self.stats.l1_hits += 1
             return default if e.negative else e.value
         self.stats.l1_misses += 1
+        check_names(key)
         self._ensure_started()
         opts = self.options.entry
         since = self.l1.begin()
@@ -231,7 +234,8 @@ class AsyncCache:
                 return _out(e)
         self.stats.l1_misses += 1
         self._ensure_started()
-        return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl), list(tags))
+        return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl),
+                                check_names(key, tags))
 
     # ---------------------------------------------------------------- miss path
 
@@ -402,7 +406,7 @@ class AsyncCache:
 
     async def _lock_or_wait(self, key: str, tags: list[str], opts: EntryOptions,
                             since: int) -> tuple[Any, tuple[str, str] | None]:
-        lock_key = f"{self.keyspace.prefix}__cdcd:lock:{key}"
+        lock_key = self.keyspace.system(f"lock:{key}")
         token = f"{self.run_id}:{next(_lock_ids)}"
         acquire: list[Command] = [("SET", lock_key, token, "NX", "PX", max(1, int(opts.lock_ttl * 1000)))]
         if (await self.link.call_checked(acquire))[0]:
@@ -430,6 +434,7 @@ class AsyncCache:
 
     async def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
                   options: EntryOptions | None = None) -> bool:
+        tags = check_names(key, tags)
         opts = (options or self.options.entry).merged(ttl=ttl)
         data = self.serializer.dumps(value)
         await self._refresh_registry()
@@ -456,6 +461,7 @@ class AsyncCache:
         return True
 
     async def delete(self, key: str) -> bool:
+        check_names(key)
         try:
             async with self._lock():
                 await self.link.call_checked([("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
@@ -468,6 +474,7 @@ class AsyncCache:
             self.l1.remove(key)
 
     async def invalidate_tag(self, tag: str) -> bool:
+        check_name(tag, "tag")
         try:
             async with self._lock():
                 await self.link.call_checked([("EVALSHA", BUMP.sha, 1, self.keyspace.tag(tag)),
@@ -487,6 +494,11 @@ class AsyncCache:
 
     # ---------------------------------------------------------------- decorator
 
+    @staticmethod
+    def key(template: str, /, **values: Any) -> str | None:
+        """The key the daemon writes for these column values; see :meth:`Cache.key`."""
+        return render(template, values)
+
     def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
                options: EntryOptions | None = None) -> Callable[[F], F]:
         """Decorator for ``async def`` functions; see :meth:`Cache.cached`."""
@@ -499,10 +511,13 @@ class AsyncCache:
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 k, t = tpl.render(args, kwargs)
+                if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
+                    return await fn(*args, **kwargs)
                 return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options)
 
             async def invalidate(*a: Any, **kw: Any) -> bool:
-                return await self.delete(tpl.render(a, kw)[0])
+                k = tpl.render(a, kw)[0]
+                return await self.delete(k) if k is not None else False
 
             wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
             wrapper.invalidate = invalidate  # type: ignore[attr-defined]
@@ -519,7 +534,7 @@ class AsyncCache:
             self.l1.remove_many([k[n:] for k in msg.keys if k.startswith(prefix)])
         if msg.tags:
             self.l1.remove_tags(msg.tags)
-            if any(t.startswith("__table:") for t in msg.tags):
+            if any(Keyspace.is_table_tag(t) for t in msg.tags):
                 self._registry_at = -math.inf
 
     def reset_l1(self, why: str) -> None:

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import redis
 
 from cdcd.backplane import Message, Sequencer
+from cdcd.keys import check_name, render
 from cdcd.keyspace import Keyspace
 
 from ._log import log
@@ -54,6 +55,7 @@ from .protocol import (
     KeyTemplate,
     Registry,
     all_tags,
+    check_names,
     decode_str,
     fill_command,
     fill_result,
@@ -208,6 +210,7 @@ class Cache:
             self.stats.l1_hits += 1
             return default if e.negative else e.value
         self.stats.l1_misses += 1
+        check_names(key)
         opts = self.options.entry
         since = self.l1.begin()
         try:
@@ -251,7 +254,8 @@ class Cache:
                 self._background(key, loader, ttl, tags, options, e.generation)
                 return _out(e)
         self.stats.l1_misses += 1
-        return self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl), list(tags))
+        return self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl),
+                          check_names(key, tags))
 
     # ---------------------------------------------------------------- miss path
 
@@ -463,7 +467,7 @@ class Cache:
                       since: int) -> tuple[Any, tuple[str, str] | None]:
         """Cross-process single flight: the lock holder loads; the others wait for its fill, at most
         ``lock_ttl`` (a holder that died stops blocking when its lock expires)."""
-        lock_key = f"{self.keyspace.prefix}__cdcd:lock:{key}"
+        lock_key = self.keyspace.system(f"lock:{key}")
         token = f"{self.run_id}:{next(_lock_ids)}"
         acquire: list[Command] = [("SET", lock_key, token, "NX", "PX", max(1, int(opts.lock_ttl * 1000)))]
         if self.link.call_checked(acquire)[0]:
@@ -492,6 +496,7 @@ class Cache:
 
         Returns whether L2 took the value (False: refused by the guard, or Redis unreachable).
         """
+        tags = check_names(key, tags)
         opts = (options or self.options.entry).merged(ttl=ttl)
         data = self.serializer.dumps(value)
         self._refresh_registry()
@@ -520,6 +525,7 @@ class Cache:
     def delete(self, key: str) -> bool:
         """Invalidate ``key`` everywhere: a tombstone in L2 (fills in flight fail), this L1, other L1s via the
         backplane. Returns False when Redis was unreachable (only this process's L1 dropped it)."""
+        check_names(key)
         try:
             with self._publish_lock:
                 self.link.call_checked([("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
@@ -534,6 +540,7 @@ class Cache:
     def invalidate_tag(self, tag: str) -> bool:
         """O(1): bump the tag's counter; every entry that recorded the old value misses, everywhere.
         Returns False when Redis was unreachable (only this process's L1 dropped them)."""
+        check_name(tag, "tag")
         try:
             with self._publish_lock:
                 self.link.call_checked([("EVALSHA", BUMP.sha, 1, self.keyspace.tag(tag)), *self._announce([], [tag])])
@@ -552,6 +559,12 @@ class Cache:
         return [("PUBLISH", self.keyspace.channel, m.encode()) for m in msgs]
 
     # ---------------------------------------------------------------- decorator
+
+    @staticmethod
+    def key(template: str, /, **values: Any) -> str | None:
+        """``Cache.key("pair:{a}:{b}", a="x:y", b="z")`` -> ``pair:x%3Ay:z``: the key the daemon writes for a
+        row with these column values (same rendering and escaping), or None when a value is None or empty."""
+        return render(template, values)
 
     def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
                options: EntryOptions | None = None) -> Callable[[F], F]:
@@ -572,10 +585,16 @@ class Cache:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 k, t = tpl.render(args, kwargs)
+                if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
+                    return fn(*args, **kwargs)
                 return self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options)
 
+            def invalidate(*a: Any, **kw: Any) -> bool:
+                k = tpl.render(a, kw)[0]
+                return self.delete(k) if k is not None else False
+
             wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
-            wrapper.invalidate = lambda *a, **kw: self.delete(tpl.render(a, kw)[0])  # type: ignore[attr-defined]
+            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
             return wrapper  # type: ignore[return-value]
 
         return deco
@@ -590,7 +609,7 @@ class Cache:
             self.l1.remove_many([k[n:] for k in msg.keys if k.startswith(prefix)])
         if msg.tags:
             self.l1.remove_tags(msg.tags)
-            if any(t.startswith("__table:") for t in msg.tags):
+            if any(Keyspace.is_table_tag(t) for t in msg.tags):
                 self._registry_at = -math.inf  # a truncate is a good moment to re-read the rules
 
     def reset_l1(self, why: str) -> None:

@@ -85,7 +85,7 @@ class CacheOptions:
     prefix: str = ""
     """The keyspace prefix of the daemon's rules (``keyspace.prefix``), e.g. ``v1:``."""
     channel: str | None = None
-    """Backplane channel (default ``<prefix>__cdcd:bp``, as the daemon's)."""
+    """Backplane channel (default ``<prefix>#cdcd:bp``, as the daemon's)."""
     l1_max_entries: int = 100_000
     """0 turns L1 off (every read goes to Redis)."""
     l1_max_bytes: int = 256 * 1024 * 1024
@@ -118,6 +118,10 @@ class CacheOptions:
     """Threads for background refreshes and timed loaders (sync cache)."""
     entry: EntryOptions = field(default_factory=EntryOptions)
     """Defaults for every entry."""
+
+    def __post_init__(self) -> None:
+        if "#" in self.prefix:
+            raise ValueError("prefix may not contain '#': cdcd's own keys live under '<prefix>#'")
 
     @property
     def connect_timeout_s(self) -> float:

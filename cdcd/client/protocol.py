@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdcd.fillguard import Entry, FillGuard
+from cdcd.keys import Template, check_name
 from cdcd.keyspace import SCRIPTS, Keyspace
 
 from .l1 import ENTRY_OVERHEAD, L1Entry
@@ -48,17 +49,20 @@ MISSING: Any = object()  # internal: "no value" where None is a value
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
-    out, pos = "", 0
-    for m in re.finditer(r"\{\{|\}\}|\{[A-Za-z_][A-Za-z0-9_$]*\}", template):
-        out += re.escape(template[pos:m.start()])
-        tok = m.group(0)
-        out += re.escape(tok[0]) if tok in ("{{", "}}") else "(.+)"
-        pos = m.end()
-    return re.compile("^" + out + re.escape(template[pos:]) + "$")
+    """The daemon's template (parsed as it parses it), each placeholder matching any non-empty text.
+
+    Looser than :meth:`Template.regex` on purpose: a key an application formatted by hand (unescaped)
+    still records the table tag, so the cost of a doubtful match is one more invalidation.
+    """
+    try:
+        lits = Template.parse(template).literals
+    except ValueError:
+        return re.compile(".+", re.DOTALL)  # not a template cdcd accepts: assume it can produce anything
+    return re.compile("^" + "(.+)".join(re.escape(lit) for lit in lits) + "$", re.DOTALL)
 
 
 class Registry:
-    """The daemon's rules (``<prefix>__cdcd:rules``): which table a key or tag name derives from.
+    """The daemon's rules (``<prefix>#cdcd:rules``): which table a key or tag name derives from.
 
     An entry records the table tag of every table its key and tags derive from, so one TRUNCATE
     (one counter bump) invalidates it without any scan. A template's placeholder matches any
@@ -97,6 +101,15 @@ class Registry:
                 if tag not in out:
                     out.append(tag)
         return out
+
+
+def check_names(key: str, tags: Iterable[str] = ()) -> list[str]:
+    """Refuse a key or tags an application passes that could address cdcd's own keys (``#``)."""
+    check_name(key)
+    tag_list = list(tags)
+    for t in tag_list:
+        check_name(t, "tag")
+    return tag_list
 
 
 def all_tags(key: str, tags: Iterable[str], registry: Registry) -> list[str]:
@@ -250,14 +263,27 @@ def make_entry(now: float, value: Any, negative: bool, opts: EntryOptions, remai
 class KeyTemplate:
     """``user:{user_id}`` filled from a function's arguments by parameter name.
 
+    Rendered by :class:`cdcd.keys.Template`, exactly as the daemon renders the row with the same
+    values (escaping included); a None or empty argument means "no such key" (the daemon writes none
+    either), and tags that render to nothing are left out.
+
     Binding arguments with ``inspect.Signature.bind`` costs microseconds; a call with exactly the
     positional parameters (the common case) is mapped with a ``zip`` instead.
     """
 
     def __init__(self, fn: Callable[..., Any], key: str, tags: Sequence[str]) -> None:
         self.key, self.tags = key, tuple(tags)
+        self.template = Template.parse(key)
+        self.tag_templates = tuple(Template.parse(t) for t in self.tags)
         self.sig = inspect.signature(fn)
         params = list(self.sig.parameters.values())
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names = {p.name for p in params}
+            for t in (self.template, *self.tag_templates):
+                unknown = [c for c in t.columns if c not in names]
+                if unknown:
+                    raise TypeError(f"template {t.text!r} names {unknown}, which are not parameters of "
+                                    f"{getattr(fn, '__qualname__', fn)!r}")
         simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
         self._names = tuple(p.name for p in params) if simple else None
 
@@ -269,6 +295,8 @@ class KeyTemplate:
         bound.apply_defaults()
         return dict(bound.arguments)
 
-    def render(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, list[str]]:
+    def render(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, list[str]]:
+        """The key (None: no such key, do not cache) and the tags the call's arguments render."""
         a = self.arguments(args, kwargs)
-        return self.key.format_map(a), [t.format_map(a) for t in self.tags]
+        tags = [t for t in (tpl.render(a) for tpl in self.tag_templates) if t is not None]
+        return self.template.render(a), tags

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from cdcd.change import UNAVAILABLE, Change, Invalidation, Op, Rejected, Transaction
+from cdcd.keys import check_name
 from cdcd.sources.pgtypes import converter
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -402,4 +403,6 @@ def parse_invalidation(content: bytes | str) -> Invalidation:
     keys, tags = obj.get("keys", []), obj.get("tags", [])
     if not all(isinstance(x, list) and all(isinstance(i, str) for i in x) for x in (keys, tags)):
         raise ValueError('"keys" and "tags" must be lists of strings')
+    for name in (*keys, *tags):
+        check_name(name, "name")  # a message may not address cdcd's own keys: dead-lettered
     return Invalidation(keys=list(keys), tags=list(tags))

@@ -249,9 +249,9 @@ def test_table_tag_from_the_registry_makes_truncate_o1(redis_server: RedisServer
     with make(redis_server.url, prefix, subscribe=False) as cache:
         cache.get_or_load("user:1", lambda: "a")
         cache.get_or_load("tenant-report", lambda: "b", tags=["tenant:3"])
-        assert set(json.loads(entry(r, prefix + "user:1")["t"])) == {"__table:public.users"}
-        assert set(json.loads(entry(r, prefix + "tenant-report")["t"])) == {"tenant:3", "__table:public.users"}
-        run_script(r, SCRIPTS["bump_tag"], [ks.tag("__table:public.users")], [])  # what TRUNCATE does
+        assert set(json.loads(entry(r, prefix + "user:1")["t"])) == {"#table:public.users"}
+        assert set(json.loads(entry(r, prefix + "tenant-report")["t"])) == {"tenant:3", "#table:public.users"}
+        run_script(r, SCRIPTS["bump_tag"], [ks.tag("#table:public.users")], [])  # what TRUNCATE does
     with make(redis_server.url, prefix, subscribe=False) as fresh:
         assert fresh.get_or_load("user:1", lambda: "after truncate") == "after truncate"
         assert fresh.get_or_load("tenant-report", lambda: "b2", tags=["tenant:3"]) == "b2"

@@ -236,7 +236,7 @@ def test_cross_process_lock_one_load_and_a_dead_holder_blocks_at_most_its_ttl(ma
     tb.join(5)
     assert calls == ["a"] and out == ["from a", "from a"] and b.stats.coalesced == 1
     # a holder that died: its lock blocks the others only until it expires
-    rds.set(f"{ks.prefix}__cdcd:lock:orphan", "dead-process", px=300)
+    rds.set(f"{ks.prefix}#cdcd:lock:orphan", "dead-process", px=300)
     t0 = time.monotonic()
     assert b.get_or_load("orphan", lambda: "loaded") == "loaded"
     assert 0.2 < time.monotonic() - t0 < 0.4 + 0.2

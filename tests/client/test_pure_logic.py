@@ -128,9 +128,9 @@ def test_registry_implies_table_tags_and_key_templates() -> None:
     reg = Registry()
     reg.load('{"tables": {"public.users": {"keys": ["user:{id}", "user:email:{email}"], "tags": ["tenant:{t}"]},'
              ' "public.orders": {"keys": ["order:{id}"], "tags": []}}}')
-    assert all_tags("user:42", [], reg) == ["__table:public.users"]
-    assert all_tags("dash:7", ["tenant:7"], reg) == ["tenant:7", "__table:public.users"]
-    assert all_tags("order:1", ["x"], reg) == ["x", "__table:public.orders"]
+    assert all_tags("user:42", [], reg) == ["#table:public.users"]
+    assert all_tags("dash:7", ["tenant:7"], reg) == ["tenant:7", "#table:public.users"]
+    assert all_tags("order:1", ["x"], reg) == ["x", "#table:public.orders"]
     assert all_tags("other", [], reg) == []
 
     def fn(user_id: int, tenant: int = 3, *, flag: bool = False) -> None: ...
@@ -141,7 +141,9 @@ def test_registry_implies_table_tags_and_key_templates() -> None:
 
     def simple(a: int, b: int) -> None: ...
 
-    assert KeyTemplate(simple, "{a}-{b}", []).render((1, 2), {}) == ("1-2", [])
+    assert KeyTemplate(simple, "{a}:-{b}", []).render((1, 2), {}) == ("1:-2", [])
+    with pytest.raises(ValueError, match="must contain ':'"):
+        KeyTemplate(simple, "{a}-{b}", [])  # ambiguous: refused as the daemon refuses it
 
 
 def test_breaker_opens_probes_once_and_forgets_a_lost_probe(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,7 +67,7 @@ def test_debezium_changes_through_the_daemon(app_db: str, sql: Any, redis_server
                             publication=unique("dbzpub"), snapshot_mode="initial",
                             extra_properties={"message.prefix.include.list": "cdcd"}).start()
     cfg = kafka_cfg(app_db, redis_server.url, kafka_server, topic_prefix, p)
-    bp = Backplane(r, f"{p}__cdcd:bp")
+    bp = Backplane(r, f"{p}#cdcd:bp")
     d = DaemonThread(make_config(cfg)).start()
     try:
         # snapshot read ('r') -> the row is written like an insert
@@ -94,13 +94,13 @@ def test_debezium_changes_through_the_daemon(app_db: str, sql: Any, redis_server
         wait_until(lambda: entry(r, f"{p}report:daily"), 30, what="message invalidation")
         wait_until(lambda: entry(r, f"{p}order:1"), 30, what="order")
         # truncate -> the table tag
-        tt = f"{p}__tag:__table:public.orders"
+        tt = f"{p}#tag:#table:public.orders"
         before = int(r.get(tt) or 0)
         sql("TRUNCATE orders")
         wait_until(lambda: int(r.get(tt) or 0) > before, 30, what="truncate bumped the table tag")
         # backplane: messages in sequence from one run, naming what changed
         assert f"{p}user:email:a@x" in bp.all_keys() and "tenant:8" in bp.all_tags()
-        wait_until(lambda: "__table:public.orders" in bp.all_tags(), 5, what="truncate message")
+        wait_until(lambda: "#table:public.orders" in bp.all_tags(), 5, what="truncate message")
         assert "dashboard:1" in bp.all_tags()
         seqs = [m["s"] for m in bp.messages]
         assert seqs == list(range(1, len(seqs) + 1))
