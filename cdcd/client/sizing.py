@@ -22,6 +22,7 @@ trip and a deserialization of the same value), never on the hit path.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 WALK_CAP = 2000  # objects visited per value before falling back to the serialized size
@@ -52,6 +53,8 @@ def value_bytes(value: Any, serialized: int = 0) -> int:
     t = type(value)
     if t is str or t is bytes:
         return _getsizeof(value)
+    if t in _ATOMS:
+        return 0 if id(value) in _SHARED else _getsizeof(value)
     budget = [WALK_CAP]
     n = _walk(value, set(), 0, budget)
     if budget[0] <= 0:
@@ -60,47 +63,52 @@ def value_bytes(value: Any, serialized: int = 0) -> int:
 
 
 def _walk(o: Any, seen: set[int], depth: int, budget: list[int]) -> int:
+    """Bytes of a container (or any non-atom object) and everything under it not seen yet."""
     i = id(o)
     if i in _SHARED or i in seen:
         return 0
     seen.add(i)
-    budget[0] -= 1
     n: int = _getsizeof(o)
-    t = type(o)
-    if t in _ATOMS:
-        return n
     if depth >= MAX_DEPTH or budget[0] <= 0:
         budget[0] = 0
         return n
     depth += 1
+    t = type(o)
     if t is dict or isinstance(o, dict):
+        budget[0] -= 1 + 2 * len(o)
         if len(o) <= SAMPLE_OVER:
-            for k, v in o.items():
-                n += _walk(k, seen, depth, budget) + _walk(v, seen, depth, budget)
-            return n
-        items = list(o.items())
-        step = len(items) / SAMPLE
-        part = 0
-        for j in range(SAMPLE):
-            k, v = items[int(j * step)]
-            part += _walk(k, seen, depth, budget) + _walk(v, seen, depth, budget)
-        return n + part * len(items) // SAMPLE
+            return n + _items(o.keys(), seen, depth, budget) + _items(o.values(), seen, depth, budget)
+        pairs = list(o.items())
+        picked = [pairs[int(j * len(pairs) / SAMPLE)] for j in range(SAMPLE)]
+        part = _items([k for k, _ in picked], seen, depth, budget) + _items([v for _, v in picked], seen, depth,
+                                                                             budget)
+        return n + part * len(pairs) // SAMPLE
     if t is list or t is tuple or isinstance(o, (list, tuple, set, frozenset)):
         seq = o if isinstance(o, (list, tuple)) else list(o)
+        budget[0] -= 1 + len(seq)
         if len(seq) <= SAMPLE_OVER:
-            for v in seq:
-                n += _walk(v, seen, depth, budget)
-            return n
-        step = len(seq) / SAMPLE
-        part = sum(_walk(seq[int(j * step)], seen, depth, budget) for j in range(SAMPLE))
+            return n + _items(seq, seen, depth, budget)
+        part = _items([seq[int(j * len(seq) / SAMPLE)] for j in range(SAMPLE)], seen, depth, budget)
         return n + part * len(seq) // SAMPLE
+    budget[0] -= 1
     d = getattr(o, "__dict__", None)
     if d is not None:
         n += _walk(d, seen, depth, budget)
-    for name in getattr(t, "__slots__", ()):
-        v = getattr(o, name, None)
-        if v is not None:
-            n += _walk(v, seen, depth, budget)
+    return n + _items([v for v in (getattr(o, name, None) for name in getattr(t, "__slots__", ())) if v is not None],
+                      seen, depth, budget)
+
+
+def _items(items: Iterable[Any], seen: set[int], depth: int, budget: list[int]) -> int:
+    """Bytes of the children of a container: atoms inline (the common case), the rest by :func:`_walk`."""
+    n = 0
+    for x in items:
+        if type(x) in _ATOMS:
+            i = id(x)
+            if i not in seen and i not in _SHARED:
+                seen.add(i)
+                n += _getsizeof(x)
+        else:
+            n += _walk(x, seen, depth, budget)
     return n
 
 
