@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from typing import Any
 
 WALK_CAP = 2000  # objects visited per value before falling back to the serialized size
-SAMPLE_OVER = 16  # containers longer than this are sampled...
-SAMPLE = 8  # ...on this many evenly spaced items
+SAMPLE_OVER = 8  # containers longer than this are sampled...
+SAMPLE = 4  # ...on this many evenly spaced items
 MAX_DEPTH = 40  # nesting walked (deeper values fall back to the serialized size)
 BIG_VALUE_FACTOR = 6  # bytes of Python objects per serialized byte past the cap (JSON rows; measured)
 ALLOC_SLACK = 1.05  # pymalloc pools/arenas and size-class rounding over getsizeof (measured)
