@@ -1,4 +1,4 @@
-"""The in-process tier: an LRU bounded by entries and approximate bytes, with a tag index.
+"""The in-process tier: an LRU bounded by entries and by estimated memory bytes (cdcd.client.sizing), with a tag index.
 
 The hit path is a dict lookup, a clock read, a comparison and one attribute store
 (the entry's "recently used" bit); it takes no lock (CPython's dict and
