@@ -97,10 +97,6 @@ EXIT_STALE = 1
 EXIT_CONFIG = 2
 EXIT_INCONCLUSIVE = 3
 
-# The replication session's text formats (see cdcd.sources.postgres): rows read here must convert
-# to exactly the values the pgoutput decoder produced from the same data.
-_SESSION_OPTIONS = ("-c DateStyle=ISO,MDY -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex "
-                    "-c IntervalStyle=postgres -c default_transaction_read_only=on")
 HEARTBEAT = '{"keys":[],"tags":[]}'
 _FIELDS = ("v", "g", "d", "n", "t", "s")
 _BYTEA = 17
@@ -347,6 +343,7 @@ class Inspector:
         import redis
 
         from cdcd.config import PostgresSourceSettings
+        from cdcd.pg import session
 
         if not isinstance(config.source, PostgresSourceSettings):
             # Rows come from Postgres, and a candidate settles once the daemon's version (an LSN in the
@@ -364,8 +361,10 @@ class Inspector:
         self.report = InspectReport()
         self.redis = redis.Redis.from_url(config.redis.url, **config.redis.client_kwargs())
         self.conninfo = config.source.conninfo()  # password and TLS settings merged in
+        # The replication session's text formats (cdcd.pg.session): rows read here must convert to
+        # exactly the values the pgoutput decoder produced from the same data.
         self.pg: psycopg.Connection[Any] = psycopg.connect(
-            self.conninfo, autocommit=True, connect_timeout=5, options=_SESSION_OPTIONS,
+            session.conninfo(self.conninfo, read_only=True), autocommit=True, connect_timeout=5,
             application_name="cdcd-inspect")
         self.tables: dict[str, Table] = {}
         self.offset = 0.0  # Redis clock - Postgres clock
@@ -386,23 +385,19 @@ class Inspector:
                 "track_commit_timestamp is off: values written by applications (invalidate rules) cannot be "
                 "dated and are counted as unverifiable; turn it on (needs a restart) to check them")
         self._measure_clocks()
+        from cdcd.pg import catalog
+
+        errors: list[str] = []
         for rel, rule in self.rules.by_relation.items():
-            schema, _, table = rel.partition(".")
-            meta = self.pg.execute(
-                "SELECT c.oid, c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
-            if meta is None:
+            info = catalog.table_by_name(self.pg, rel)
+            if info is None:
                 self.report.notes.append(f"{rel}: table does not exist; skipped")
                 continue
-            oid, reltuples = meta
-            cols = [Col(r[0], int(r[1]), r[2]) for r in self.pg.execute(
-                "SELECT attname, atttypid, format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = %s "
-                "AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", (oid,))]
-            pk = [r[0] for r in self.pg.execute(
-                "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
-                "ON true JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-                "WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord", (oid,))]
-            self.tables[rel] = Table(rel, rule, cols, pk, float(reltuples))
+            errors.extend(catalog.rule_errors(rel, self.rules.source[rel], info))
+            cols = [Col(c.name, c.type_oid, c.type_name) for c in info.replicated]
+            self.tables[rel] = Table(rel, rule, cols, catalog.primary_key(self.pg, info.oid), info.reltuples)
+        if errors:
+            raise InspectError("rules do not match the database schema:\n  " + "\n  ".join(errors))
 
     def _measure_clocks(self) -> None:
         """Offset between the Redis and Postgres clocks (best of three), so times compare across servers."""

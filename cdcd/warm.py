@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,8 @@ from psycopg import sql
 
 from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
-from cdcd.rules import CompiledRule, encode_projection
+from cdcd.pg import catalog, session
+from cdcd.rules import CompiledRule, TableRule, encode_projection
 from cdcd.sources.pgoutput import str_to_lsn
 from cdcd.sources.pgtypes import convert
 
@@ -106,25 +107,18 @@ class Progress:
             log.info("warm_progress", table=self.table, rows=done, total=self.total, rate=round(rate))
 
 
-def _columns(conn: psycopg.Connection[Any], relation: str) -> list[tuple[str, int]]:
-    schema, _, table = relation.partition(".")
-    return [(r[0], int(r[1])) for r in conn.execute(
-        "SELECT a.attname, a.atttypid FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
-        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum", (schema, table))]
-
-
-def _rows(conn: psycopg.Connection[Any], relation: str, cols: list[tuple[str, int]],
+def _rows(conn: psycopg.Connection[Any], relation: str, cols: Sequence[catalog.Column],
           page: int) -> Iterator[dict[str, Any]]:
+    """Rows as the replication stream carries them: replicated columns only, text converted by pgtypes."""
     schema, _, table = relation.partition(".")
     query = sql.SQL("SELECT {} FROM {}").format(
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c, _ in cols),
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in cols),
         sql.Identifier(schema, table))
     with conn.cursor(name=f"cdcd_warm_{uuid.uuid4().hex[:8]}") as cur:
         cur.itersize = page
         cur.execute(query)
         for rec in cur:
-            yield {c: (None if v is None else convert(oid, v)) for (c, oid), v in zip(cols, rec, strict=True)}
+            yield {c.name: (None if v is None else convert(c.type_oid, v)) for c, v in zip(cols, rec, strict=True)}
 
 
 def _entries(rule: CompiledRule, row: dict[str, Any]) -> tuple[list[str], bytes]:
@@ -178,25 +172,47 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
         if on_snapshot is not None:
             on_snapshot(version)
         limiter = RateLimiter(rate)
-        with psycopg.connect(conninfo) as conn:
+        # Same session settings as the replication stream: values must print (a timestamptz in UTC, ...)
+        # exactly as the daemon receives them, or warm would write other keys and bytes.
+        with psycopg.connect(session.conninfo(conninfo)) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+            infos = _tables(conn, rules.source, wanted)
             for rule in wanted:
-                report.tables.append(_warm_table(conn, client, rule, version, rules.snapshot(rule.table_tag),
-                                                 limiter, page, progress_stream, ks.entry))
+                report.tables.append(_warm_table(conn, client, rule, infos[rule.relation], version,
+                                                 rules.snapshot(rule.table_tag), limiter, page, progress_stream,
+                                                 ks.entry))
     finally:
         repl.close()  # drops the temporary slot
     return report
 
 
-def _warm_table(conn: psycopg.Connection[Any], client: Any, rule: CompiledRule, version: int, snap: str,
-                limiter: RateLimiter, page: int, progress_stream: Any, entry: Callable[[str], str]) -> TableReport:
+def _tables(conn: psycopg.Connection[Any], source: Mapping[str, TableRule],
+            wanted: Sequence[CompiledRule]) -> dict[str, catalog.TableInfo]:
+    """The catalog entry of every table to warm; refuses rules the daemon could not apply either."""
+    out: dict[str, catalog.TableInfo] = {}
+    errors: list[str] = []
+    for rule in wanted:
+        table = catalog.table_by_name(conn, rule.relation)
+        if table is None:
+            errors.append(f"tables.{rule.relation}: table {rule.relation} does not exist")
+            continue
+        errors.extend(catalog.rule_errors(rule.relation, source[rule.relation], table))
+        out[rule.relation] = table
+    if errors:
+        raise ValueError("rules do not match the database schema:\n  " + "\n  ".join(errors))
+    return out
+
+
+def _warm_table(conn: psycopg.Connection[Any], client: Any, rule: CompiledRule, info: catalog.TableInfo,
+                version: int, snap: str, limiter: RateLimiter, page: int, progress_stream: Any,
+                entry: Callable[[str], str]) -> TableReport:
     t0 = time.monotonic()
     rep = TableReport(rule.relation)
     schema, _, table = rule.relation.partition(".")
     total_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()
     progress = Progress(rule.relation, int(total_row[0]) if total_row else 0, progress_stream)
-    cols = _columns(conn, rule.relation)
+    cols = info.replicated
     pipe = client.pipeline(transaction=False)
     pending = 0
 

@@ -1,4 +1,4 @@
-"""The in-process tier: an LRU bounded by entries and approximate bytes, with a tag index.
+"""The in-process tier: an LRU bounded by entries and by estimated memory bytes (cdcd.client.sizing), with a tag index.
 
 The hit path is a dict lookup, a clock read, a comparison and one attribute store
 (the entry's "recently used" bit); it takes no lock (CPython's dict and
@@ -33,16 +33,17 @@ that moment is refused (the safe direction).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+from .sizing import TAG_SET, entry_bytes, slot_bytes
 from .stats import Stats
 
 DROP_LOG_MAX = 100_000
-ENTRY_OVERHEAD = 200  # approximate bytes of an entry beyond its serialized value (object, key, dict slot)
 
 
 class L1Entry:
@@ -57,7 +58,7 @@ class L1Entry:
         self.hard = hard  # served (possibly stale) until; reloaded after
         self.keep = keep  # kept as the fail-safe fallback until
         self.tags = tags  # every tag it depends on, table tags included (the backplane drops by these)
-        self.size = size
+        self.size = size  # bytes it holds in memory (see :func:`sized`), its key and L1 slot excluded
         self.negative = negative  # a cached "not found"
         self.delta = delta  # seconds the load took (XFetch); 0 when this process did not load it
         self.generation = generation  # the L2 generation it mirrors (None: not in L2)
@@ -65,6 +66,14 @@ class L1Entry:
         # cache sets it from delta and beta), else it equals ``soft``.
         self.early = soft
         self.ref = False  # CLOCK bit: read since eviction last looked at it
+
+
+ENTRY_OBJECT = sys.getsizeof(L1Entry(None, 0.0, 0.0, 0.0, (), 0, False, 0.0))
+
+
+def sized(value: Any, tags: tuple[str, ...], generation: str | None, serialized: int) -> int:
+    """:attr:`L1Entry.size` of an entry holding ``value`` (pass None for a shared sentinel such as NOT_FOUND)."""
+    return entry_bytes(ENTRY_OBJECT, value, tags, generation, serialized)
 
 
 class L1:
@@ -107,9 +116,14 @@ class L1:
             if old is not None:
                 self._unindex(key, old)
             self.data[key] = entry
-            self.bytes += entry.size
+            self.bytes += entry.size + slot_bytes(key, len(entry.tags))
+            by_tag = self.by_tag
             for t in entry.tags:
-                self.by_tag.setdefault(t, set()).add(key)
+                keys = by_tag.get(t)
+                if keys is None:
+                    by_tag[t] = keys = set()
+                    self.bytes += TAG_SET
+                keys.add(key)
             self._evict()
         return True
 
@@ -142,13 +156,14 @@ class L1:
             return True
 
     def _unindex(self, key: str, e: L1Entry) -> None:
-        self.bytes -= e.size
+        self.bytes -= e.size + slot_bytes(key, len(e.tags))
         for t in e.tags:
             keys = self.by_tag.get(t)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
                     del self.by_tag[t]
+                    self.bytes -= TAG_SET
 
     def _advance(self) -> int:
         self.epoch += 1

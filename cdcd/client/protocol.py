@@ -18,7 +18,7 @@ from cdcd.fillguard import Entry, FillGuard
 from cdcd.keys import Template, check_name
 from cdcd.keyspace import SCRIPTS, Keyspace
 
-from .l1 import ENTRY_OVERHEAD, L1Entry
+from .l1 import L1Entry, sized
 from .link import Command, L2Unavailable, raise_errors
 from .options import EntryOptions
 
@@ -250,7 +250,10 @@ def make_entry(now: float, value: Any, negative: bool, opts: EntryOptions, remai
         hard = now + hard_left
         soft = min(hard, now + soft_left)
     keep = hard + (opts.fail_safe_max_age if opts.fail_safe else 0.0)
-    e = L1Entry(value, soft, hard, keep, tuple(tags), size + ENTRY_OVERHEAD, negative, delta, generation)
+    tag_tuple = tuple(tags)
+    # ``size`` (the serialized length) only matters for values too big to walk; see cdcd.client.sizing
+    e = L1Entry(value, soft, hard, keep, tag_tuple, sized(None if negative else value, tag_tuple, generation, size),
+                negative, delta, generation)
     beta = opts.early_refresh_beta
     if beta > 0 and delta > 0:
         e.early = max(now, soft - XFETCH_HORIZON * delta * beta) if soft > now else soft

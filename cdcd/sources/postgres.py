@@ -28,14 +28,13 @@ import structlog
 
 from cdcd.change import Rejected, Transaction
 from cdcd.config import PostgresSourceSettings
-from cdcd.rules import Rules, Template
+from cdcd.pg import catalog, session
+from cdcd.rules import Rules
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder, lsn_to_str
 
 log = structlog.get_logger("cdcd.source.postgres")
 
-# The replication session pins the text formats pgtypes parses.
-_SESSION_OPTIONS = "-c DateStyle=ISO,MDY -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex"
 _FORCE_FEEDBACK_EVERY = 0.05  # seconds: acks are forced out at most this often
 
 
@@ -75,35 +74,18 @@ class PostgresSource:
         errors: list[str] = []
         warnings: list[str] = []
         for rel, rule in self.rules.source.items():
-            schema, table = _split(rel)
-            row = conn.execute(
-                "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (schema, table)).fetchone()
-            if row is None:
+            table = catalog.table_by_name(conn, rel)
+            if table is None:
                 errors.append(f"tables.{rel}: table {rel} does not exist")
                 continue
-            oid, ident = row
-            cols = {r[0] for r in conn.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))}
-            for t in (*rule.keys, *rule.tags):
-                for c in Template.parse(t).columns:
-                    if c not in cols:
-                        errors.append(f"tables.{rel}: template {t!r} names column {c!r}, which {rel} does not have "
-                                      f"(columns: {', '.join(sorted(cols))})")
-            for c in rule.columns or []:
-                if c not in cols:
-                    errors.append(f"tables.{rel}.columns: {rel} has no column {c!r}")
-            ident_cols = {r[0] for r in conn.execute(
-                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
-                "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s AND "
-                "(i.indisreplident OR (i.indisprimary AND %s = 'd'))", (oid, ident))}
-            ident_name = {"d": "DEFAULT", "f": "FULL", "n": "NOTHING", "i": "USING INDEX"}.get(ident, ident)
+            errors.extend(catalog.rule_errors(rel, rule, table))
+            ident_cols = catalog.identity_columns(conn, table)
             needed = rule.template_columns()
-            if ident != "f" and not needed <= ident_cols:
+            if ident_cols is not None and not needed <= ident_cols:
                 extra = sorted(needed - ident_cols)
                 warnings.append(
-                    f"{rel} has REPLICA IDENTITY {ident_name}: the old values of {extra} are not sent, so an update "
-                    f"that changes them cannot drop the old keys/tags and a delete cannot compute them. "
+                    f"{rel} has REPLICA IDENTITY {table.identity_name}: the old values of {extra} are not sent, so an "
+                    f"update that changes them cannot drop the old keys/tags and a delete cannot compute them. "
                     f"Run: ALTER TABLE {_quote_rel(rel)} REPLICA IDENTITY FULL;")
         if errors:
             raise SourceError("rules do not match the database schema:\n  " + "\n  ".join(errors))
@@ -165,7 +147,8 @@ class PostgresSource:
         self.close()
         self.setup()
         try:
-            conn = psycopg2.connect(self.settings.conninfo(), options=_SESSION_OPTIONS, connect_timeout=5,
+            # The session pins the text formats pgtypes parses (walsender output uses these settings).
+            conn = psycopg2.connect(session.conninfo(self.settings.conninfo()), connect_timeout=5,
                                     connection_factory=psycopg2.extras.LogicalReplicationConnection)
         except psycopg2.OperationalError as exc:
             raise SourceUnavailable(f"replication connection failed: {str(exc).strip()}") from exc

@@ -10,9 +10,10 @@ import pytest
 
 from cdcd.backplane import Message
 from cdcd.client.breaker import CircuitBreaker
-from cdcd.client.l1 import ENTRY_OVERHEAD, L1, L1Entry
+from cdcd.client.l1 import L1, L1Entry, sized
 from cdcd.client.options import EntryOptions
 from cdcd.client.protocol import KeyTemplate, Registry, all_tags, make_entry, xfetch_due
+from cdcd.client.sizing import slot_bytes
 from cdcd.client.stats import Stats
 from cdcd.client.subscriber import SeqTracker
 
@@ -65,14 +66,15 @@ def test_l1_bounds_evict_second_chance_and_keep_the_tag_index_exact() -> None:
     l1.put("d", entry("d", tags=("t",)))
     assert list(l1.data) == ["c", "d", "a"] and l1.stats.l1_evictions == 1  # "a" moved to the young end
     assert l1.by_tag["t"] == {"a", "c", "d"}
-    # bytes: entries counted by size; a big one pushes out the oldest
-    b = L1(100, 1000, Stats())
+    # bytes: entries counted by size plus their slot (key, dict node); a big one pushes out the oldest
+    each = 300 + slot_bytes("k0", 0)
+    b = L1(100, 3 * each + 10, Stats())
     for i in range(5):
         b.put(f"k{i}", entry(size=300))
-    assert b.bytes <= 1000 and len(b) == 3 and "k4" in b.data
+    assert b.bytes == 3 * each and len(b) == 3 and "k4" in b.data
     assert b.remove_tags(["nope"]) == 0
     b.remove("k4")
-    assert b.bytes == 600
+    assert b.bytes == 2 * each
     # entries past their fail-safe window are purged
     assert b.purge_dead(time.monotonic() + 1000) == 2 and len(b) == 0 and b.bytes == 0
 
@@ -112,7 +114,7 @@ def test_entry_lifetimes_keep_the_l2_age_and_open_the_xfetch_window() -> None:
     now = 1000.0
     fresh = make_entry(now, "v", False, opts, 100.0, ("t",), 5, 0.0, "g1", rng)
     assert (fresh.soft, fresh.hard, fresh.keep) == (now + 60, now + 100, now + 110)
-    assert fresh.size == 5 + ENTRY_OVERHEAD and fresh.early == fresh.soft  # no load time known: no XFetch
+    assert fresh.size == sized("v", ("t",), "g1", 5) and fresh.early == fresh.soft  # no load time: no XFetch
     old = make_entry(now, "v", False, opts, 30.0, (), 5, 0.0, "g1", rng)  # written 70 s ago by someone else
     assert old.soft == now - 10 and old.hard == now + 30  # already stale: served while one refresh runs
     capped = make_entry(now, "v", False, EntryOptions(ttl=100, l1_ttl=5, jitter=0.0), 100.0, (), 5, 0.0, None, rng)

@@ -1,0 +1,1 @@
+"""What every cdcd connection to Postgres shares: session settings and catalog queries."""
