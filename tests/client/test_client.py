@@ -335,8 +335,9 @@ def test_decorators(redis_server: RedisServer, prefix: str) -> None:
 
 def test_async_race_gap_and_fail_safe(redis_server: RedisServer, r: redis.Redis, prefix: str) -> None:
     async def main() -> None:
-        cache = await AsyncCache.create(redis_server.url, CacheOptions(require_registry=False, prefix=prefix, entry=EntryOptions(
-            ttl=0.2, jitter=0.0, fail_safe_max_age=5, early_refresh_beta=0)))
+        cache = await AsyncCache.create(redis_server.url, CacheOptions(
+            require_registry=False, prefix=prefix,
+            entry=EntryOptions(ttl=0.2, jitter=0.0, fail_safe_max_age=5, early_refresh_beta=0)))
         try:
             assert await cache.wait_subscribed()
             # write-back race
