@@ -184,3 +184,34 @@ def test_registry_restored_after_empty_restart_even_when_a_client_reloaded_the_s
         if fresh is not None:
             fresh.close()
         d.stop()
+
+
+def test_wrongtype_tag_counter_is_reset_and_bumped(cfg: dict[str, Any], r: redis.Redis, sql: Any) -> None:
+    p = cfg["keyspace"]["prefix"]
+    d = DaemonThread(make_config(cfg)).start()
+    ks = d.daemon.rules.keyspace
+    try:
+        tag = ks.tag("user-orders:9")
+        r.rpush(tag, "junk")
+        sql("INSERT INTO orders (id, user_id, tenant_id, total, status) VALUES (1, 9, 1, 10, 'new')")
+        wait_until(lambda: r.xlen(ks.dead_letters) >= 1, what="the dead letter")
+        (_, fields), = r.xrange(ks.dead_letters)
+        assert fields[b"key"] == tag.encode() and b"wrongtype" in fields[b"reason"]
+        assert r.type(tag) == b"string" and int(r.get(tag) or 0) > 0  # reset, then bumped past any old value
+        sql("UPDATE orders SET status = 'paid' WHERE id = 1")
+        wait_until(lambda: d.daemon.applied_batches >= 2, what="the stream goes on")
+        assert r.xlen(ks.dead_letters) == 1 and "d" not in entry(r, f"{p}order:1")
+    finally:
+        d.stop()
+
+
+def test_http_bind_failure_is_still_a_config_error(cfg: dict[str, Any], workdir: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        daemon = DaemonProcess({**cfg, "http": {"port": busy.getsockname()[1]}}, workdir).start()
+        assert daemon.proc is not None
+        assert daemon.proc.wait(30) == 2
+        assert "cannot serve HTTP" in daemon.log_path.read_text(errors="replace")
