@@ -56,8 +56,13 @@ def translate(exc: BaseException) -> BaseException:
 
 
 def refusal_reason(exc: BaseException) -> str | None:
-    """The metric label for an error reply retrying cannot fix, or None (transient: retry)."""
-    if not isinstance(exc, redis.ResponseError):
+    """The metric label for an error reply retrying cannot fix, or None (transient: retry).
+
+    redis-py turns the known transient codes (OOM, LOADING, NOSCRIPT, READONLY, MOVED...) into
+    subclasses of ``ResponseError`` and strips the code from the message, so only a plain
+    ``ResponseError`` can be a refusal; its message is then checked.
+    """
+    if type(exc) is not redis.ResponseError:
         return None
     msg = str(exc)
     if "WRONGTYPE" in msg:

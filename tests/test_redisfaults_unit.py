@@ -19,6 +19,10 @@ def test_refusals_are_only_errors_retrying_cannot_fix() -> None:
                       "ERR something else"):
         assert refusal_reason(rr(transient)) is None, transient
     assert refusal_reason(redis.ConnectionError("reset")) is None
+    # redis-py's own classes for transient codes, with the code stripped from the message
+    for cls in (redis.exceptions.NoScriptError, redis.exceptions.OutOfMemoryError,
+                redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError):
+        assert refusal_reason(cls("command not allowed. script: f_x")) is None, cls
 
 
 def test_every_connection_level_error_becomes_one_retryable_fault() -> None:
