@@ -81,7 +81,10 @@ def test_redis_sigkilled_15_times_under_writes_daemon_stays_up_and_converges(
         assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must still be running"
         log = daemon.log_path.read_text(errors="replace")
         assert "cannot serve HTTP" not in log
-        assert any(e.get("event") == "redis_unavailable" for e in daemon.events())
+        events = daemon.events()
+        assert any(e.get("event") == "redis_unavailable" for e in events)
+        assert not any(e.get("event") == "redis_refused" for e in events), "a restart is a fault, not a refusal"
+        assert any(e.get("event") == "redis_restored" for e in events)
     finally:
         writer.stop_event.set()
         daemon.stop()
