@@ -42,9 +42,6 @@ log = structlog.get_logger("cdcd.daemon")
 # Everything a Redis call can raise that means "try again later"; see cdcd.redisfaults.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *REDIS_FAULTS)
 
-__all__ = ["Backoff", "Daemon", "HttpBindError"]
-
-
 class HttpBindError(OSError):
     """The ops HTTP server could not bind its address: a configuration problem (``http.port``)."""
 
@@ -313,9 +310,7 @@ class Daemon:
         """Writes Redis refused for good were repaired by the sink; count, log and dead-letter each one
         (before the batch is acknowledged, so a crash re-delivers rather than loses the record)."""
         if result.restored:
-            self.metrics.redis_restores.inc()
-            log.warning("redis_restored", detail="Redis had lost cdcd's registry (restart, flush or failover): "
-                                                  "registry and table counters were restored")
+            self._restored()
         for r in result.refusals:
             self.metrics.redis_refused.labels(r.reason).inc()
             log.error("redis_refused", key=r.key, kind=r.kind, reason=r.reason, error=r.error, version=r.version,
@@ -325,6 +320,11 @@ class Daemon:
                                 origin=f"redis:{r.kind}", key=r.key)
             self._retry_redis("dead-letter", functools.partial(self.dead_letters.send, rejected))
             self.metrics.dead_letters.inc()
+
+    def _restored(self) -> None:
+        self.metrics.redis_restores.inc()
+        log.warning("redis_restored", detail="Redis had lost cdcd's registry (restart, flush or failover): "
+                                              "registry and table counters were restored")
 
     def _heartbeat(self) -> None:
         """An empty message with the next sequence number: a subscriber that missed the last real message
@@ -336,9 +336,7 @@ class Daemon:
                       ts=time.time())
         try:
             if self.sink.heartbeat(msg.encode()):
-                self.metrics.redis_restores.inc()
-                log.warning("redis_restored", detail="Redis had lost cdcd's registry (restart, flush or "
-                                                      "failover): registry and table counters were restored")
+                self._restored()
         except REDIS_ERRORS as exc:
             log.debug("heartbeat_failed", error=str(exc))
 
