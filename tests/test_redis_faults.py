@@ -218,3 +218,19 @@ def test_http_bind_failure_is_still_a_config_error(cfg: dict[str, Any], workdir:
         assert daemon.proc is not None
         assert daemon.proc.wait(30) == 2
         assert "cannot serve HTTP" in daemon.log_path.read_text(errors="replace")
+
+
+def test_idle_daemon_restores_the_registry_on_its_heartbeat(cfg: dict[str, Any],
+                                                            private_redis: RedisServer) -> None:
+    cfg = {**cfg, "redis": {**cfg["redis"], "url": private_redis.url},
+           "daemon": {**cfg["daemon"], "heartbeat": 0.2}}
+    d = DaemonThread(make_config(cfg)).start()
+    try:
+        registry = d.daemon.rules.keyspace.registry
+        private_redis.stop()
+        private_redis.start()  # empty, and no change will come to notice it
+        r = redis.Redis.from_url(private_redis.url)
+        wait_until(lambda: r.exists(registry), timeout=10, what="the registry restored while idle")
+        assert d.daemon.metrics.redis_restores._value.get() >= 1
+    finally:
+        d.stop()
