@@ -103,11 +103,12 @@ def main() -> None:
 
         # ------------------------------------------------------------------ cdcd
         entry = EntryOptions(ttl=3600, jitter=0.0)
-        l1 = Cache(rs.url, CacheOptions(prefix="b1:", entry=entry))  # backplane on, as in production
+        nd = {"require_registry": False}  # no daemon runs here: nothing restores a registry
+        l1 = Cache(rs.url, CacheOptions(prefix="b1:", entry=entry, **nd))  # backplane on, as in production
         l1.get_or_load(KEY, loader)
-        l2 = Cache(rs.url, CacheOptions(prefix="b1:", l1_max_entries=0, subscribe=False, entry=entry))
-        al1 = AsyncCache(rs.url, CacheOptions(prefix="b1:", subscribe=False, entry=entry))
-        al2 = AsyncCache(rs.url, CacheOptions(prefix="b1:", l1_max_entries=0, subscribe=False, entry=entry))
+        l2 = Cache(rs.url, CacheOptions(prefix="b1:", l1_max_entries=0, subscribe=False, entry=entry, **nd))
+        al1 = AsyncCache(rs.url, CacheOptions(prefix="b1:", subscribe=False, entry=entry, **nd))
+        al2 = AsyncCache(rs.url, CacheOptions(prefix="b1:", l1_max_entries=0, subscribe=False, entry=entry, **nd))
         loop.run_until_complete(al1.get_or_load(KEY, loader))
         sync_row("L1 hit", "cdcd Cache.get", l1.get, KEY)
         sync_row("L1 hit", "cdcd Cache.get_or_load", l1.get_or_load, KEY, loader)

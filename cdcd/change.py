@@ -127,3 +127,4 @@ class Rejected:
     position: Any
     raw: bytes | str | None = None
     origin: str = ""
+    key: str | None = None  # the Redis key concerned, when Redis refused a write to it

@@ -34,7 +34,7 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cdcd.daemon import Daemon
+    from cdcd.daemon import Daemon, HttpBindError
     from cdcd.logs import configure
     from cdcd.sources.base import SourceError
 
@@ -49,11 +49,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SourceError as exc:
         _err(str(exc))
         return EXIT_CONFIG
-    except OSError as exc:
-        if daemon.http is None and exc.errno is not None:
-            _err(f"cannot serve HTTP on {config.http.host}:{config.http.port}: {exc.strerror} (http.port)")
-            return EXIT_CONFIG
-        raise
+    except HttpBindError as exc:  # only a failed bind: Redis and source faults are retried inside run()
+        _err(f"cannot serve HTTP on {config.http.host}:{config.http.port}: {exc.strerror} (http.port)")
+        return EXIT_CONFIG
     return 0
 
 

@@ -16,7 +16,7 @@ Only configuration errors that need an operator end the process.
 from __future__ import annotations
 
 import contextlib
-import random
+import functools
 import signal
 import threading
 import time
@@ -31,6 +31,7 @@ from cdcd.backplane import Message, Sequencer
 from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.metrics import Metrics
+from cdcd.redisfaults import REDIS_FAULTS, Backoff
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink
 from cdcd.sources.base import Source, SourceError, SourceUnavailable
@@ -38,19 +39,11 @@ from cdcd.sources.base import Source, SourceError, SourceUnavailable
 log = structlog.get_logger("cdcd.daemon")
 
 
-class Backoff:
-    """Exponential backoff with full jitter, so a fleet does not retry in lockstep."""
+# Everything a Redis call can raise that means "try again later"; see cdcd.redisfaults.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *REDIS_FAULTS)
 
-    def __init__(self, initial: float, cap: float) -> None:
-        self.initial, self.cap, self.attempt = initial, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.initial * (2 ** self.attempt))
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
+class HttpBindError(OSError):
+    """The ops HTTP server could not bind its address: a configuration problem (``http.port``)."""
 
 
 class Daemon:
@@ -131,7 +124,7 @@ class Daemon:
                 self.metrics.connected.labels("redis").set(1)
                 self.redis_ok = True
                 return result
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self.metrics.connected.labels("redis").set(0)
                 self.metrics.retries.labels("redis").inc()
                 self.redis_ok = False
@@ -144,7 +137,9 @@ class Daemon:
                     with contextlib.suppress(SourceUnavailable):
                         keepalive()
                 if self._wait(delay):
-                    raise
+                    if isinstance(exc, redis.RedisError):
+                        raise
+                    raise redis.ConnectionError(str(exc)) from exc
 
     def _connect_source(self) -> None:
         backoff = Backoff(self.config.daemon.retry_initial, self.config.daemon.retry_max)
@@ -182,7 +177,7 @@ class Daemon:
         batch = Batch()
         batch.tags.update(r.table_tag for r in self.rules.by_relation.values())
         self._retry_redis("invalidate after slot loss", lambda: self.sink.apply(batch))
-        self.redis.hset(self.rules.keyspace.applied, "source", "")
+        self._retry_redis("reset applied source", lambda: self.redis.hset(self.rules.keyspace.applied, "source", ""))
 
     def _error(self, text: str) -> None:
         self.last_error = text
@@ -194,11 +189,7 @@ class Daemon:
         log.info("starting", source=self.source.name, tables=sorted(self.rules.by_relation),
                  prefix=self.rules.keyspace.prefix, channel=self.rules.keyspace.channel, run=self.sequencer.run)
         if cfg.http.enabled and self.http is None:
-            from cdcd.ops import OpsServer
-
-            self.http = OpsServer(self, cfg.http.host, cfg.http.port).start()
-            log.info("http_listening", host=cfg.http.host, port=self.http.port,
-                     routes=["/metrics", "/healthz", "/readyz", "/status"])
+            self.start_http()
         monitor = threading.Thread(target=self._monitor, name="cdcd-monitor", daemon=True)
         monitor.start()
         try:
@@ -209,6 +200,19 @@ class Daemon:
             if self.http is not None:
                 self.http.stop()
                 self.http = None
+
+    def start_http(self) -> None:
+        """Serve /metrics, /healthz, /readyz, /status; raises HttpBindError when the address cannot be bound
+        (the only OSError the CLI reports as an HTTP problem)."""
+        from cdcd.ops import OpsServer
+
+        cfg = self.config
+        try:
+            self.http = OpsServer(self, cfg.http.host, cfg.http.port).start()
+        except OSError as exc:
+            raise HttpBindError(exc.errno, exc.strerror) from exc
+        log.info("http_listening", host=cfg.http.host, port=self.http.port,
+                 routes=["/metrics", "/healthz", "/readyz", "/status"])
 
     def _run(self) -> None:
         cfg = self.config
@@ -269,6 +273,7 @@ class Daemon:
             m.problems.labels(p.kind, p.relation).inc()
             log.warning(p.kind, table=p.relation, detail=p.detail, position=str(p.position))
         result = self._retry_redis("apply", lambda: self.sink.apply(batch))
+        self._refused(result)
         self.source.ack([it.position for it in items])
         now = time.time()
         self.applied_batches += 1
@@ -306,6 +311,26 @@ class Daemon:
         if self.on_batch is not None:
             self.on_batch(batch, result)
 
+    def _refused(self, result: ApplyResult) -> None:
+        """Writes Redis refused for good were repaired by the sink; count, log and dead-letter each one
+        (before the batch is acknowledged, so a crash re-delivers rather than loses the record)."""
+        if result.restored:
+            self._restored()
+        for r in result.refusals:
+            self.metrics.redis_refused.labels(r.reason).inc()
+            log.error("redis_refused", key=r.key, kind=r.kind, reason=r.reason, error=r.error, version=r.version,
+                      detail="the key was made safe (tombstoned or reset) and the stream goes on; see the "
+                             "dead letter")
+            rejected = Rejected(reason=f"redis_refused:{r.reason}: {r.error}", position=str(r.version),
+                                origin=f"redis:{r.kind}", key=r.key)
+            self._retry_redis("dead-letter", functools.partial(self.dead_letters.send, rejected))
+            self.metrics.dead_letters.inc()
+
+    def _restored(self) -> None:
+        self.metrics.redis_restores.inc()
+        log.warning("redis_restored", detail="Redis had lost cdcd's registry (restart, flush or failover): "
+                                              "registry and table counters were restored")
+
     def _heartbeat(self) -> None:
         """An empty message with the next sequence number: a subscriber that missed the last real message
         sees the gap now instead of at the next change. If it cannot be sent, the number is spent anyway,
@@ -315,8 +340,9 @@ class Daemon:
         msg = Message(origin="cdcd", run=self.sequencer.run, seq=self.sequencer.seq, version=str(self.last_version),
                       ts=time.time())
         try:
-            self.redis.publish(self.rules.keyspace.channel, msg.encode())
-        except redis.RedisError as exc:
+            if self.sink.heartbeat(msg.encode()):
+                self._restored()
+        except REDIS_ERRORS as exc:
             log.debug("heartbeat_failed", error=str(exc))
 
     def _dead_letter(self, rejected: Rejected) -> None:
@@ -334,7 +360,7 @@ class Daemon:
             try:
                 self.redis.ping()
                 self.redis_ok = True
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self.redis_ok = False
                 self._error(f"redis: {exc}")
             self.metrics.connected.labels("redis").set(1 if self.redis_ok else 0)

@@ -38,6 +38,10 @@ class Metrics:
                                 registry=r)
         self.dead_letters = Counter("cdcd_dead_letters_total", "Records sent to the dead-letter destination",
                                     registry=r)
+        self.redis_refused = Counter("cdcd_redis_refused_total", "Writes Redis refused for a reason retrying "
+                                     "cannot fix (dead-lettered, key made safe), by reason", ["reason"], registry=r)
+        self.redis_restores = Counter("cdcd_redis_restores_total", "Registry and table counters restored after "
+                                      "Redis lost them (restart, flush, failover)", registry=r)
         self.redis_rtt = Histogram("cdcd_redis_roundtrip_seconds", "Redis pipeline round trip per batch",
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.commit_to_apply = Histogram("cdcd_commit_to_apply_seconds",

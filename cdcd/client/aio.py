@@ -145,9 +145,19 @@ class AsyncCache:
 
     # ---------------------------------------------------------------- Redis plumbing
 
+    @property
+    def unverifiable(self) -> bool:
+        """No registry in Redis (it restarted empty, or no daemon runs): entries cannot be checked against
+        their tables' TRUNCATE counters, so every read is a miss and nothing is cached
+        (``require_registry=False`` turns this off for uses without a daemon)."""
+        return self.options.require_registry and not self.registry.found
+
     async def _refresh_registry(self) -> None:
         now = monotonic()
-        if now - self._registry_at < self.options.registry_refresh:
+        every = self.options.registry_refresh
+        if self.unverifiable:
+            every = min(every, 1.0)  # Redis lost it: the daemon restores it within a heartbeat
+        if now - self._registry_at < every:
             return
         self._registry_at = now
         try:
@@ -199,6 +209,9 @@ class AsyncCache:
         since = self.l1.begin()
         try:
             await self._refresh_registry()
+            if self.unverifiable:
+                self.stats.l2_misses += 1
+                return default
             found = await self._read(key, all_tags(key, (), self.registry), lease=False)
         except L2Unavailable:
             cur = self._fallback(key, opts)
@@ -321,6 +334,10 @@ class AsyncCache:
     async def _load(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
                     has_fallback: bool) -> Any:
         await self._refresh_registry()
+        if self.unverifiable:
+            self.stats.l2_misses += 1
+            value, _ = await self._call_loader(loader)
+            return None if value is NOT_FOUND else value
         tag_list = all_tags(key, tags, self.registry)
         since = self.l1.begin()
         try:
@@ -438,6 +455,9 @@ class AsyncCache:
         opts = (options or self.options.entry).merged(ttl=ttl)
         data = self.serializer.dumps(value)
         await self._refresh_registry()
+        if self.unverifiable:
+            await self.delete(key)  # nothing may be cached, and an older copy must not survive the write
+            return False
         tag_list = all_tags(key, tags, self.registry)
         since = self.l1.begin()
         try:

@@ -112,6 +112,10 @@ class CacheOptions:
     redis_timeout`` counts as a lost connection (a silent network partition is noticed, not waited out)."""
     registry_refresh: float = 60.0
     """Seconds between reloads of the daemon's rules registry (table tags for TRUNCATE)."""
+    require_registry: bool = True
+    """Without the daemon's registry in Redis (Redis restarted empty and the daemon has not restored it
+    yet), entries cannot be checked against TRUNCATE, so reads miss and nothing is cached. Turn off only
+    when no daemon serves this prefix (the cache is then filled and invalidated by the application alone)."""
     lock_poll: float = 0.02
     """Seconds between L2 checks while another process holds the load lock."""
     background_workers: int = 4

@@ -73,8 +73,10 @@ class Registry:
     def __init__(self) -> None:
         self.patterns: list[tuple[re.Pattern[str], str]] = []
         self._memo: dict[str, tuple[str, ...]] = {}
+        self.found = False  # the key held a registry when last read (False: Redis lost it, or no daemon ran)
 
     def load(self, raw: bytes | str | None) -> None:
+        self.found = bool(raw)
         patterns = []
         if raw:
             doc = json.loads(raw)
@@ -156,8 +158,14 @@ class Found:
 
     @property
     def usable(self) -> bool:
-        """A value or a cached "not found" whose recorded tag counters are all still current."""
-        return self.entry.hit and tags_valid(self.entry, self.current)
+        """A value or a cached "not found" whose recorded tag counters are all still current, and which
+        recorded a table tag when the key implies any (an entry filled while Redis had lost the registry
+        recorded none: a TRUNCATE could not reach it, so it is a miss)."""
+        if not (self.entry.hit and tags_valid(self.entry, self.current)):
+            return False
+        table = Keyspace.table_tag("")
+        implied = [t for t in self.current if t.startswith(table)]
+        return not implied or any(t in self.entry.tags for t in implied)
 
     def missing(self) -> list[str]:
         """Tags the entry recorded whose counters this read did not fetch (a second, rare round trip)."""

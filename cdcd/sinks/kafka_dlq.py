@@ -47,6 +47,8 @@ def dead_letter(rejected: Rejected) -> tuple[bytes, list[tuple[str, bytes]], byt
         "position": None if topic is not None else str(rejected.position),
         "ts": time.time(),
     }
+    if rejected.key is not None:
+        body["key"] = rejected.key
     if raw is None:
         body["raw"] = None
     else:
@@ -58,6 +60,8 @@ def dead_letter(rejected: Rejected) -> tuple[bytes, list[tuple[str, bytes]], byt
         except UnicodeDecodeError:
             body["raw"], body["raw_encoding"] = base64.b64encode(data).decode(), "base64"
     headers = [("cdcd.error", rejected.reason.encode()), ("cdcd.origin", rejected.origin.encode())]
+    if rejected.key is not None:
+        headers.append(("cdcd.key", rejected.key.encode()))
     if topic is not None:
         headers += [("cdcd.topic", topic.encode()), ("cdcd.partition", str(partition).encode()),
                     ("cdcd.offset", str(offset).encode())]

@@ -2,10 +2,17 @@
 
 One batch is one pipeline (one round trip): an ``EVALSHA apply`` per entry, an
 ``EVALSHA bump_tag`` per tag, the daemon's applied position, then the backplane
-message(s). Redis executes a connection's commands in order, so subscribers hear
+message(s), then ``EXISTS`` of the registry (the run marker: when Redis restarted
+empty, whoever reloaded the scripts first, the daemon notices it here and restores the registry and
+table counters). Redis executes a connection's commands in order, so subscribers hear
 of a change only after Redis holds it. A failed attempt is simply repeated:
 writes are versioned (a repeat is refused as not newer), tag bumps and messages
 are safe to repeat (one more invalidation, never one fewer).
+
+Connection-level failures of any layer leave as :class:`~cdcd.redisfaults.RedisFault` (retried).
+An error reply about one key that retrying cannot fix (``WRONGTYPE``, a script error) is not a
+failure of the batch: the key is repaired, the refusal reported in :class:`ApplyResult` (the daemon
+dead-letters it) and the rest of the batch stands.
 
 Each script call touches one key, so the same calls work on Redis Cluster.
 
@@ -21,16 +28,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import structlog
 from redis.exceptions import NoScriptError, ResponseError
 
 from cdcd.backplane import Sequencer
 from cdcd.change import Rejected
 from cdcd.keyspace import SCRIPTS, Keyspace
+from cdcd.redisfaults import REDIS_FAULTS, refusal_reason, translate
 from cdcd.rules import Batch, Rules
+
+log = structlog.get_logger("cdcd.sinks.redis")
 
 _APPLY = SCRIPTS["apply"]
 _BUMP = SCRIPTS["bump_tag"]
@@ -44,6 +55,17 @@ DLQ_MAXLEN = 100_000
 DLQ_RAW_MAX = 65_536
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A write Redis refused for a reason retrying cannot fix; the key has been made safe."""
+
+    key: str  # the Redis key (entry or tag counter)
+    kind: str  # "entry" | "tag"
+    reason: str  # metric label: wrongtype | script_error
+    error: str
+    version: int
+
+
 @dataclass(slots=True)
 class ApplyResult:
     applied: int
@@ -54,6 +76,8 @@ class ApplyResult:
     messages: int
     rtt: float
     floored: int = 0  # values sent as tombstones because their table was truncated at a newer version
+    refusals: list[Refusal] = field(default_factory=list)
+    restored: bool = False  # the run marker was gone: registry and table counters were restored
 
 
 def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0) -> redis.Redis:
@@ -80,6 +104,12 @@ class RedisSink:
 
     def prepare(self) -> None:
         """Scripts, table epochs and the client registry; raises RedisError while Redis is down."""
+        try:
+            self._prepare()
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc
+
+    def _prepare(self) -> None:
         self.load_scripts()
         pipe: Any = self.client.pipeline(transaction=False)
         rels = list(self.rules.by_relation.values())
@@ -118,6 +148,20 @@ class RedisSink:
                 pipe.execute_command("EVALSHA", _FLOOR.sha, 1, self.ks.floors, rel, str(floor))
         pipe.execute()
 
+    def heartbeat(self, message: bytes) -> bool:
+        """Publish an idle heartbeat and check the run marker; True when Redis had lost it (and it was
+        restored). Raises RedisFault/RedisError when Redis cannot be reached."""
+        try:
+            pipe: Any = self.client.pipeline(transaction=False)
+            pipe.publish(self.ks.channel, message)
+            pipe.exists(self.ks.registry)
+            if pipe.execute()[1]:
+                return False
+            self.restore()
+            return True
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc
+
     def applied_state(self) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.client.hgetall(self.ks.applied)  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
@@ -125,10 +169,15 @@ class RedisSink:
     def apply(self, batch: Batch) -> ApplyResult:
         """One attempt; raises redis.RedisError when it did not fully succeed (the caller retries)."""
         try:
-            return self._apply(batch)
-        except NoScriptError:
-            self.restore()  # Redis restarted or failed over: scripts (and likely data) are gone
-            return self._apply(batch)
+            try:
+                return self._apply(batch)
+            except NoScriptError:
+                self.restore()  # Redis restarted or failed over: scripts (and likely data) are gone
+                result = self._apply(batch)
+                result.restored = True
+                return result
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc
 
     def begin(self, batch: Batch) -> PendingApply:
         """Send the batch and return at once; ``wait()`` on the result reads Redis's answers.
@@ -176,6 +225,7 @@ class RedisSink:
         channel = ks.channel
         for m in messages:
             cmds.append(("PUBLISH", channel, m.encode()))
+        cmds.append(("EXISTS", ks.registry))  # the run marker: 0 after Redis lost its memory
         return cmds, tags, restored, len(messages)
 
     def _floor_of(self, batch: Batch) -> dict[str, int]:
@@ -186,20 +236,66 @@ class RedisSink:
 
     def _finish(self, batch: Batch, results: list[Any], tags: list[str], restored: int, tombstones: int,
                 messages: int, rtt: float, floored: int = 0) -> ApplyResult:
-        for r in results:
+        n = len(batch.writes)
+        first_tag = n + restored
+        refusals: list[Refusal] = []
+        writes: list[Any] | None = None
+        for i, r in enumerate(results):
             if isinstance(r, Exception):
                 if isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"):
                     raise NoScriptError(str(r))
+                reason = refusal_reason(r)
+                if reason is not None and i < n:
+                    if writes is None:
+                        writes = list(batch.writes.values())
+                    w = writes[i]
+                    refusals.append(Refusal(w.key, "entry", reason, str(r), w.version))
+                    continue
+                if reason is not None and first_tag <= i < first_tag + len(tags):
+                    refusals.append(Refusal(self.ks.tag(tags[i - first_tag]), "tag", reason, str(r),
+                                            batch.version or 0))
+                    results[i] = None  # the repair bumps it; the epoch is re-read below
+                    continue
                 raise r
-        n = len(batch.writes)
+        if refusals:
+            self._repair(refusals, batch)
         applied = results[:n].count(1)
         # table epochs moved by TRUNCATE: later values of that table must record the new counter
         first_tag = n + restored
         for tag, new in zip(tags, results[first_tag:first_tag + len(tags)], strict=True):
-            if tag in self.rules.table_epochs:
+            if tag in self.rules.table_epochs and new is not None:
                 self.rules.table_epochs[tag] = new.decode() if isinstance(new, bytes) else str(new)
+        marker_lost = results[-1] == 0
+        if marker_lost:
+            self.restore()  # Redis restarted empty (and somebody else may have reloaded the scripts)
         return ApplyResult(applied=applied, refused=n - applied, tombstones=tombstones, values=n - tombstones,
-                           tags=len(tags), messages=messages, rtt=rtt, floored=floored)
+                           tags=len(tags), messages=messages, rtt=rtt, refusals=refusals, restored=marker_lost,
+                           floored=floored)
+
+    def _repair(self, refusals: list[Refusal], batch: Batch) -> None:
+        """Make refused keys safe: an entry key is replaced by a tombstone at the change's version (readers
+        see a miss, fills in flight fail), a tag counter is deleted and bumped past any value it had.
+
+        Connection faults raise (the batch is retried: harmless, writes are versioned); a repair that
+        Redis refuses again (a broken script) leaves the key deleted, which readers also see as a miss.
+        """
+        ttls = {w.key: w.ttl_ms for w in batch.writes.values()}
+        pipe: Any = self.client.pipeline(transaction=False)
+        for r in refusals:
+            pipe.delete(r.key)
+            if r.kind == "entry":
+                pipe.execute_command("EVALSHA", _APPLY.sha, 1, r.key, r.version, "t", ttls.get(r.key, 60_000), b"", "")
+            else:
+                pipe.execute_command("EVALSHA", _BUMP.sha, 1, r.key)
+        out = pipe.execute(raise_on_error=False)
+        for r, (_, done) in zip(refusals, zip(out[0::2], out[1::2], strict=True), strict=True):
+            if isinstance(done, Exception):
+                log.error("repair_failed", key=r.key, error=str(done),
+                          detail="the key was deleted but not tombstoned: readers miss, a fill may land")
+            elif r.kind == "tag":
+                tag = r.key[len(self.ks.tag("")):]
+                if tag in self.rules.table_epochs:
+                    self.rules.table_epochs[tag] = done.decode() if isinstance(done, bytes) else str(done)
 
     def _send_packed(self, batch: Batch) -> PendingApply:
         """The batch as raw RESP on the sink's connection: the same commands, in the same order, as the
@@ -329,9 +425,12 @@ class PendingApply:
             return self.done
         try:
             results = _read_replies(self.conn, self.replies)
-        except BaseException:
+        except BaseException as exc:
             self.conn.disconnect()
-            raise
+            fault = translate(exc)
+            if fault is exc:
+                raise
+            raise fault from exc
         rtt = time.perf_counter() - self.t0
         self.done = self.sink._finish(self.batch, results, self.tags, self.restored, self.tombstones,
                                       self.messages, rtt, self.floored)
@@ -366,7 +465,13 @@ class RedisDeadLetters:
         raw: Any = rejected.raw if rejected.raw is not None else b""
         if isinstance(raw, str):
             raw = raw.encode()
-        self.client.xadd(self.stream, {
+        fields = {
             "reason": rejected.reason, "position": str(rejected.position), "origin": rejected.origin,
             "raw": raw[:DLQ_RAW_MAX], "ts": repr(time.time()),
-        }, maxlen=DLQ_MAXLEN, approximate=True)
+        }
+        if rejected.key is not None:
+            fields["key"] = rejected.key
+        try:
+            self.client.xadd(self.stream, fields, maxlen=DLQ_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc

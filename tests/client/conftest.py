@@ -53,6 +53,7 @@ def make_cache(redis_srv: RedisServer, ks: Keyspace) -> Iterator[Callable[..., C
     def make(url: str | None = None, **kw: Any) -> Cache:
         entry = kw.pop("entry", EntryOptions(jitter=0.0))
         rng = kw.pop("rng", None)
+        kw.setdefault("require_registry", False)  # no daemon in these tests
         cache = Cache(url or redis_srv.url, CacheOptions(prefix=ks.prefix, entry=entry, **kw), rng=rng)
         made.append(cache)
         return cache

@@ -30,7 +30,7 @@ async def until(pred: Callable[[], Any], timeout: float = 5.0, what: str = "") -
 
 
 def options(ks: Keyspace, **kw: Any) -> CacheOptions:
-    return CacheOptions(prefix=ks.prefix, entry=kw.pop("entry", EntryOptions(jitter=0.0)), **kw)
+    return CacheOptions(require_registry=False, prefix=ks.prefix, entry=kw.pop("entry", EntryOptions(jitter=0.0)), **kw)
 
 
 def test_100_tasks_on_a_cold_key_call_the_loader_once(redis_srv: RedisServer, ks: Keyspace) -> None:

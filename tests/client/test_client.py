@@ -28,7 +28,7 @@ def prefix() -> str:
 
 def make(url: str, prefix: str, **kw: Any) -> Cache:
     entry_opts = kw.pop("entry", EntryOptions(jitter=0.0))
-    return Cache(url, CacheOptions(prefix=prefix, entry=entry_opts, **kw))
+    return Cache(url, CacheOptions(require_registry=False, prefix=prefix, entry=entry_opts, **kw))
 
 
 def daemon_apply(r: redis.Redis, prefix: str, key: str, version: int, value: bytes | None = None) -> None:
@@ -88,7 +88,7 @@ def test_single_flight_threads_and_asyncio(redis_server: RedisServer, prefix: st
         return "w"
 
     async def main() -> list[Any]:
-        cache = AsyncCache(redis_server.url, CacheOptions(prefix=prefix, subscribe=False))
+        cache = AsyncCache(redis_server.url, CacheOptions(require_registry=False, prefix=prefix, subscribe=False))
         try:
             return await asyncio.gather(*(cache.get_or_load("acold", aslow) for _ in range(100)))
         finally:
@@ -287,7 +287,7 @@ def test_xfetch_probability_matches_the_paper() -> None:
 
 def test_hot_key_refreshes_before_expiry(redis_server: RedisServer, prefix: str) -> None:
     opts = EntryOptions(ttl=0.6, jitter=0.0, early_refresh_beta=1.0)
-    with Cache(redis_server.url, CacheOptions(prefix=prefix, subscribe=False, entry=opts),
+    with Cache(redis_server.url, CacheOptions(require_registry=False, prefix=prefix, subscribe=False, entry=opts),
                rng=random.Random(7)) as cache:
         loads: list[float] = []
 
@@ -319,7 +319,7 @@ def test_decorators(redis_server: RedisServer, prefix: str) -> None:
         assert calls == [5]
 
     async def main() -> None:
-        acache = AsyncCache(redis_server.url, CacheOptions(prefix=prefix, subscribe=False))
+        acache = AsyncCache(redis_server.url, CacheOptions(require_registry=False, prefix=prefix, subscribe=False))
 
         @acache.cached(key="order:{oid}", ttl=60)
         async def get_order(oid: int) -> dict[str, int]:
@@ -335,8 +335,9 @@ def test_decorators(redis_server: RedisServer, prefix: str) -> None:
 
 def test_async_race_gap_and_fail_safe(redis_server: RedisServer, r: redis.Redis, prefix: str) -> None:
     async def main() -> None:
-        cache = await AsyncCache.create(redis_server.url, CacheOptions(prefix=prefix, entry=EntryOptions(
-            ttl=0.2, jitter=0.0, fail_safe_max_age=5, early_refresh_beta=0)))
+        cache = await AsyncCache.create(redis_server.url, CacheOptions(
+            require_registry=False, prefix=prefix,
+            entry=EntryOptions(ttl=0.2, jitter=0.0, fail_safe_max_age=5, early_refresh_beta=0)))
         try:
             assert await cache.wait_subscribed()
             # write-back race
