@@ -30,6 +30,9 @@ class Metrics:
         self.problems = Counter("cdcd_unmapped_total",
                                 "Changes the rules could not fully map, by kind and table", ["kind", "table"],
                                 registry=r)
+        self.schema_changes = Counter("cdcd_schema_changes_total",
+                                      "Schema changes that broke a table's rule, by table and kind", ["table", "kind"],
+                                      registry=r)
         self.dead_letters = Counter("cdcd_dead_letters_total", "Records sent to the dead-letter destination",
                                     registry=r)
         self.redis_rtt = Histogram("cdcd_redis_roundtrip_seconds", "Redis pipeline round trip per batch",

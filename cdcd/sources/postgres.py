@@ -31,6 +31,7 @@ from cdcd.config import PostgresSourceSettings
 from cdcd.rules import Rules, Template
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder, lsn_to_str
+from cdcd.sources.schemaguard import PgSchemaGuard, needed_columns
 
 log = structlog.get_logger("cdcd.source.postgres")
 
@@ -57,6 +58,8 @@ class PostgresSource:
         self._conn: Any = None
         self._cur: Any = None
         self._decoder = PgOutputDecoder(self.name)
+        self.schema_guard = PgSchemaGuard(rules)
+        self._catalog: psycopg.Connection[Any] | None = None  # the guard's catalog checks
         self._acked = 0
         self._received = 0
         self._last_forced = 0.0
@@ -71,18 +74,40 @@ class PostgresSource:
             raise SourceUnavailable(f"cannot connect to Postgres: {str(exc).strip()}") from exc
 
     def check_schema(self, conn: psycopg.Connection[Any]) -> list[str]:
-        """Validate the rules against the live schema. Errors raise; returns warnings."""
+        """Validate the rules against the live schema and bind each table to its OID. Errors raise; returns warnings.
+
+        The same checks as the schema guard's at run time: at startup a mismatch is a configuration error
+        (fix the rules, nothing is served yet); on a reconnect, rules the guard already marked broken are
+        skipped (they stay broken, tag-bump only) so one broken table never stops the others.
+        """
         errors: list[str] = []
         warnings: list[str] = []
+        guard = self.schema_guard
         for rel, rule in self.rules.source.items():
+            if rel in guard.broken:
+                continue
             schema, table = _split(rel)
             row = conn.execute(
                 "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (schema, table)).fetchone()
             if row is None:
+                if rel in guard.bound:  # a reconnect: the table went while we were away
+                    guard.mark(rel, "dropped", f"table {rel} (relation OID {guard.bound[rel]}) no longer exists "
+                               "under that name (DROP TABLE or RENAME, seen at reconnect)",
+                               f"point tables.{rel} at the table's current name, or remove it from the rules")
+                    continue
                 errors.append(f"tables.{rel}: table {rel} does not exist")
                 continue
             oid, ident = row
+            reconnect = rel in guard.bound
+            guard.bind(rel, int(oid))
+            if rel in guard.broken:
+                continue
+            if reconnect and needed_columns(rule) - {r[0] for r in conn.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+                    (oid,))}:
+                guard.request_check()  # lost a column while we were away: the guard breaks the rule, no exit
+                continue
             cols = {r[0] for r in conn.execute(
                 "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))}
             for t in (*rule.keys, *rule.tags):
@@ -99,6 +124,8 @@ class PostgresSource:
                 "(i.indisreplident OR (i.indisprimary AND %s = 'd'))", (oid, ident))}
             ident_name = {"d": "DEFAULT", "f": "FULL", "n": "NOTHING", "i": "USING INDEX"}.get(ident, ident)
             needed = rule.template_columns()
+            if needed_columns(rule) - cols:
+                continue  # reported above; on a reconnect the guard's catalog check breaks the rule
             if ident != "f" and not needed <= ident_cols:
                 extra = sorted(needed - ident_cols)
                 warnings.append(
@@ -188,10 +215,30 @@ class PostgresSource:
             raise SourceError(f"START_REPLICATION failed: {msg}") from exc
         self._conn, self._cur = conn, cur
         self._decoder = PgOutputDecoder(self.name)
+        self._decoder.on_relation = self.schema_guard.on_relation
         log.info("replication_started", slot=self.settings.slot, publication=self.settings.publication,
                  options=options)
 
     def poll(self, timeout: float) -> Sequence[Transaction | Rejected]:
+        out = self._poll(timeout)
+        if self.schema_guard.check_due():
+            self._check_catalog()
+        return out
+
+    def _check_catalog(self) -> None:
+        """The guard's catalog check (a DROP TABLE sends nothing down the stream); never fatal here."""
+        try:
+            if self._catalog is None or self._catalog.closed:
+                self._catalog = psycopg.connect(self.settings.conninfo(), autocommit=True, connect_timeout=5)
+            self.schema_guard.check_catalog(self._catalog)
+        except psycopg.Error as exc:
+            log.debug("schema_check_failed", error=str(exc).strip())
+            if self._catalog is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._catalog.close()
+            self._catalog = None
+
+    def _poll(self, timeout: float) -> Sequence[Transaction | Rejected]:
         cur = self._cur
         if cur is None:
             raise SourceUnavailable("not connected")
@@ -266,6 +313,10 @@ class PostgresSource:
             with contextlib.suppress(psycopg2.Error):
                 self._conn.close()
         self._conn = self._cur = None
+        if self._catalog is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._catalog.close()
+            self._catalog = None
 
     def describe(self) -> dict[str, Any]:
         return {"slot": self.settings.slot, "acked_lsn": lsn_to_str(self._acked),
