@@ -53,13 +53,13 @@ def _entry_valid(r: redis.Redis, p: str, key: str) -> bool:
 
 def _assert_broken(ctx: dict[str, Any], r: redis.Redis, sql: Any, kind: str, words: list[str]) -> None:
     p, base, d = ctx["p"], ctx["base"], ctx["d"]
+    # everything derived from acct is invalidated at once: the cached value no longer validates
+    wait_until(lambda: not _entry_valid(r, p, "acct:1"), what="acct:1 invalidated by the table tag")
     wait_until(lambda: get(base + "/readyz")[0] == 503, what="not ready after the DDL")
     reasons = json.loads(get(base + "/readyz")[1])["reasons"]
     text = " ".join(reasons)
     assert "tables.public.acct" in text and all(w in text for w in words), reasons
     assert "REPLICA IDENTITY FULL" not in text  # acct has it: never advise it
-    # everything derived from acct is invalidated at once: the cached value no longer validates
-    wait_until(lambda: not _entry_valid(r, p, "acct:1"), what="acct:1 invalidated by the table tag")
     assert d.daemon.metrics.schema_changes.labels("public.acct", kind)._value.get() == 1
     # the other tables keep flowing
     sql("INSERT INTO users (id, email, name, tenant_id) VALUES (5, 'u@x', 'U', 1)")
