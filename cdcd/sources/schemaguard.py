@@ -122,11 +122,12 @@ class SchemaGuard:
             if row is None or needed <= row.keys():
                 continue
             missing = sorted(needed - row.keys())
+            offset = getattr(txn.position, "offset", txn.position)
             self.mark(rel, "column_lost",
-                      f"a change record at {txn.origin or 'source'} {txn.position} has no field {missing} "
-                      f"(its fields: {', '.join(sorted(row))}): the column was dropped or renamed",
-                      f"change the templates/columns of tables.{rel} that use {missing} to existing columns "
-                      f"(or restore the column)")
+                      f"the change record at {txn.origin or 'the source'} offset {offset} (version {txn.version}) "
+                      f"has no field {missing} in its row schema (fields: {', '.join(sorted(row))}): the column "
+                      f"was dropped or renamed (ALTER TABLE ... DROP COLUMN or RENAME COLUMN)",
+                      _column_fix(self.rules.source[rel], rel, missing))
 
     def filter(self, txns: list[Transaction], version: int = 0) -> list[Transaction]:
         """Rewrite changes of broken tables into one SCHEMA change per transaction; announce new breaks.
