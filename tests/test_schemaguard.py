@@ -20,6 +20,20 @@ tables:
 """
 
 
+class FakeCatalog:
+    """What check_catalog reads: (oid, schema, table, columns) rows of pg_class/pg_attribute."""
+
+    def __init__(self, rows: list[tuple[int, str, str, list[str]]]) -> None:
+        self.rows = rows
+
+    def execute(self, _query: str, params: tuple[list[int]]) -> FakeCatalog:
+        self.result = [r for r in self.rows if r[0] in params[0]]
+        return self
+
+    def fetchall(self) -> list[tuple[int, str, str, list[str]]]:
+        return self.result
+
+
 def rules() -> Rules:
     return parse_config(BASE).rules()
 
@@ -39,6 +53,8 @@ def test_lost_column_breaks_the_rule_and_rewrites_later_changes() -> None:
     g.on_relation(rel(10, "acct", ["id", "email", "name"]))
     assert not g.broken
     g.on_relation(rel(10, "acct", ["id", "name"]))
+    assert not g.broken and g.check_due()  # the catalog decides
+    g.check_catalog(FakeCatalog([(10, "public", "acct", ["id", "name"]), (11, "public", "users", ["id"])]))
     assert set(g.broken) == {"public.acct"} and g.broken["public.acct"].kind == "column_lost"
     assert "'acct:email:{email}'" in g.broken["public.acct"].fix and "REPLICA" not in g.reasons()[0]
     out = g.filter([txn(5, Change(Op.UPDATE, "public", "acct", None, {"id": 1, "name": "x"}),
@@ -50,6 +66,21 @@ def test_lost_column_breaks_the_rule_and_rewrites_later_changes() -> None:
     # the planner turns the SCHEMA change into a table tag bump, and never a value for that table
     batch = g.rules.plan(g.filter([txn(6, Change(Op.INSERT, "public", "acct", None, {"id": 9, "name": "z"}))]))
     assert batch.tags == {"__table:public.acct"} and not batch.writes
+
+
+def test_replayed_old_shape_is_tag_bumps_but_no_break() -> None:
+    g = PgSchemaGuard(rules())
+    g.bind("public.acct", 10)
+    g.on_relation(rel(10, "acct", ["id", "email"]))  # WAL from before `name` was added (and used by the rule)
+    g.check_catalog(FakeCatalog([(10, "public", "acct", ["id", "email", "name"])]))
+    assert not g.broken and not g.reasons()
+    old = txn(1, Change(Op.INSERT, "public", "acct", None, {"id": 1, "email": "a"}))
+    g.on_relation(rel(10, "acct", ["id", "email", "name"]))
+    new = txn(2, Change(Op.INSERT, "public", "acct", None, {"id": 2, "email": "b", "name": "n"}))
+    out = g.filter([old, new])
+    assert [c.op for c in out[0].changes] == [Op.SCHEMA]  # coarse but safe within the batch
+    nxt = Change(Op.INSERT, "public", "acct", None, {"id": 3, "email": "c", "name": "m"})
+    assert g.filter([txn(3, nxt)])[0].changes == [nxt]  # the whole shape flows normally again
 
 
 def test_break_without_changes_is_announced_in_a_transaction_of_its_own() -> None:
@@ -77,6 +108,7 @@ def test_identity_default_does_not_hide_a_lost_column_behind_wrong_advice() -> N
     g = PgSchemaGuard(rules())
     g.bind("public.acct", 10)
     g.on_relation(rel(10, "acct", ["id", "name"], ident="d"))
+    g.check_catalog(FakeCatalog([(10, "public", "acct", ["id", "name"])]))
     assert "REPLICA IDENTITY" not in g.reasons()[0]
 
 

@@ -80,6 +80,9 @@ class SchemaGuard:
         self.needed: dict[str, set[str]] = {rel: needed_columns(rule) for rel, rule in rules.source.items()}
         self.broken: dict[str, Breakage] = {}
         self.aliases: dict[tuple[str, str], str] = {}  # a broken table's names (old and new) -> rules relation
+        # names whose current stream shape lacks a needed column, not (yet) known broken: tag bumps only
+        self.stale_shape: dict[tuple[str, str], str] = {}
+        self._shape_fixed: set[tuple[str, str]] = set()  # stale shapes replaced by a whole one: drop after filter
         self._unannounced: list[str] = []  # broken, but no SCHEMA change has entered the stream yet
         self._events: list[Breakage] = []
 
@@ -138,9 +141,9 @@ class SchemaGuard:
         if self.check_rows:
             for txn in txns:
                 self._check_row_fields(txn)
-        if not self.aliases:
+        if not self.aliases and not self.stale_shape:
             return txns
-        aliases = self.aliases
+        aliases = {**self.stale_shape, **self.aliases}
         for txn in txns:
             if not any((c.schema, c.table) in aliases for c in txn.changes):
                 continue
@@ -154,6 +157,9 @@ class SchemaGuard:
                     seen.add(rel)
                     out.append(Change(Op.SCHEMA, *_split(rel)))
             txn.changes = out
+        for name in self._shape_fixed:
+            self.stale_shape.pop(name, None)
+        self._shape_fixed.clear()
         if self._unannounced:
             if not txns:
                 txns = [Transaction(version=version, changes=[], position=None, origin="schema-guard")]
@@ -199,14 +205,15 @@ class PgSchemaGuard(SchemaGuard):
             return
         if f"{rel.schema}.{rel.table}" != relation:
             self._recheck = True  # a rename, or a replay of changes made under an older name: ask the catalog
-        columns = set(rel.names)
-        missing = sorted(self.needed[relation] - columns)
-        if missing:
-            self.mark(relation, "column_lost",
-                      f"the columns {missing} of {relation} are gone (ALTER TABLE ... DROP COLUMN or RENAME "
-                      f"COLUMN; columns now: {', '.join(sorted(columns))})",
-                      _column_fix(self.rules.source[relation], relation, missing), names=[name])
+        if self.needed[relation] - set(rel.names):
+            # Rows of this shape cannot name their keys: they become tag bumps. Whether the rule is broken is
+            # the catalog's call (a replay after a restart can show a shape older than a column the rules
+            # now use, which is no break): checked at the end of this poll.
+            self.stale_shape[name] = relation
+            self._recheck = True
             return
+        if name in self.stale_shape:
+            self._shape_fixed.add(name)
         self._check_identity(rel, relation)
 
     def _check_identity(self, rel: Relation, relation: str) -> None:
