@@ -114,3 +114,18 @@ def test_add_column_keeps_working(running: dict[str, Any], r: redis.Redis, sql: 
     wait_until(lambda: entry(r, f"{p}user:6").get("d"), what="users applied")
     assert get(base + "/readyz")[0] == 200
     assert running["d"].daemon.schema_guard.broken == {}
+
+
+def test_rename_seen_only_at_reconnect_keeps_the_daemon_serving(running: dict[str, Any], r: redis.Redis,
+                                                                  sql: Any) -> None:
+    """The DDL commits and cdcd's sessions are cut in the same instant: the reconnect's schema check finds no
+    table by the rules' name. That is the same break (found by OID), not a configuration error that ends
+    the daemon and with it every other table."""
+    p, d = running["p"], running["d"]
+    tag0 = _tag(r, p)
+    sql("ALTER TABLE acct RENAME TO acct_r; SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type <> 'autovacuum worker'")
+    _assert_broken(running, r, sql, "renamed", ["renamed to public.acct_r"])
+    assert _tag(r, p) > tag0
+    assert d.thread.is_alive() and d.error is None
+    assert d.daemon.metrics.errors.labels("source")._value.get() >= 1  # the stream was cut: it reconnected

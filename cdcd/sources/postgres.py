@@ -91,10 +91,8 @@ class PostgresSource:
                 "SELECT c.oid, c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')", (schema, table)).fetchone()
             if row is None:
-                if rel in guard.bound:  # a reconnect: the table went while we were away
-                    guard.mark(rel, "dropped", f"table {rel} (relation OID {guard.bound[rel]}) no longer exists "
-                               "under that name (DROP TABLE or RENAME, seen at reconnect)",
-                               f"point tables.{rel} at the table's current name, or remove it from the rules")
+                if rel in guard.bound:  # a reconnect: renamed or dropped while we were away; the OID tells which
+                    guard.request_check()
                     continue
                 errors.append(f"tables.{rel}: table {rel} does not exist")
                 continue
@@ -136,6 +134,12 @@ class PostgresSource:
             raise SourceError("rules do not match the database schema:\n  " + "\n  ".join(errors))
         return warnings
 
+    def _gone_by_name(self, conn: psycopg.Connection[Any], rels: set[str]) -> set[str]:
+        if not self.schema_guard.bound:
+            return set()  # first start: check_schema already refused missing tables
+        return {rel for rel in rels if conn.execute("SELECT to_regclass(%s)", (_quote_rel(rel),)).fetchone()
+                in (None, (None,))}
+
     def setup(self) -> None:
         """wal_level, publication, slot: check, create when allowed, refuse clearly otherwise."""
         s = self.settings
@@ -147,7 +151,9 @@ class PostgresSource:
             self.warnings = self.check_schema(conn)
             for w in self.warnings:
                 log.warning("replica_identity", detail=w)
-            wanted = set(self.rules.source)
+            # tables the guard found broken (or gone by name at a reconnect) are not the publication's business
+            wanted = {rel for rel in self.rules.source if rel not in self.schema_guard.broken}
+            wanted -= self._gone_by_name(conn, wanted)
             pub = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s",
                                (s.publication,)).fetchone()
             if pub is None:
