@@ -57,7 +57,7 @@ def measure(shape: str, max_bytes: int = 1 << 40, scale: int = 1) -> dict[str, A
     opts = EntryOptions(ttl=3600)
     rng = random.Random(1)
     l1 = L1(10 * n, max_bytes, Stats())
-    table_tag = "__table:public.t"
+    table_tag = "#table:public.t"
     gc.collect()
     before = _rss()
     t0 = time.perf_counter()

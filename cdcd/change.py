@@ -19,6 +19,7 @@ class Op(enum.Enum):
     DELETE = "d"
     TRUNCATE = "t"
     READ = "r"  # snapshot read: the row as it was, not a change
+    SCHEMA = "s"  # a schema change broke the table's rule: bump its table tag (cdcd.sources.schemaguard)
 
 
 class _Unavailable:

@@ -35,6 +35,7 @@ from cdcd.redisfaults import REDIS_FAULTS, Backoff
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink
 from cdcd.sources.base import Source, SourceError, SourceUnavailable
+from cdcd.sources.schemaguard import SchemaGuard
 
 log = structlog.get_logger("cdcd.daemon")
 
@@ -53,6 +54,9 @@ class Daemon:
         self.rules = rules or config.rules()
         self.metrics = metrics or Metrics()
         self.source: Source = source or self._make_source()
+        # Postgres binds rules to OIDs in its own guard; other sources get the record field-list check.
+        self.schema_guard: SchemaGuard = getattr(self.source, "schema_guard", None) or SchemaGuard(
+            self.rules, check_rows=True)
         self.sequencer = Sequencer("cdcd")
         self.redis = config.redis.client()
         self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
@@ -228,7 +232,7 @@ class Daemon:
                 self.last_loop = time.monotonic()
                 try:
                     items = self.source.poll(0.5)
-                    if items:
+                    if items or self.schema_guard.pending():
                         self._process(items)
                         self._last_publish = time.monotonic()
                     elif cfg.daemon.heartbeat and time.monotonic() - self._last_publish >= cfg.daemon.heartbeat:
@@ -264,6 +268,8 @@ class Daemon:
                 self._dead_letter(item)
             else:
                 txns.append(item)
+        txns = self.schema_guard.filter(txns, self.last_version)
+        self._schema_events()
         batch = self.rules.plan(txns)
         if self.debug:
             for t in txns:
@@ -330,6 +336,12 @@ class Daemon:
         self.metrics.redis_restores.inc()
         log.warning("redis_restored", detail="Redis had lost cdcd's registry (restart, flush or failover): "
                                               "registry and table counters were restored")
+
+    def _schema_events(self) -> None:
+        for b in self.schema_guard.take_events():
+            self.metrics.schema_changes.labels(b.relation, b.kind).inc()
+            self._error(b.reason)
+            log.error("schema_change", table=b.relation, kind=b.kind, seen=b.seen, fix=b.fix, detail=b.reason)
 
     def _heartbeat(self) -> None:
         """An empty message with the next sequence number: a subscriber that missed the last real message
@@ -409,6 +421,7 @@ class Daemon:
         lag = (self.source_stats or {}).get("lag_bytes")
         if bound is not None and lag is not None and lag > bound:
             reasons.append(f"lagging: {lag} bytes behind (bound {bound})")
+        reasons.extend(self.schema_guard.reasons())
         return not reasons, reasons
 
     def rate(self, window: float = 10.0) -> float:

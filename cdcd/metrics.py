@@ -36,6 +36,9 @@ class Metrics:
         self.problems = Counter("cdcd_unmapped_total",
                                 "Changes the rules could not fully map, by kind and table", ["kind", "table"],
                                 registry=r)
+        self.schema_changes = Counter("cdcd_schema_changes_total",
+                                      "Schema changes that broke a table's rule, by table and kind", ["table", "kind"],
+                                      registry=r)
         self.dead_letters = Counter("cdcd_dead_letters_total", "Records sent to the dead-letter destination",
                                     registry=r)
         self.redis_refused = Counter("cdcd_redis_refused_total", "Writes Redis refused for a reason retrying "

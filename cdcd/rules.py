@@ -350,7 +350,7 @@ class Rules:
         rel = rule.relation
         op = change.op
         batch.counts[(rel, op._value_)] += 1  # not op.value (a descriptor) nor a dict on Op (Python __hash__)
-        if op is Op.TRUNCATE:
+        if op is Op.TRUNCATE or op is Op.SCHEMA:  # a schema break invalidates like a truncate
             batch.tags.add(rule.table_tag)
             batch.raise_floor(rel, txn.version)
             truncated.add(rel)

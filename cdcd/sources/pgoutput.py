@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -165,6 +166,7 @@ class PgOutputDecoder:
         self._txn_bytes = 0  # row message bytes of the open transaction, for max_bytes
         self._bad_messages: list[str] = []
         self._toast = False  # set by _tuple when a column was an unchanged TOAST value
+        self.on_relation: Callable[[Relation], None] | None = None  # the schema guard listens here
 
     @property
     def in_transaction(self) -> bool:
@@ -258,7 +260,9 @@ class PgOutputDecoder:
             type_oid = r.u32()
             r.i32()  # atttypmod
             cols.append(Column(name, type_oid, bool(flags & 1)))
-        self.relations[oid] = Relation(oid, schema, table, ident, cols)
+        rel = self.relations[oid] = Relation(oid, schema, table, ident, cols)
+        if self.on_relation is not None:
+            self.on_relation(rel)
 
     def _tuple(self, r: _Reader, rel: Relation, key_only: bool = False) -> dict[str, Any]:
         # The hot loop of the whole daemon: one iteration per column of every row change. It reads the

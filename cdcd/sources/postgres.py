@@ -32,6 +32,7 @@ from cdcd.pg import catalog, session
 from cdcd.rules import Rules
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder, lsn_to_str
+from cdcd.sources.schemaguard import PgSchemaGuard, needed_columns
 
 log = structlog.get_logger("cdcd.source.postgres")
 
@@ -56,6 +57,8 @@ class PostgresSource:
         self._conn: Any = None
         self._cur: Any = None
         self._decoder = PgOutputDecoder(self.name, settings.max_transaction_changes, settings.max_transaction_bytes)
+        self.schema_guard = PgSchemaGuard(rules)
+        self._catalog: psycopg.Connection[Any] | None = None  # the guard's catalog checks
         self._acked = 0
         self._received = 0
         self._last_forced = 0.0
@@ -70,15 +73,36 @@ class PostgresSource:
             raise SourceUnavailable(f"cannot connect to Postgres: {str(exc).strip()}") from exc
 
     def check_schema(self, conn: psycopg.Connection[Any]) -> list[str]:
-        """Validate the rules against the live schema. Errors raise; returns warnings."""
+        """Validate the rules against the live schema and bind each table to its OID. Errors raise; returns warnings.
+
+        The same checks as the schema guard's at run time: at startup a mismatch is a configuration error
+        (fix the rules, nothing is served yet); on a reconnect, rules the guard already marked broken are
+        skipped (they stay broken, tag-bump only) so one broken table never stops the others.
+        """
         errors: list[str] = []
         warnings: list[str] = []
+        guard = self.schema_guard
         for rel, rule in self.rules.source.items():
+            if rel in guard.broken:
+                continue
             table = catalog.table_by_name(conn, rel)
             if table is None:
+                if rel in guard.bound:  # a reconnect: renamed or dropped while we were away; the OID tells which
+                    guard.request_check()
+                    continue
                 errors.append(f"tables.{rel}: table {rel} does not exist")
                 continue
+            reconnect = rel in guard.bound
+            guard.bind(rel, table.oid)
+            if rel in guard.broken:
+                continue
+            cols = {c.name for c in table.columns}
+            if reconnect and needed_columns(rule) - cols:
+                guard.request_check()  # lost a column while we were away: the guard breaks the rule, no exit
+                continue
             errors.extend(catalog.rule_errors(rel, rule, table))
+            if needed_columns(rule) - cols:
+                continue  # reported above
             ident_cols = catalog.identity_columns(conn, table)
             needed = rule.template_columns()
             if ident_cols is not None and not needed <= ident_cols:
@@ -91,6 +115,12 @@ class PostgresSource:
             raise SourceError("rules do not match the database schema:\n  " + "\n  ".join(errors))
         return warnings
 
+    def _gone_by_name(self, conn: psycopg.Connection[Any], rels: set[str]) -> set[str]:
+        if not self.schema_guard.bound:
+            return set()  # first start: check_schema already refused missing tables
+        return {rel for rel in rels if conn.execute("SELECT to_regclass(%s)", (_quote_rel(rel),)).fetchone()
+                in (None, (None,))}
+
     def setup(self) -> None:
         """wal_level, publication, slot: check, create when allowed, refuse clearly otherwise."""
         s = self.settings
@@ -102,7 +132,9 @@ class PostgresSource:
             self.warnings = self.check_schema(conn)
             for w in self.warnings:
                 log.warning("replica_identity", detail=w)
-            wanted = set(self.rules.source)
+            # tables the guard found broken (or gone by name at a reconnect) are not the publication's business
+            wanted = {rel for rel in self.rules.source if rel not in self.schema_guard.broken}
+            wanted -= self._gone_by_name(conn, wanted)
             pub = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s",
                                (s.publication,)).fetchone()
             if pub is None:
@@ -172,10 +204,30 @@ class PostgresSource:
         self._conn, self._cur = conn, cur
         self._decoder = PgOutputDecoder(self.name, self.settings.max_transaction_changes,
                                         self.settings.max_transaction_bytes)
+        self._decoder.on_relation = self.schema_guard.on_relation
         log.info("replication_started", slot=self.settings.slot, publication=self.settings.publication,
                  options=options)
 
     def poll(self, timeout: float) -> Sequence[Transaction | Rejected]:
+        out = self._poll(timeout)
+        if self.schema_guard.check_due():
+            self._check_catalog()
+        return out
+
+    def _check_catalog(self) -> None:
+        """The guard's catalog check (a DROP TABLE sends nothing down the stream); never fatal here."""
+        try:
+            if self._catalog is None or self._catalog.closed:
+                self._catalog = psycopg.connect(self.settings.conninfo(), autocommit=True, connect_timeout=5)
+            self.schema_guard.check_catalog(self._catalog)
+        except psycopg.Error as exc:
+            log.debug("schema_check_failed", error=str(exc).strip())
+            if self._catalog is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._catalog.close()
+            self._catalog = None
+
+    def _poll(self, timeout: float) -> Sequence[Transaction | Rejected]:
         cur = self._cur
         if cur is None:
             raise SourceUnavailable("not connected")
@@ -250,6 +302,10 @@ class PostgresSource:
             with contextlib.suppress(psycopg2.Error):
                 self._conn.close()
         self._conn = self._cur = None
+        if self._catalog is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._catalog.close()
+            self._catalog = None
 
     def describe(self) -> dict[str, Any]:
         return {"slot": self.settings.slot, "acked_lsn": lsn_to_str(self._acked),
