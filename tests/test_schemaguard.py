@@ -120,3 +120,18 @@ def test_kafka_rows_without_a_needed_field_break_only_their_rule() -> None:
                         Change(Op.DELETE, "public", "users", {"id": 1}, None))])
     assert [(c.op, c.table) for c in out[0].changes] == [(Op.SCHEMA, "acct"), (Op.DELETE, "users")]
     assert "version 2" in g.broken["public.acct"].seen
+
+
+def test_a_degraded_transaction_touching_a_broken_table_still_bumps_its_tag() -> None:
+    """A transaction past the row cap keeps only per-table counts; a renamed (broken) table in it must still
+    bump the rule's table tag, never be dropped as unmapped."""
+    g = PgSchemaGuard(rules())
+    g.bind("public.acct", 10)
+    g.on_relation(rel(10, "acct_r", ["id", "name", "email"]))
+    g.check_catalog(FakeCatalog([(10, "public", "acct_r", ["id", "name", "email"]), (11, "public", "users", ["id"])]))
+    assert set(g.broken) == {"public.acct"}
+    g.filter([])
+    big = Transaction(version=7, changes=[], position=None, touched={("public", "acct_r"): 50_000})
+    batch = g.rules.plan(g.filter([big]))
+    assert "#table:public.acct" in batch.tags and not batch.writes
+    assert not [p for p in batch.problems if p.kind == "unmapped_table"]

@@ -145,6 +145,10 @@ class SchemaGuard:
             return txns
         aliases = {**self.stale_shape, **self.aliases}
         for txn in txns:
+            if txn.touched:  # a degraded transaction: its broken tables still get their bump
+                for name in [n for n in txn.touched if n in aliases]:
+                    del txn.touched[name]
+                    txn.changes.append(Change(Op.SCHEMA, *_split(aliases[name])))
             if not any((c.schema, c.table) in aliases for c in txn.changes):
                 continue
             seen: set[str] = set()
