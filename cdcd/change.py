@@ -101,6 +101,7 @@ class Transaction:
     xid: int | None = None
     invalidations: list[Invalidation] = field(default_factory=list)
     origin: str = ""  # e.g. "pg:slot" or "kafka:topic/partition": for logs only
+    fence: bool = False  # version is only a lower bound of its commit order: invalidate only (docs/versions.md)
 
     def __len__(self) -> int:
         return len(self.changes) + len(self.invalidations)

@@ -284,6 +284,8 @@ class Daemon:
         m.writes.labels("tombstone").inc(result.tombstones)
         m.writes.labels("value").inc(result.values)
         m.stale_writes.inc(result.refused)
+        m.refused_fenced.inc(result.fenced)
+        m.fence_writes.inc(result.fences)
         m.tag_bumps.inc(result.tags)
         m.backplane.inc(result.messages)
         m.redis_rtt.observe(result.rtt)

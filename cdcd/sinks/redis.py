@@ -45,6 +45,8 @@ class ApplyResult:
     tags: int
     messages: int
     rtt: float
+    fenced: int = 0  # tombstones older than the entry, refused but still fencing fills (APPLY returned 2)
+    fences: int = 0  # fence writes applied (APPLY returned 3; docs/versions.md)
 
 
 def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0) -> redis.Redis:
@@ -160,14 +162,16 @@ class RedisSink:
                     raise NoScriptError(str(r))
                 raise r
         n = len(batch.writes)
-        applied = results[:n].count(1)
+        replies = results[:n]
+        fences = replies.count(3)
+        applied = replies.count(1) + fences
         # table epochs moved by TRUNCATE: later values of that table must record the new counter
         first_tag = n + restored
         for tag, new in zip(tags, results[first_tag:first_tag + len(tags)], strict=True):
             if tag in self.rules.table_epochs:
                 self.rules.table_epochs[tag] = new.decode() if isinstance(new, bytes) else str(new)
         return ApplyResult(applied=applied, refused=n - applied, tombstones=tombstones, values=n - tombstones,
-                           tags=len(tags), messages=messages, rtt=rtt)
+                           tags=len(tags), messages=messages, rtt=rtt, fenced=replies.count(2), fences=fences)
 
     def _send_packed(self, batch: Batch) -> PendingApply:
         """The batch as raw RESP on the sink's connection: the same commands, in the same order, as the
@@ -206,8 +210,8 @@ class RedisSink:
                 data = w.data
                 if data is None:
                     tombstones += 1
-                    parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\nt\r\n%b$0\r\n\r\n$0\r\n\r\n"
-                                 % (apply_head, len(key), key, len(ver), ver, ttl))
+                    parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%b\r\n%b$0\r\n\r\n$0\r\n\r\n"
+                                 % (apply_head, len(key), key, len(ver), ver, b"f" if w.fence else b"t", ttl))
                 else:
                     snap = b""
                     if w.table_tag is not None:
@@ -246,7 +250,7 @@ class RedisSink:
         for w in batch.writes.values():
             if w.data is None:
                 tombstones += 1
-                cmd("EVALSHA", apply_sha, 1, w.key, w.version, "t", w.ttl_ms, b"", "")
+                cmd("EVALSHA", apply_sha, 1, w.key, w.version, "f" if w.fence else "t", w.ttl_ms, b"", "")
                 continue
             snap = b""
             if w.table_tag is not None:
