@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from cdcd.backplane import Sequencer
+from cdcd.change import Change, Invalidation, Op, Transaction
 from cdcd.devservers import RedisServer
 from cdcd.fillguard import FillGuard
 from cdcd.rules import Batch, Rules, Write
@@ -120,3 +121,19 @@ def test_a_fence_wins_over_earlier_writes_of_its_batch(sink: RedisSink, r: redis
     sink.apply(b)
     e = entry(r, sink.ks.entry("user:6"))
     assert "d" not in e and e["v"] == "900"
+
+
+def test_a_fenced_transaction_plans_invalidations_only(sink: RedisSink, rules: Rules, r: redis.Redis) -> None:
+    """An ``update`` rule's row from a fence writes no value: its version cannot order it against values."""
+    row = {"id": 9, "email": "f@x", "name": "F", "tenant_id": 1, "updated_at": None}
+    fenced = Transaction(version=70, changes=[Change(Op.UPDATE, "public", "users", dict(row), dict(row))],
+                         position=0, invalidations=[Invalidation(["report:1"], ["dash"])], fence=True)
+    apply(sink, value(sink, "user:9", 500, b"older-than-the-fenced-change"))
+    batch = rules.plan([fenced])
+    assert {k: (w.fence, w.data) for k, w in batch.writes.items()} == {
+        sink.ks.entry(k): (True, None) for k in ("user:9", "user:email:f@x", "report:1")}
+    assert {"tenant:1", "dash"} <= batch.tags
+    res = sink.apply(batch)
+    assert res.fences == 3
+    e = entry(r, sink.ks.entry("user:9"))
+    assert "d" not in e and e["v"] == "500"

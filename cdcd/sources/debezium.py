@@ -29,7 +29,9 @@ envelope itself:
 
 One Debezium record is one Transaction: on Kafka there are no transaction
 boundaries (short of the separate transaction-metadata topic), and there need
-not be: versions are per row, and a row's changes cannot interleave.
+not be: a Postgres record's version (``source.sequence``: last commit LSN, then
+change LSN) orders it by commit, and a record that cannot be ordered is a fence,
+applied as invalidation only (:func:`sequence_version`, docs/versions.md).
 """
 
 from __future__ import annotations
