@@ -10,7 +10,9 @@ invariants live in one place:
   ``t`` (JSON tag snapshot ``{tag: counter}`` the value was computed under) and
   ``s`` (who wrote it: ``cdc`` or ``app``);
 * the daemon's writes only land when their version is newer than ``v``
-  (re-delivery and out-of-order delivery are harmless);
+  (re-delivery and out-of-order delivery are harmless); a refused *older*
+  tombstone still moves ``g`` and drops an app-filled value, so a mis-ordered
+  source costs a miss, never a stale fill (docs/versions.md);
 * an application's fill only lands when ``g`` is exactly what it saw before it
   queried the database (the fill guard), and a read that finds nothing creates a
   *lease* (an entry with a fresh ``g`` and no value) so that "nothing" is never a
