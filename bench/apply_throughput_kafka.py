@@ -6,7 +6,7 @@ Usage::
 
 A tansu broker (in memory) and Redis are started; ``--changes`` schemaless Debezium envelopes are
 produced first (the same rotating mix as ``apply_throughput.py``: insert user, insert order, update
-user, update order; ``source.lsn`` increasing; one event per transaction, as Debezium emits them)
+user, update order; ``source.sequence`` increasing; one event per transaction, as Debezium emits them)
 to ``bench.public.users`` / ``bench.public.orders``. Then ``cdcd run`` with ``source: {type: kafka}``,
 in its own process, drains them in a fresh consumer group; the rate is measured between the first
 and the last applied batch (from the daemon's batch log lines). The naive baseline reads the same topics with its
@@ -36,7 +36,8 @@ def envelope(i: int) -> tuple[str, bytes, bytes]:
     k = i // 4
     step = i % 4
     lsn = 10_000 + i * 100
-    src = {"connector": "postgresql", "schema": "public", "lsn": lsn, "txId": 1000 + i,
+    src = {"connector": "postgresql", "schema": "public", "lsn": lsn, "sequence": f'["{lsn - 1}","{lsn}"]',
+           "txId": 1000 + i,
            "ts_ms": int(time.time() * 1000)}
     user = {"id": k, "email": f"u{k}@example.com", "name": f"name {k}", "tenant_id": k % 100,
             "updated_at": "2026-01-01T00:00:00Z"}

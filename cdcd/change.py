@@ -102,6 +102,7 @@ class Transaction:
     xid: int | None = None
     invalidations: list[Invalidation] = field(default_factory=list)
     origin: str = ""  # e.g. "pg:slot" or "kafka:topic/partition": for logs only
+    fence: bool = False  # version is only a lower bound of its commit order: invalidate only (docs/versions.md)
     # Set when the source stopped collecting rows past its per-transaction cap: ``changes`` is then
     # empty and ``touched`` counts the row changes per (schema, table). The planner turns that into
     # "everything derived from these tables is stale" (a table tag bump and a floor at the commit

@@ -297,6 +297,8 @@ class Daemon:
         if result.floored:
             m.writes.labels("floored").inc(result.floored)
         m.stale_writes.inc(result.refused)
+        m.refused_fenced.inc(result.fenced)
+        m.fence_writes.inc(result.fences)
         m.tag_bumps.inc(result.tags)
         if batch.degraded_transactions:
             m.degraded_transactions.inc(batch.degraded_transactions)

@@ -10,7 +10,9 @@ invariants live in one place:
   ``t`` (JSON tag snapshot ``{tag: counter}`` the value was computed under) and
   ``s`` (who wrote it: ``cdc`` or ``app``);
 * the daemon's writes only land when their version is newer than ``v``
-  (re-delivery and out-of-order delivery are harmless);
+  (re-delivery and out-of-order delivery are harmless); a refused *older*
+  tombstone still moves ``g`` and drops an app-filled value, so a mis-ordered
+  source costs a miss, never a stale fill (docs/versions.md);
 * an application's fill only lands when ``g`` is exactly what it saw before it
   queried the database (the fill guard), and a read that finds nothing creates a
   *lease* (an entry with a fresh ``g`` and no value) so that "nothing" is never a
@@ -51,11 +53,27 @@ local function nextgen(old)
 end
 """
 
-# Daemon apply. ARGV: version, kind ('v' value | 't' tombstone), ttl_ms, data, tagsnap.
-# Returns 1 when applied, 0 when the entry already holds this version or a newer one.
+# Daemon apply. ARGV: version, kind ('v' value | 't' tombstone | 'f' fence), ttl_ms, data, tagsnap.
+# Returns 1 when applied, 0 when the entry already holds this version or a newer one, 2 when a tombstone
+# older than the entry was refused but still fenced (new generation; an app-filled value dropped), 3 for
+# a fence. A fence is a tombstone whose version is only a lower bound of its place in commit order
+# (docs/versions.md): it always drops the value and moves the generation, and keeps the newer of the two
+# versions, so it never lets an older value in nor claims to be newer than it is.
 APPLY = _PRELUDE + r"""
-local cur = redis.call('HMGET', KEYS[1], 'v', 'g')
-if cur[1] and not newer(ARGV[1], cur[1]) then return 0 end
+local cur = redis.call('HMGET', KEYS[1], 'v', 'g', 's')
+if cur[1] and not newer(ARGV[1], cur[1]) then
+  if ARGV[2] == 'v' or ARGV[1] == cur[1] then return 0 end
+  local g = nextgen(cur[2])
+  if ARGV[2] == 't' and cur[3] ~= 'app' then
+    redis.call('HSET', KEYS[1], 'g', g)
+    return 2
+  end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'v', cur[1], 'g', g, 's', 'cdc')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  if ARGV[2] == 'f' then return 3 end
+  return 2
+end
 local g = nextgen(cur[2])
 redis.call('DEL', KEYS[1])
 if ARGV[2] == 'v' then
@@ -68,6 +86,7 @@ else
   redis.call('HSET', KEYS[1], 'v', ARGV[1], 'g', g, 's', 'cdc')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[2] == 'f' then return 3 end
 return 1
 """
 

@@ -22,6 +22,11 @@ class Metrics:
         self.writes = Counter("cdcd_writes_total", "Entry writes sent to Redis, by kind", ["kind"], registry=r)
         self.stale_writes = Counter("cdcd_writes_refused_total",
                                     "Writes Redis refused because the entry held a newer version", registry=r)
+        self.refused_fenced = Counter("cdcd_writes_refused_fenced_total",
+                                      "Tombstones older than the entry: refused, but in-flight fills still fenced "
+                                      "(new generation, app-filled value dropped)", registry=r)
+        self.fence_writes = Counter("cdcd_fence_writes_total", "Fence writes applied: records without a trustworthy "
+                                    "commit-order version, applied as invalidation only", registry=r)
         self.tag_bumps = Counter("cdcd_tag_bumps_total", "Tag counters bumped", registry=r)
         self.degraded_transactions = Counter(
             "cdcd_degraded_transactions_total",

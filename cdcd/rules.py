@@ -198,6 +198,7 @@ class Write:
     data: bytes | None
     ttl_ms: int
     table_tag: str | None = None  # a value records this tag's counter (set by the sink at send time)
+    fence: bool = False  # a tombstone whose version is a lower bound only (APPLY kind 'f', docs/versions.md)
 
 
 @dataclass(slots=True)
@@ -230,7 +231,13 @@ class Batch:
 
     def put(self, w: Write) -> None:
         old = self.writes.get(w.key)
-        if old is None or w.version >= old.version:
+        if w.fence:
+            # A fence comes later in the stream than what the batch holds for the key, whatever the versions
+            # say: it wins, and keeps the newer version (as applying both in order would leave in Redis).
+            if old is not None and old.version > w.version:
+                w = Write(w.key, old.version, None, w.ttl_ms, fence=True)
+            self.writes[w.key] = w
+        elif old is None or w.version >= old.version:
             self.writes[w.key] = w
 
 
@@ -304,6 +311,9 @@ class Rules:
                 batch.oldest_commit_ts = ts if not batch.oldest_commit_ts else min(batch.oldest_commit_ts, ts)
             if txn.touched is not None:
                 self._plan_degraded(txn, batch, truncated)
+            if txn.fence:
+                self._plan_fence(txn, batch, truncated)
+                continue
             for change in txn.changes:
                 plan_change(change, txn, batch, truncated)
             for inv in txn.invalidations:
@@ -327,6 +337,20 @@ class Rules:
             batch.tags.add(rule.table_tag)
             batch.raise_floor(rel, txn.version)
             truncated.add(rel)
+
+    def _plan_fence(self, txn: Transaction, batch: Batch, truncated: set[str]) -> None:
+        """A transaction whose version does not place it in commit order: every key it touches becomes a fence
+        (invalidation only, never a value), planned apart so the hot path stays as it is."""
+        scratch = Batch(tags=batch.tags, counts=batch.counts, problems=batch.problems, floors=batch.floors)
+        for change in txn.changes:
+            self._plan_change(change, txn, scratch, truncated)
+        keys = list(scratch.writes)
+        keys.extend(self.keyspace.entry(k) for inv in txn.invalidations for k in inv.keys)
+        for inv in txn.invalidations:
+            batch.tags.update(inv.tags)
+            batch.counts[("(message)", "m")] += 1
+        for key in keys:
+            batch.put(Write(key, txn.version, None, self.tombstone_ttl_ms, fence=True))
 
     def _report_unresolved(self, templates: tuple[Template, ...], row: Row, rule: CompiledRule, change: Change,
                            txn: Transaction, batch: Batch) -> None:

@@ -78,6 +78,8 @@ class ApplyResult:
     floored: int = 0  # values sent as tombstones because their table was truncated at a newer version
     refusals: list[Refusal] = field(default_factory=list)
     restored: bool = False  # the run marker was gone: registry and table counters were restored
+    fenced: int = 0  # tombstones older than the entry, refused but still fencing fills (APPLY returned 2)
+    fences: int = 0  # fence writes applied (APPLY returned 3; docs/versions.md)
 
 
 def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0) -> redis.Redis:
@@ -259,7 +261,9 @@ class RedisSink:
                 raise r
         if refusals:
             self._repair(refusals, batch)
-        applied = results[:n].count(1)
+        replies = results[:n]
+        fences = replies.count(3)
+        applied = replies.count(1) + fences
         # table epochs moved by TRUNCATE: later values of that table must record the new counter
         first_tag = n + restored
         for tag, new in zip(tags, results[first_tag:first_tag + len(tags)], strict=True):
@@ -270,7 +274,7 @@ class RedisSink:
             self.restore()  # Redis restarted empty (and somebody else may have reloaded the scripts)
         return ApplyResult(applied=applied, refused=n - applied, tombstones=tombstones, values=n - tombstones,
                            tags=len(tags), messages=messages, rtt=rtt, refusals=refusals, restored=marker_lost,
-                           floored=floored)
+                           floored=floored, fenced=replies.count(2), fences=fences)
 
     def _repair(self, refusals: list[Refusal], batch: Batch) -> None:
         """Make refused keys safe: an entry key is replaced by a tombstone at the change's version (readers
@@ -342,8 +346,8 @@ class RedisSink:
                 key = w.key.encode()
                 if data is None:
                     tombstones += 1
-                    parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\nt\r\n%b$0\r\n\r\n$0\r\n\r\n"
-                                 % (apply_head, len(key), key, len(ver), ver, ttl))
+                    parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%b\r\n%b$0\r\n\r\n$0\r\n\r\n"
+                                 % (apply_head, len(key), key, len(ver), ver, b"f" if w.fence else b"t", ttl))
                 else:
                     snap = b""
                     if w.table_tag is not None:
@@ -389,7 +393,7 @@ class RedisSink:
                 continue
             if w.data is None:
                 tombstones += 1
-                cmd("EVALSHA", apply_sha, 1, w.key, w.version, "t", w.ttl_ms, b"", "")
+                cmd("EVALSHA", apply_sha, 1, w.key, w.version, "f" if w.fence else "t", w.ttl_ms, b"", "")
                 continue
             snap = b""
             if w.table_tag is not None:

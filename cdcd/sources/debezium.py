@@ -29,7 +29,9 @@ envelope itself:
 
 One Debezium record is one Transaction: on Kafka there are no transaction
 boundaries (short of the separate transaction-metadata topic), and there need
-not be: versions are per row, and a row's changes cannot interleave.
+not be: a Postgres record's version (``source.sequence``: last commit LSN, then
+change LSN) orders it by commit, and a record that cannot be ordered is a fence,
+applied as invalidation only (:func:`sequence_version`, docs/versions.md).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from cdcd.sources.pgoutput import MESSAGE_PREFIX, parse_invalidation
 PLACEHOLDER = "__debezium_unavailable_value"
 """Debezium's default ``unavailable.value.placeholder`` (unchanged TOASTed column)."""
 
-VersionMode = Literal["lsn", "binlog"]
+VersionMode = Literal["sequence", "lsn", "binlog"]
 Converter = Callable[[Any], Any]
 
 _EPOCH = datetime(1970, 1, 1)
@@ -351,12 +353,14 @@ def hint_schema(hint: str) -> dict[str, Any]:
 class ParseOptions:
     """How to read one topic's records.
 
-    ``version``: ``lsn`` (Postgres connector: ``source.lsn``) or ``binlog`` (MySQL:
-    ``source.file`` index * 2**32 + ``source.pos``). ``hints``: column -> hint (see
+    ``version``: ``sequence`` (Postgres connector: ``source.sequence``, the pair (last commit LSN,
+    change LSN) as one integer, see :func:`sequence_version`; ``lsn`` is accepted as an alias, so
+    configurations written before it get commit order too) or ``binlog`` (MySQL: ``source.file``
+    index * 2**32 + ``source.pos``). ``hints``: column -> hint (see
     :data:`HINTS`). ``placeholder``: the connector's ``unavailable.value.placeholder``.
     """
 
-    version: VersionMode = "lsn"
+    version: VersionMode = "sequence"
     hints: Mapping[str, str] = field(default_factory=dict)
     placeholder: str = PLACEHOLDER
     _hinted: dict[str, Converter] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -405,18 +409,69 @@ def _row_schema(schema: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]
     return {}
 
 
-def _version(source: Mapping[str, Any], mode: VersionMode) -> int:
-    if mode == "lsn":
-        lsn = source.get("lsn")
-        if isinstance(lsn, bool) or not isinstance(lsn, int):
-            raise ParseError(f"source.lsn missing or not an integer ({lsn!r}); is this the Postgres connector? "
-                             "(MySQL topics need version: binlog)")
-        return lsn
+_LSN_LIMIT = 2**64
+
+
+def _lsn(v: Any) -> int | None:
+    """An LSN as Debezium writes it (a JSON number, or a decimal string inside ``sequence``); None: null."""
+    if v is None:
+        return None
+    if isinstance(v, str) and v.isascii() and v.isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _LSN_LIMIT:
+        raise ParseError(f"not an LSN: {v!r}")
+    return v
+
+
+def sequence_version(source: Mapping[str, Any], op: Any = None) -> tuple[int, bool]:
+    """(version, fence) of a Postgres connector record, ordered by commit.
+
+    ``source.lsn`` is the LSN of the *change*: concurrent transactions interleave their changes, so a
+    transaction that committed later can carry a lower change LSN, and a tombstone at that version would
+    be refused as older (the fill guard bypassed). ``source.sequence`` is ``["<last commit LSN>",
+    "<change LSN>"]``, the pair increases in commit order, so the version is ``last_commit * 2**64 + lsn``
+    (exact: versions are decimal strings compared by length, then text).
+
+    Where the pair cannot place the record in commit order the record is a *fence* (applied as
+    invalidation only, docs/versions.md), at version ``lsn`` (pair ``(0, lsn)``: a lower bound of its
+    true place, so it never claims to be newer than it is): the first transaction after Debezium starts
+    streaming (last commit LSN ``null``), snapshot reads (not changes; no commit order), and records
+    without a usable ``sequence``.
+    """
+    lsn = _lsn(source.get("lsn"))
+    raw = source.get("sequence")
+    pair: Any = raw
+    if isinstance(raw, str):
+        try:
+            pair = json.loads(raw)
+        except json.JSONDecodeError:
+            pair = None
+    last: int | None = None
+    if isinstance(pair, list) and len(pair) == 2:
+        try:
+            last, change = _lsn(pair[0]), _lsn(pair[1])
+        except ParseError:
+            last, change = None, None
+        if change is not None:
+            lsn = change
+    if lsn is None:
+        raise ParseError(f"source.lsn/sequence missing or malformed ({source.get('lsn')!r}, {raw!r}); is this the "
+                         "Postgres connector? (MySQL topics need version: binlog)")
+    snapshot = source.get("snapshot")
+    if last is None or op == "r" or snapshot not in (None, False, "false"):
+        return lsn, True
+    return last * _LSN_LIMIT + lsn, False
+
+
+def _version(source: Mapping[str, Any], mode: VersionMode, op: Any = None) -> tuple[int, bool]:
+    """(version, fence) for a record; only the Postgres ``sequence`` mode produces fences."""
+    if mode in ("sequence", "lsn"):
+        return sequence_version(source, op)
     file, pos = source.get("file"), source.get("pos")
     m = re.search(r"\.(\d+)$", file) if isinstance(file, str) else None
     if m is None or isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < 2**32:
         raise ParseError(f"source.file/pos missing or malformed ({file!r}, {pos!r}) for version: binlog")
-    return int(m.group(1)) * 2**32 + pos
+    return int(m.group(1)) * 2**32 + pos, False
 
 
 def _commit_time(source: Mapping[str, Any]) -> datetime | None:
@@ -539,10 +594,10 @@ def _parse(value: bytes | str, key: bytes | str | None, position: Any, origin: s
     source = payload.get("source")
     if not isinstance(source, dict):
         raise ParseError("no 'source' block")
-    version = _version(source, options.version)
+    version, fence = _version(source, options.version, op)
     txid = source.get("txId")
     common: dict[str, Any] = {
-        "version": version, "position": position, "origin": origin, "commit_time": _commit_time(source),
+        "version": version, "fence": fence, "position": position, "origin": origin, "commit_time": _commit_time(source),
         "xid": txid if isinstance(txid, int) and not isinstance(txid, bool) else None,
     }
     if op == "m":

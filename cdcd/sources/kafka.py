@@ -67,7 +67,8 @@ class TopicOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: VersionMode | None = Field(
-        default=None, description="lsn (Postgres connector) or binlog (MySQL: file index * 2**32 + pos); "
+        default=None, description="sequence (Postgres connector, commit order; lsn is an alias) or binlog "
+                                  "(MySQL: file index * 2**32 + pos); "
                                   "default: the source's version")
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -96,7 +97,7 @@ class KafkaSourceSettings(BaseModel):
     client_id: str = "cdcd"
     topics: list[str] | None = Field(default=None, description="topic names (or use topic_pattern)")
     topic_pattern: str | None = Field(default=None, description=r"regex of topics, e.g. ^dbserver1\.public\..*")
-    version: VersionMode = Field(default="lsn", description="version of topics topic_options does not override")
+    version: VersionMode = Field(default="sequence", description="version of topics topic_options does not override")
     topic_options: dict[str, TopicOptions] = Field(
         default_factory=dict, description="per topic (exact name or glob, first match wins): version, column hints")
     auto_offset_reset: Literal["earliest", "latest"] = Field(

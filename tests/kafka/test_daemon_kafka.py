@@ -40,8 +40,14 @@ def user_event(op: str, lsn: int, before: dict[str, Any] | None, after: dict[str
                                            {"type": "string", "field": "op"}]}
     payload = {"before": before, "after": after, "op": op, "ts_ms": 1,
                "source": {"connector": "postgresql", "schema": "public", "table": "users", "lsn": lsn,
+                          "sequence": json.dumps([str(lsn - 1), str(lsn)]),
                           "txId": lsn, "ts_ms": 1_700_000_000_000}}
     return json.dumps({"schema": schema, "payload": payload}).encode()
+
+
+def version(lsn: int) -> int:
+    """The version user_event's source.sequence ["lsn - 1", "lsn"] stands for (docs/versions.md)."""
+    return (lsn - 1) * 2**64 + lsn
 
 
 def user(id_: int, email: str, tenant: int = 7) -> dict[str, Any]:
@@ -83,8 +89,8 @@ def test_daemon_applies_kafka_changes_and_commits_after_redis(
         new = wait_until(lambda: entry(r, f"{prefix}user:email:ada@lovelace.dev").get("d"), 30, what="update")
         assert json.loads(new)["tenant_id"] == 8
         old = entry(r, f"{prefix}user:email:ada@example.com")
-        assert "d" not in old and int(old["v"]) == 200  # the old e-mail key: a tombstone at the update's LSN
-        assert int(entry(r, f"{prefix}user:1")["v"]) == 200
+        assert "d" not in old and int(old["v"]) == version(200)  # the old e-mail key: a tombstone at the update's LSN
+        assert int(entry(r, f"{prefix}user:1")["v"]) == version(200)
         # offsets move once Redis has it all, the broken record included (it was dead-lettered first)
         wait_until(lambda: committed(kafka_server, settings.group_id, topic) == 3, 15, what="commit")
         (letter,) = read_all(kafka_server, dlq, 1)
@@ -97,7 +103,7 @@ def test_daemon_applies_kafka_changes_and_commits_after_redis(
         wait_until(lambda: committed(kafka_server, settings.group_id, topic) == 5, 15, what="second commit")
         for k in ("user:1", "user:email:ada@lovelace.dev"):
             e = entry(r, f"{prefix}{k}")
-            assert "d" not in e and int(e["v"]) == 300, (k, e)
+            assert "d" not in e and int(e["v"]) == version(300), (k, e)
         assert "d" not in entry(r, f"{prefix}user:email:ada@example.com")  # the replayed insert was refused
         status = daemon.status()
         assert status["source"] == f"kafka:{settings.group_id}"

@@ -20,6 +20,7 @@ from cdcd.sources.debezium import PLACEHOLDER, ParseOptions, hint_schema, parse_
 
 POS = ("dbserver1.public.items", 0, 42)
 LSN = 22_140_656
+VERSION = 22_140_000 * 2**64 + LSN  # source.sequence ["22140000", "22140656"]: (last commit, change) as one number
 
 
 def source(**over: Any) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def after(item: Transaction | Rejected | None) -> dict[str, Any]:
 
 def test_insert_with_schema_decodes_every_type_like_pgoutput() -> None:
     t = txn(parse_record(event("c", after=ROW), key(1), POS, "kafka:items/0"))
-    assert t.version == LSN and t.position == POS and t.origin == "kafka:items/0"
+    assert t.version == VERSION and not t.fence and t.position == POS and t.origin == "kafka:items/0"
     assert t.xid == 731
     assert t.commit_time == datetime(2024, 1, 2, 3, 4, 5, 123000, tzinfo=UTC)
     (c,) = t.changes
@@ -247,7 +248,7 @@ def message(content: str, prefix: str = "cdcd", schemas: bool = True, **src: Any
 def test_cdcd_message_base64_content(schemas: bool) -> None:
     content = base64.b64encode(b'{"keys":["k1"],"tags":["t1"]}').decode()  # as Debezium sends it
     t = txn(parse_record(message(content, schemas=schemas), b'{"prefix":"cdcd"}', POS))
-    assert t.changes == [] and t.version == LSN
+    assert t.changes == [] and t.version == VERSION
     assert [(i.keys, i.tags) for i in t.invalidations] == [(["k1"], ["t1"])]
 
 
@@ -278,9 +279,37 @@ def test_binlog_version_for_mysql() -> None:
 
 
 def test_lsn_mode_on_a_mysql_record_is_rejected_with_a_hint() -> None:
-    raw = event("c", after={"id": 1}, columns=COLUMNS[:1], lsn=None, file="mysql-bin.000003", pos=154)
+    raw = event("c", after={"id": 1}, columns=COLUMNS[:1], lsn=None, sequence=None, file="mysql-bin.000003", pos=154)
     rej = parse_record(raw, None, POS)
     assert isinstance(rej, Rejected) and "version: binlog" in rej.reason
+
+
+def test_sequence_orders_by_commit_not_by_change() -> None:
+    """T_b changed first (lower change LSN) but committed after T_a: its version must be higher."""
+    t_a = txn(parse_record(event("c", after=ROW, sequence='["100","300"]', lsn=300), None, POS))
+    t_b = txn(parse_record(event("c", after=ROW, sequence='["400","200"]', lsn=200), None, POS))
+    assert t_b.version > t_a.version and not t_a.fence and not t_b.fence
+    assert t_a.version == 100 * 2**64 + 300
+    # the sequence may also arrive as a JSON array; "lsn" is an alias of "sequence"
+    t_c = txn(parse_record(event("c", after=ROW, sequence=["400", "200"]), None, POS,
+                           options=ParseOptions(version="lsn")))
+    assert t_c.version == t_b.version
+
+
+@pytest.mark.parametrize("over", [
+    {"sequence": '[null,"500"]', "lsn": 500},  # first transaction after Debezium started streaming
+    {"sequence": None, "lsn": 500},  # no sequence at all
+    {"sequence": '["garbage"]', "lsn": 500},
+    {"sequence": '["100","500"]', "lsn": 500, "snapshot": "true"},  # snapshot read
+])
+def test_records_without_a_commit_order_are_fences_at_their_change_lsn(over: dict[str, Any]) -> None:
+    t = txn(parse_record(event("c", after=ROW, **over), None, POS))
+    assert t.fence and t.version == 500
+
+
+def test_snapshot_read_is_a_fence() -> None:
+    t = txn(parse_record(event("r", after=ROW, sequence='["100","500"]', lsn=500, snapshot="last"), None, POS))
+    assert t.fence and t.version == 500
 
 
 # ------------------------------------------------------------------------------ rejects and skips

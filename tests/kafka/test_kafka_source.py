@@ -335,5 +335,5 @@ def test_settings_topic_options_and_defaults() -> None:
     assert (s.session_timeout_ms, s.heartbeat_interval_ms, s.dead_letter_topic) == (10000, 3000, "cdcd.dlq")
     assert s.parse_options("dbserver1.public.legacy").hints == {"ts": "timestamp"}
     assert s.parse_options("mysql.inventory.customers").version == "binlog"
-    assert s.parse_options("dbserver1.public.users").version == "lsn"
+    assert s.parse_options("dbserver1.public.users").version == "sequence"
     assert KafkaSource.from_settings(s.model_dump()).name == "kafka:cdcd"

@@ -9,7 +9,8 @@ and a truncate. The records go to tansu the way Kafka Connect writes them
 The reference is the other source: a pgoutput slot on the same database decoded
 by cdcd's own PgOutputDecoder. Every row change must come out of Debezium with
 the same columns, the same Python types and the same rendered key text, and its
-version must lie inside its transaction's LSN range.
+version must order it by commit: its change LSN inside its transaction's LSN range, after the previous
+commit (docs/versions.md).
 """
 
 from __future__ import annotations
@@ -227,8 +228,11 @@ def test_row_changes_match_the_pgoutput_source(run: Run) -> None:
             rows_equal(dc.before, rc.before)
         if which in ("both", "after"):
             rows_equal(dc.after, rc.after)
-        # the version is the change's LSN: inside its transaction, after the previous commit
-        assert previous_commit < dt.version <= rt.version, (dc.op, dt.version, rt.version)
+        # the version is (last commit LSN, change LSN) (docs/versions.md): the change inside its transaction,
+        # after the previous commit; the last commit before this one (unknown for the first after a start: a fence)
+        last, lsn = divmod(dt.version, 2**64)
+        assert previous_commit < lsn <= rt.version, (dc.op, dt.version, rt.version)
+        assert (dt.fence and last == 0) or (not dt.fence and 0 < last < rt.version), (dt.fence, last, rt.version)
         assert dt.xid == rt.xid
         assert dt.commit_time is not None and rt.commit_time is not None
         assert abs((dt.commit_time - rt.commit_time).total_seconds()) < 0.001
