@@ -58,8 +58,8 @@ def make_config(data: dict[str, Any]) -> Config:
 class DaemonThread:
     """The daemon in-process: fast to start, and its metrics are inspectable."""
 
-    def __init__(self, config: Config) -> None:
-        self.daemon = Daemon(config)
+    def __init__(self, config: Config, source: Any = None) -> None:
+        self.daemon = Daemon(config) if source is None else Daemon(config, source=source)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

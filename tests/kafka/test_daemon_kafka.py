@@ -8,18 +8,16 @@ lead's end-to-end test drives the same path from real Debezium via the bridge.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import redis
 from kafka import KafkaProducer
 
-from cdcd.daemon import Daemon
 from cdcd.devservers import KafkaServer, RedisServer
 from cdcd.sinks.kafka_dlq import KafkaDeadLetters
 from cdcd.sources.kafka import KafkaSource, KafkaSourceSettings
-from tests.helpers import config_dict, entry, make_config, unique, wait_until
+from tests.helpers import DaemonThread, config_dict, entry, make_config, unique, wait_until
 from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.test_dead_letters import read_all
 from tests.kafka.test_kafka_source import committed
@@ -72,18 +70,10 @@ def test_daemon_applies_kafka_changes_and_commits_after_redis(
     settings = KafkaSourceSettings.model_validate({
         "bootstrap_servers": [kafka_server.bootstrap], "group_id": unique("g"), "topics": [topic],
         "dead_letter_topic": dlq, **FAST_GROUP})
-    daemon = Daemon(config, source=KafkaSource(settings))
+    runner = DaemonThread(config, KafkaSource(settings))
+    daemon = runner.daemon
     daemon.dead_letters = KafkaDeadLetters.from_settings(settings)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            daemon.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    runner.start(wait=False)
     r = redis.Redis.from_url(redis_server.url)
     try:
         new = wait_until(lambda: entry(r, f"{prefix}user:email:ada@lovelace.dev").get("d"), 30, what="update")
@@ -109,7 +99,6 @@ def test_daemon_applies_kafka_changes_and_commits_after_redis(
         assert status["source"] == f"kafka:{settings.group_id}"
         assert status["position"]["partitions"][f"{topic}/0"]["committed"] == 5
     finally:
-        daemon.stop()
-        thread.join(15)
+        runner.stop()
         daemon.dead_letters.close()
-    assert not thread.is_alive() and not errors, errors
+    assert runner.error is None, runner.error

@@ -10,17 +10,15 @@ keep applying other tables. Records are hand-made in the Debezium JSON format of
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import redis
 from kafka import KafkaProducer
 
-from cdcd.daemon import Daemon
 from cdcd.devservers import KafkaServer, RedisServer
 from cdcd.sources.kafka import KafkaSource, KafkaSourceSettings
-from tests.helpers import config_dict, entry, make_config, unique, wait_until
+from tests.helpers import DaemonThread, config_dict, entry, make_config, unique, wait_until
 from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.test_daemon_kafka import USER_FIELDS, user, user_event
 
@@ -63,17 +61,8 @@ def test_debezium_record_without_a_key_column_breaks_the_rule_loudly(
     settings = KafkaSourceSettings.model_validate({
         "bootstrap_servers": [kafka_server.bootstrap], "group_id": unique("g"), "topics": [users, orders],
         **FAST_GROUP})
-    daemon = Daemon(config, source=KafkaSource(settings))
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            daemon.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    runner = DaemonThread(config, KafkaSource(settings)).start(wait=False)
+    daemon = runner.daemon
     r = redis.Redis.from_url(redis_server.url)
     table_tag = f"{prefix}#tag:#table:public.users"
     try:
@@ -103,6 +92,5 @@ def test_debezium_record_without_a_key_column_breaks_the_rule_loudly(
         wait_until(lambda: int(r.get(table_tag)) > tag1, 30, what="later users record bumps the tag again")
         assert not entry(r, f"{prefix}user:2")  # never a value from a record the rules cannot map
     finally:
-        daemon.stop()
-        thread.join(15)
-    assert not thread.is_alive() and not errors, errors
+        runner.stop()
+    assert runner.error is None, runner.error
