@@ -383,9 +383,17 @@ DEFAULT_OPTIONS = ParseOptions()
 # ------------------------------------------------------------------------------ envelope
 
 
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+"""Built once: ``json.loads(..., parse_float=Decimal)`` builds a new decoder (and scanner) per call."""
+_decode = _DECODER.decode
+
+
 def _loads(data: bytes | str) -> Any:
+    """A record key or value as ``json.loads(data, parse_float=Decimal)`` reads it, with one shared decoder."""
     try:
-        return json.loads(data, parse_float=Decimal)
+        if not isinstance(data, str):
+            data = data.decode(json.detect_encoding(data), "surrogatepass")  # as json.loads does for bytes
+        return _decode(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ParseError(f"not JSON: {exc}") from None
 
