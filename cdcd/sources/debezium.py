@@ -187,13 +187,16 @@ def _timestamp(unit: int) -> Converter:
     return conv
 
 
+_FRACTION = re.compile(r"^(.*T\d\d:\d\d:\d\d)\.(\d+)(.*)$")
+
+
 def _zoned_timestamp(v: Any) -> datetime | str:
     """``io.debezium.time.ZonedTimestamp``: ISO 8601 text (Postgres: always in UTC, ``Z``) -> aware UTC."""
     if not isinstance(v, str):
         raise ParseError(f"expected an ISO 8601 timestamp, got {v!r}")
     try:
         text = v
-        m = re.match(r"^(.*T\d\d:\d\d:\d\d)\.(\d+)(.*)$", v)
+        m = _FRACTION.match(v) if "." in v else None
         if m and len(m.group(2)) > 6:  # nanoseconds: Python keeps microseconds (as Postgres does)
             text = f"{m.group(1)}.{m.group(2)[:6]}{m.group(3)}"
         parsed = datetime.fromisoformat(text)
@@ -380,6 +383,7 @@ class ParseOptions:
 
 
 DEFAULT_OPTIONS = ParseOptions()
+_KEY_OPTIONS = ParseOptions()  # record keys: only their schema cache is used
 
 
 # ------------------------------------------------------------------------------ envelope
@@ -474,6 +478,8 @@ def _row_schema(schema: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]
 
 
 _LSN_LIMIT = 2**64
+_SEQUENCE = re.compile(r'\[(?:"([0-9]+)"|null), ?(?:"([0-9]+)"|null)\]')
+"""``source.sequence`` as the connector writes it: ``["<last commit LSN>","<change LSN>"]``, either may be null."""
 
 
 def _lsn(v: Any) -> int | None:
@@ -506,10 +512,14 @@ def sequence_version(source: Mapping[str, Any], op: Any = None) -> tuple[int, bo
     raw = source.get("sequence")
     pair: Any = raw
     if isinstance(raw, str):
-        try:
-            pair = json.loads(raw)
-        except json.JSONDecodeError:
-            pair = None
+        m = _SEQUENCE.fullmatch(raw)  # what the connector writes; anything else takes json.loads
+        if m is not None:
+            pair = [m.group(1), m.group(2)]
+        else:
+            try:
+                pair = json.loads(raw)
+            except json.JSONDecodeError:
+                pair = None
     last: int | None = None
     if isinstance(pair, list) and len(pair) == 2:
         try:
@@ -571,6 +581,7 @@ class _RowDecoder:
         if not isinstance(data, dict):
             raise ParseError(f"{part} is not an object")
         placeholders = self.options._placeholders
+        convs = self.convs
         out: Row = {}
         for column, v in data.items():
             if v is None:
@@ -580,7 +591,7 @@ class _RowDecoder:
                     isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0] in placeholders):
                 out[column] = UNAVAILABLE
                 continue
-            conv = self._conv(column)
+            conv = convs[column] if column in convs else self._conv(column)
             try:
                 out[column] = conv(v) if conv is not None else _generic(v)
             except ParseError as exc:
@@ -595,7 +606,7 @@ def _key_columns(key: bytes | str | None) -> set[str] | None:
     if key is None:
         return None
     try:
-        payload, _ = _unwrap(_loads(key))
+        payload, _ = _envelope(key, _KEY_OPTIONS)
     except ParseError:
         return None
     return set(payload) if isinstance(payload, dict) else None
