@@ -168,18 +168,20 @@ def cpu_seconds(pid: int) -> float:
 class KafkaDaemon(DaemonProcess):
     """``cdcd run`` started through a boot file that can hide ``crc32c``, optionally under pyinstrument."""
 
-    def __init__(self, data: dict[str, Any], pure: bool, profile: Path | None) -> None:
+    def __init__(self, data: dict[str, Any], pure: bool, profile: Path | None, code: Path = ROOT) -> None:
         super().__init__(data)
         self.boot = self.workdir / "boot.py"
         self.boot.write_text(BOOT.format(pure=pure))
         self.profile = profile
+        self.code = code
 
     def start(self) -> KafkaDaemon:
         prof = ["-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(self.profile)] if self.profile else []
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, *prof, str(self.boot), "run", "--config", str(self.config_path)],
-                stdout=log, stderr=log, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+                stdout=log, stderr=log, cwd=self.code,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(self.code)})
         return self
 
     def stop(self) -> None:
@@ -192,14 +194,17 @@ class KafkaDaemon(DaemonProcess):
 
 
 def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: str, wait_ms: int,
-               profile: Path | None) -> dict[str, float]:
+               profile: Path | None, baseline: bool = False) -> dict[str, float]:
+    """One drain; ``baseline``: the code in ``--baseline`` with its own fetch defaults (it may not know them)."""
     from kafka import KafkaAdminClient
 
     group = unique("g")
     data = config_dict("postgresql://unused", redis_url, "unused", unique("k") + ":")
     data["source"] = source_settings(bootstrap, group, args.schemas, wait_ms, args.max_poll_records)
+    if baseline:
+        del data["source"]["fetch_max_wait_ms"]
     data["daemon"]["dead_letters"] = "redis"
-    d = KafkaDaemon(data, crc == "pure", profile)
+    d = KafkaDaemon(data, crc == "pure", profile, args.baseline if baseline else ROOT)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     d.start()
     assert d.proc is not None
@@ -219,7 +224,7 @@ def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: st
         d.stop()
         admin.close()
     warned = any(e.get("event") == "kafka_crc32c_pure_python" for e in d.events())
-    if warned != (crc == "pure"):
+    if not baseline and warned != (crc == "pure"):
         raise RuntimeError(f"crc {crc}: daemon warned={warned} ({d.log_path})")
     span = t1 - t0
     return {"rate": (args.changes - first) / span, "cores": (cpu1 - cpu0) / span,
@@ -276,13 +281,17 @@ def main() -> int:
     ap.add_argument("--no-schemas", dest="schemas", action="store_false",
                     help="schemaless envelopes (schemas.enable=false) with column hints")
     ap.add_argument("--profile", type=Path, help="directory: one extra pyinstrument run per variant, reports there")
+    ap.add_argument("--baseline", type=Path,
+                    help="a checkout of the code before (e.g. git archive main); adds its variant, pure CRC, run "
+                         "with its own defaults (kafka-python's fetch_max_wait_ms 500)")
     ap.add_argument("--naive-seconds", type=float, default=0.0, help="also run the naive baseline this long")
     args = ap.parse_args()
     crcs = [c.strip() for c in args.crc.split(",") if c.strip()]
     if not set(crcs) <= {"pure", "native"}:
         ap.error("--crc takes pure and/or native")
     waits = [int(w) for w in args.fetch_max_wait_ms.split(",")]
-    variants = [(c, w) for c in crcs for w in waits]
+    variants: list[tuple[str, int]] = [("baseline", 500)] if args.baseline else []
+    variants += [(c, w) for c in crcs for w in waits]
     kafka = KafkaServer()
     kafka.start()
     rs = RedisServer()
@@ -298,7 +307,10 @@ def main() -> int:
         for rep in range(args.repeats):
             order = variants[rep % len(variants):] + variants[:rep % len(variants)]  # rotate: no fixed first slot
             for crc, wait in order:
-                res = run_daemon(args, kafka.bootstrap, rs.url, crc, wait, None)
+                if crc == "baseline":
+                    res = run_daemon(args, kafka.bootstrap, rs.url, "pure", wait, None, baseline=True)
+                else:
+                    res = run_daemon(args, kafka.bootstrap, rs.url, crc, wait, None)
                 results[(crc, wait)].append(res)
                 print(f"  run {rep + 1}: crc={crc} fetch_max_wait_ms={wait}: {res['rate']:,.0f} changes/s, "
                       f"{res['cores']:.2f} cores", flush=True)
@@ -307,7 +319,9 @@ def main() -> int:
         for v in variants:
             rates = [r["rate"] for r in results[v]]
             med = statistics.median(rates)
-            rows.append([f"crc={v[0]}, fetch_max_wait_ms={v[1]}", len(rates), f"{med:,.0f}",
+            label = ("before: --baseline code, pure CRC, fetch_max_wait_ms 500" if v[0] == "baseline"
+                     else f"crc={v[0]}, fetch_max_wait_ms={v[1]}")
+            rows.append([label, len(rates), f"{med:,.0f}",
                          f"{min(rates):,.0f}-{max(rates):,.0f}",
                          f"{statistics.median(r['cores'] for r in results[v]):.2f}",
                          f"{statistics.median(r['cpu_us'] for r in results[v]):.1f}", f"{med / base:.2f}x"])
@@ -318,6 +332,8 @@ def main() -> int:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             for crc, wait in variants:
+                if crc == "baseline":
+                    continue
                 out = args.profile / f"kafka-{crc}-{wait}.txt"
                 run_daemon(args, kafka.bootstrap, rs.url, crc, wait, out)
                 print(f"profile: {out}")
