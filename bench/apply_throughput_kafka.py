@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/apply_throughput_kafka.py [--changes 200000] [--partitions 1] [--repeats 3] \\
-        [--crc pure,native] [--fetch-max-wait-ms 500,30] [--max-poll-records 5000] [--no-schemas] \\
+        [--crc pure,native] [--fetch-max-wait-ms 500,30] [--max-poll-records 500,5000] [--no-schemas] \\
         [--profile DIR] [--naive-seconds 0]
 
 A tansu broker (in memory) and Redis are started; ``--changes`` Debezium envelopes are produced once
@@ -11,9 +11,9 @@ A tansu broker (in memory) and Redis are started; ``--changes`` Debezium envelop
 event per transaction as Debezium emits them, ``source.sequence`` increasing). By default they carry
 their schema (``value.converter.schemas.enable=true``, the format cdcd wants), built from records the
 real connector wrote (``tests/kafka/debezium_interleaved.json``). Then, for every combination of
-``--crc`` and ``--fetch-max-wait-ms``, ``cdcd run`` (its own process) drains the *same* topics in a fresh
-consumer group under a fresh keyspace; the combinations run interleaved ``--repeats`` times and the
-table gives medians.
+``--crc``, ``--fetch-max-wait-ms`` and ``--max-poll-records``, ``cdcd run`` (its own process) drains
+the *same* topics in a fresh consumer group under a fresh keyspace; the combinations run interleaved
+``--repeats`` times and the table gives medians.
 
 ``--crc pure`` runs the daemon with the ``crc32c`` package hidden (``sys.modules["crc32c"] = None``),
 which is what kafka-python sees on a machine without it; the bench checks the daemon then logged
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -193,14 +193,25 @@ class KafkaDaemon(DaemonProcess):
                 self.kill()
 
 
-def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: str, wait_ms: int,
+class Variant(NamedTuple):
+    crc: str  # pure, native, or baseline (the --baseline code, pure CRC, its own fetch defaults)
+    wait_ms: int
+    max_poll: int
+
+    def label(self) -> str:
+        if self.crc == "baseline":
+            return f"before: --baseline code, pure CRC, fetch_max_wait_ms 500, max_poll_records {self.max_poll}"
+        return f"crc={self.crc}, fetch_max_wait_ms={self.wait_ms}, max_poll_records={self.max_poll}"
+
+
+def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: str, wait_ms: int, max_poll: int,
                profile: Path | None, baseline: bool = False) -> dict[str, float]:
     """One drain; ``baseline``: the code in ``--baseline`` with its own fetch defaults (it may not know them)."""
     from kafka import KafkaAdminClient
 
     group = unique("g")
     data = config_dict("postgresql://unused", redis_url, "unused", unique("k") + ":")
-    data["source"] = source_settings(bootstrap, group, args.schemas, wait_ms, args.max_poll_records)
+    data["source"] = source_settings(bootstrap, group, args.schemas, wait_ms, max_poll)
     if baseline:
         del data["source"]["fetch_max_wait_ms"]
     data["daemon"]["dead_letters"] = "redis"
@@ -242,7 +253,7 @@ def run_naive(args: argparse.Namespace, bootstrap: str, redis_url: str) -> float
     data = config_dict("postgresql://unused", redis_url, "unused", unique("kn") + ":")
     rules = load(data).rules()
     r = redis.Redis.from_url(redis_url)
-    settings = source_settings(bootstrap, unique("naive"), args.schemas, 30, args.max_poll_records)
+    settings = source_settings(bootstrap, unique("naive"), args.schemas, 30, 5000)
     source = KafkaSource.from_settings(settings)
     source.connect()
     done = 0
@@ -277,7 +288,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--crc", default="native", help="comma list of pure, native")
     ap.add_argument("--fetch-max-wait-ms", default="30", help="comma list of fetch_max_wait_ms values")
-    ap.add_argument("--max-poll-records", type=int, default=5000)
+    ap.add_argument("--max-poll-records", default="5000", help="comma list of max_poll_records values")
     ap.add_argument("--no-schemas", dest="schemas", action="store_false",
                     help="schemaless envelopes (schemas.enable=false) with column hints")
     ap.add_argument("--profile", type=Path, help="directory: one extra pyinstrument run per variant, reports there")
@@ -290,8 +301,9 @@ def main() -> int:
     if not set(crcs) <= {"pure", "native"}:
         ap.error("--crc takes pure and/or native")
     waits = [int(w) for w in args.fetch_max_wait_ms.split(",")]
-    variants: list[tuple[str, int]] = [("baseline", 500)] if args.baseline else []
-    variants += [(c, w) for c in crcs for w in waits]
+    polls = [int(m) for m in args.max_poll_records.split(",")]
+    variants = [Variant("baseline", 500, polls[0])] if args.baseline else []
+    variants += [Variant(c, w, m) for c in crcs for w in waits for m in polls]
     kafka = KafkaServer()
     kafka.start()
     rs = RedisServer()
@@ -301,41 +313,37 @@ def main() -> int:
         print(f"machine: {machine()}")
         print(f"uptime before: {uptime()}")
         print(f"produced {args.changes} Debezium events ({'with' if args.schemas else 'without'} schemas, "
-              f"{size} bytes each on average) to 2 topics x {args.partitions} partition(s) in {secs:.1f}s; "
-              f"max_poll_records={args.max_poll_records}")
-        results: dict[tuple[str, int], list[dict[str, float]]] = {v: [] for v in variants}
+              f"{size} bytes each on average) to 2 topics x {args.partitions} partition(s) in {secs:.1f}s")
+        results: dict[Variant, list[dict[str, float]]] = {v: [] for v in variants}
         for rep in range(args.repeats):
             order = variants[rep % len(variants):] + variants[:rep % len(variants)]  # rotate: no fixed first slot
-            for crc, wait in order:
-                if crc == "baseline":
-                    res = run_daemon(args, kafka.bootstrap, rs.url, "pure", wait, None, baseline=True)
-                else:
-                    res = run_daemon(args, kafka.bootstrap, rs.url, crc, wait, None)
-                results[(crc, wait)].append(res)
-                print(f"  run {rep + 1}: crc={crc} fetch_max_wait_ms={wait}: {res['rate']:,.0f} changes/s, "
-                      f"{res['cores']:.2f} cores", flush=True)
+            for v in order:
+                base_ = v.crc == "baseline"
+                res = run_daemon(args, kafka.bootstrap, rs.url, "pure" if base_ else v.crc, v.wait_ms, v.max_poll,
+                                 None, baseline=base_)
+                results[v].append(res)
+                print(f"  run {rep + 1}: {v.label()}: {res['rate']:,.0f} changes/s, {res['cores']:.2f} cores, "
+                      f"{res['cpu_us']:.1f} CPU µs/change", flush=True)
         rows = []
         base = statistics.median(r["rate"] for r in results[variants[0]])
         for v in variants:
             rates = [r["rate"] for r in results[v]]
             med = statistics.median(rates)
-            label = ("before: --baseline code, pure CRC, fetch_max_wait_ms 500" if v[0] == "baseline"
-                     else f"crc={v[0]}, fetch_max_wait_ms={v[1]}")
-            rows.append([label, len(rates), f"{med:,.0f}",
+            rows.append([v.label(), len(rates), f"{med:,.0f}",
                          f"{min(rates):,.0f}-{max(rates):,.0f}",
                          f"{statistics.median(r['cores'] for r in results[v]):.2f}",
                          f"{statistics.median(r['cpu_us'] for r in results[v]):.1f}", f"{med / base:.2f}x"])
         print(table(["cdcd run, Kafka source", "runs", "median changes/s", "range", "daemon cores",
-                     "CPU µs/change", f"vs {variants[0][0]}/{variants[0][1]}"], rows))
+                     "CPU µs/change", "vs first"], rows))
         if args.naive_seconds:
             print(f"naive DEL/INCR per key: {run_naive(args, kafka.bootstrap, rs.url):,.0f} changes/s")
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
-            for crc, wait in variants:
-                if crc == "baseline":
+            for v in variants:
+                if v.crc == "baseline":
                     continue
-                out = args.profile / f"kafka-{crc}-{wait}.txt"
-                run_daemon(args, kafka.bootstrap, rs.url, crc, wait, out)
+                out = args.profile / f"kafka-{v.crc}-{v.wait_ms}-{v.max_poll}.txt"
+                run_daemon(args, kafka.bootstrap, rs.url, v.crc, v.wait_ms, v.max_poll, out)
                 print(f"profile: {out}")
         print(f"uptime after: {uptime()}")
     finally:
