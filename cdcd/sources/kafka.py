@@ -56,8 +56,8 @@ def crc32c_is_native() -> bool:
     """Does kafka-python check record CRCs with the C ``crc32c`` package (the ``kafka`` extra)?
 
     kafka-python picks the package up by itself when it can import it, and silently falls
-    back to a pure-Python CRC-32C otherwise, which was half of the daemon's CPU and halved the
-    drain rate (BENCHMARKS.md). What counts is the function ``calc_crc32c`` was bound to at
+    back to a pure-Python CRC-32C otherwise, which made the daemon spend ~7x the CPU per change
+    (BENCHMARKS.md, issue 9). What counts is the function ``calc_crc32c`` was bound to at
     import, so a package installed after kafka-python was imported still reads as pure.
     """
     try:
@@ -81,8 +81,8 @@ def warn_if_crc32c_pure_python() -> bool:
     if not native and not _crc_warned:
         _crc_warned = True
         log.warning("kafka_crc32c_pure_python",
-                    detail="kafka-python checks record CRCs in pure Python: about half the CPU of consuming and "
-                           "half the drain rate; install the C package: pip install 'crc32c>=2.3' "
+                    detail="kafka-python checks record CRCs in pure Python, which multiplied the daemon's CPU per "
+                           "change by ~7 in cdcd's benchmark; install the C package: pip install 'crc32c>=2.3' "
                            "(part of cdcd[kafka])")
     return native
 
@@ -145,8 +145,8 @@ class KafkaSourceSettings(BaseModel):
                                       description="longer without poll (e.g. Redis down) and the group moves on")
     max_poll_records: int = Field(
         default=5000, ge=1, le=1_000_000,
-        description="records per poll() at most, i.e. per daemon batch; 5000 drains ~10% faster than "
-                    "kafka-python's 500 (BENCHMARKS.md), a batch is still applied in one Redis round trip")
+        description="records per poll() at most, i.e. per daemon batch (one Redis round trip, one offset "
+                    "commit); kafka-python's 500 was ~10% slower than 5000 on a quiet machine (issue 9)")
     fetch_max_wait_ms: int = Field(
         default=30, ge=0, le=10_000,
         description="how long the broker may hold a fetch waiting for fetch_min_bytes; the floor of "
