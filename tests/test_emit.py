@@ -12,10 +12,10 @@ import psycopg
 import psycopg2
 import pytest
 import redis
-from psycopg.conninfo import conninfo_to_dict
 
 from cdcd.client.emit import aemit_invalidation, emit_invalidation, invalidation_message
 from cdcd.devservers import RedisServer
+from tests.djangoenv import use_database
 from tests.helpers import DaemonThread, entry, make_config, wait_until
 
 ORDER = "INSERT INTO orders VALUES (%s, 1, 7, 1.00, 'new')"
@@ -73,19 +73,9 @@ def _sqlalchemy(dsn: str, oid: int, kind: str, fail: bool, session: bool) -> Non
 
 
 def _django(dsn: str, oid: int, kind: str, fail: bool) -> None:
-    import django
-    from django.conf import settings
+    from django.db import transaction
 
-    params = conninfo_to_dict(dsn)
-    db = {"ENGINE": "django.db.backends.postgresql", "NAME": params["dbname"], "USER": params.get("user", ""),
-          "HOST": params.get("host", ""), "PORT": str(params.get("port", ""))}
-    if not settings.configured:
-        settings.configure(DATABASES={"default": db}, USE_TZ=True)
-        django.setup()
-    from django.db import connections, transaction
-
-    connections.settings["cdcd_emit"] = {**connections.settings["default"], **db}
-    conn = connections["cdcd_emit"]
+    conn = use_database("cdcd_emit", dsn)
     try:
         with contextlib.suppress(Rollback), transaction.atomic(using="cdcd_emit"):
             with conn.cursor() as cur:
