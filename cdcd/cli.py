@@ -42,7 +42,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     configure(args.log_format or config.log.format, args.log_level or config.log.level)
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)  # refuses settings that cannot work together (daemon.dead_letters: kafka)
+    except SourceError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
     daemon.install_signal_handlers()
     try:
         daemon.run()

@@ -178,3 +178,15 @@ def test_explain_reports_a_value_that_does_not_fit(cfg: dict[str, Any], sql: Any
     assert "public.typed has no column(s) nope" in res.stderr
     assert json.loads(res.stdout)["keys"] == []
     assert json.loads(res.stdout)["unresolved"] == ["t:{id}:{price}"]
+
+
+def test_kafka_dead_letters_need_the_kafka_source(tmp_path: Path) -> None:
+    """A setting that cannot work with the source is a configuration error (exit 2), not a traceback."""
+    data = yaml.safe_load(EXAMPLE_RULES.read_text())
+    data["daemon"] = {"dead_letters": "kafka"}
+    path = tmp_path / "dlq.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = cdcd("run", "--config", str(path))
+    assert res.returncode == 2, res.stderr
+    assert "daemon.dead_letters: kafka needs source type kafka" in res.stderr
+    assert "Traceback" not in res.stderr
