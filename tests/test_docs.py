@@ -187,3 +187,33 @@ def test_every_client_option_is_in_the_client_guide() -> None:
     fields = [f.name for cls in (CacheOptions, EntryOptions) for f in dataclasses.fields(cls)]
     missing = sorted(f for f in fields if f"`{f}`" not in page)
     assert not missing, f"docs/client.md does not document: {missing}"
+
+
+# ------------------------------------------------------------------------------ the quickstart runs
+
+
+def _python_block_after(page: Path, heading: str) -> str:
+    text = page.read_text()
+    section = text[text.index(heading):]
+    m = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert m, f"no python block after {heading!r}"
+    return m.group(1)
+
+
+def test_the_client_quickstart_runs(redis_server: Any) -> None:
+    code = _python_block_after(ROOT / "README.md", "## Quickstart: the client")
+    code = code.replace("redis://127.0.0.1:6379/0", redis_server.url)
+    calls: list[int] = []
+
+    class Db:
+        def fetch_user(self, user_id: int) -> dict[str, Any]:
+            calls.append(user_id)
+            return {"id": user_id, "name": "Ada"}
+
+    scope: dict[str, Any] = {"db": Db()}
+    exec(compile(code, "README.md quickstart", "exec"), scope)
+    try:
+        assert scope["key"] == "user:42"
+        assert scope["user"] == {"id": 42, "name": "Ada"} and calls == [42]
+    finally:
+        scope["cache"].close()
