@@ -8,6 +8,7 @@ how big L1 may grow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,13 @@ class CacheOptions:
     when no daemon serves this prefix (the cache is then filled and invalidated by the application alone)."""
     lock_poll: float = 0.02
     """Seconds between L2 checks while another process holds the load lock."""
+    ryw_timeout: float = 1.0
+    """Read-your-writes: how long a read with a position waits for the daemon to apply it
+    (docs/read-your-writes.md)."""
+    ryw_on_timeout: Literal["bypass", "raise"] = "bypass"
+    """Read-your-writes, when the position was not applied in time: ``bypass`` calls the loader (the
+    database) without caching its result (``get`` returns its default: a miss); ``raise`` raises
+    ``NotApplied``. Never an older value."""
     background_workers: int = 4
     """Threads for background refreshes and timed loaders (sync cache)."""
     entry: EntryOptions = field(default_factory=EntryOptions)
