@@ -31,6 +31,7 @@ from cdcd.backplane import Message, Sequencer
 from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.metrics import Metrics
+from cdcd.ops import OpsServer
 from cdcd.redisfaults import REDIS_FAULTS, Backoff
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink
@@ -77,7 +78,7 @@ class Daemon:
         self.source_stats: dict[str, Any] | None = None  # from the monitor: slot lag / retained WAL
         self.lag_alarm = False
         self._rate: deque[tuple[float, int]] = deque(maxlen=600)
-        self.http: Any = None
+        self.http: OpsServer | None = None
         self.debug = config.log.level == "debug"
         self._last_publish = time.monotonic()
 
@@ -208,14 +209,12 @@ class Daemon:
     def start_http(self) -> None:
         """Serve /metrics, /healthz, /readyz, /status; raises HttpBindError when the address cannot be bound
         (the only OSError the CLI reports as an HTTP problem)."""
-        from cdcd.ops import OpsServer
-
         cfg = self.config
         try:
-            self.http = OpsServer(self, cfg.http.host, cfg.http.port).start()
+            http = self.http = OpsServer(self, cfg.http.host, cfg.http.port).start()
         except OSError as exc:
             raise HttpBindError(exc.errno, exc.strerror) from exc
-        log.info("http_listening", host=cfg.http.host, port=self.http.port,
+        log.info("http_listening", host=cfg.http.host, port=http.port,
                  routes=["/metrics", "/healthz", "/readyz", "/status"])
 
     def _run(self) -> None:
