@@ -412,6 +412,25 @@ class RedisSink:
         return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored)
 
 
+    # ------------------------------------------------------------------ writes outside a batch
+    # Every Redis write the daemon makes goes through this sink (dead letters through their own
+    # destination); these two are the daemon's writes that are not part of applying a batch.
+
+    def idle_heartbeat(self, version: int) -> bool:
+        """Number and publish an idle heartbeat (see :meth:`cdcd.backplane.Sequencer.heartbeat`) and check
+        the run marker; True when Redis had lost it (and it was restored). Raises RedisFault/RedisError
+        when Redis cannot be reached (the sequence number is spent anyway)."""
+        return self.heartbeat(self.sequencer.heartbeat(str(version), time.time()).encode())
+
+    def forget_source(self) -> None:
+        """Clear the applied state's source after the daemon invalidated everything a lost slot's changes
+        could have touched, so the next start does not see the loss again. Raises like :meth:`apply`."""
+        try:
+            self.client.hset(self.ks.applied, "source", "")
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc
+
+
 class PendingApply:
     """A batch sent to Redis whose replies have not been read yet (see :meth:`RedisSink.begin`)."""
 
@@ -480,3 +499,6 @@ class RedisDeadLetters:
             self.client.xadd(self.stream, fields, maxlen=DLQ_MAXLEN, approximate=True)  # type: ignore[arg-type]
         except REDIS_FAULTS as exc:
             raise translate(exc) from exc
+
+    def close(self) -> None:
+        """Nothing to release: the client is the daemon's, shared with the sink."""
