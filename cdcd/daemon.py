@@ -54,8 +54,8 @@ log = structlog.get_logger("cdcd.daemon")
 # Everything a Redis call can raise that means "try again later"; see cdcd.redisfaults.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *REDIS_FAULTS)
 
-# redis-py before 6 computes ``base * 2**failures``, which overflows a float after ~1000 failures
-# (hours into an outage at the default cap); past this exponent the delay is at the cap anyway.
+# redis-py 5 (our floor) computes ``base * 2**failures``, which overflows a float after ~1000 failures
+# (about an hour into an outage at the default 5 s cap); past this exponent the delay is at the cap anyway.
 _MAX_EXPONENT = 32
 
 
