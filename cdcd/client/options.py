@@ -25,7 +25,7 @@ class EntryOptions:
     """Seconds a value lives in L2 (Redis, jittered): its hard TTL."""
     l1_ttl: float | None = None
     """Seconds L1 may serve a copy before re-reading L2 (default: ``ttl``). The backplane normally
-    drops a changed key within milliseconds; this bounds L1 staleness when it cannot (see the README)."""
+    drops a changed key within milliseconds; this bounds L1 staleness when it cannot (docs/client.md)."""
     soft_ttl: float | None = None
     """Seconds after which a value is served stale while one background refresh runs (default:
     ``ttl``, i.e. no stale-while-revalidate)."""
@@ -89,7 +89,8 @@ class CacheOptions:
     l1_max_entries: int = 100_000
     """0 turns L1 off (every read goes to Redis)."""
     l1_max_bytes: int = 256 * 1024 * 1024
-    """Approximate: each entry counts its serialized size plus a fixed overhead."""
+    """Bound on the memory L1 holds: entries are sized by their object graph (``cdcd.client.sizing``), within
+    about 1.2x of real RSS growth (docs/l1-memory.md)."""
     redis_timeout: float = 0.5
     """Socket timeout of every Redis call (the cache's connections never retry on their own): a dead
     Redis costs at most this per call until the breaker opens, then nothing."""
