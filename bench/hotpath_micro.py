@@ -2,11 +2,12 @@
 
 Usage::
 
-    .venv/bin/python bench/hotpath_micro.py [--changes 200000] [--repeat 5]
+    .venv/bin/python bench/hotpath_micro.py [--changes 200000] [--repeat 5] [--no-apply]
 
 Fills a slot with the same workload as ``apply_throughput.py`` (10 changes per transaction), reads
 every raw pgoutput payload once, then times each stage alone, in this process, best of
-``--repeat``: decoding (:class:`PgOutputDecoder`), planning (``Rules.plan`` in batches of 500
+``--repeat``: decoding (:class:`PgOutputDecoder`, reading only the columns the rules use, as the
+daemon's source does), planning (``Rules.plan`` in batches of 500
 transactions), and applying to Redis (the sink, packed RESP vs a redis-py pipeline; a fresh Redis
 each round). Stage costs add up to the daemon's CPU per change (plus polling, logging, metrics);
 the Redis column is the server's own time in ``EVALSHA`` (``INFO commandstats``).
@@ -59,6 +60,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--changes", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-apply", action="store_true", help="time decode and plan only (no Redis stage)")
     args = ap.parse_args()
     from apply_throughput import fill
 
@@ -77,22 +79,30 @@ def main() -> int:
         n = args.changes
         rows = []
 
+        rules = cfg.rules()
+
+        def decoder() -> PgOutputDecoder:
+            """As the daemon's source configures it: only the columns the rules read (where supported)."""
+            dec = PgOutputDecoder("bench")
+            if hasattr(rules, "reads"):
+                dec.reads = rules.reads
+            return dec
+
         # Like the daemon, which holds one batch at a time, the timed loops keep nothing alive: results
         # are dropped, and the inputs are frozen out of the garbage collector's sight (otherwise every
         # full collection would walk 200k retained changes and dominate the numbers).
         gc.freeze()
         best = float("inf")
         for _ in range(args.repeat):
-            feed = PgOutputDecoder("bench").feed
+            feed = decoder().feed
             t0 = time.perf_counter()
             for p, lsn in msgs:
                 feed(p, lsn)
             best = min(best, time.perf_counter() - t0)
         rows.append(["decode (pgoutput -> Change)", f"{best / n * 1e6:.2f}", "-"])
-        feed = PgOutputDecoder("bench").feed
+        feed = decoder().feed
         txns = [t for t in (feed(p, lsn) for p, lsn in msgs) if isinstance(t, Transaction)]
 
-        rules = cfg.rules()
         chunks = [txns[i:i + 500] for i in range(0, len(txns), 500)]
         gc.freeze()
         best = float("inf")
@@ -107,6 +117,8 @@ def main() -> int:
 
         r = redis.Redis.from_url(rs.url)
         variants = (False, True) if hasattr(RedisSink, "_send_packed") else (False,)  # older sinks: pipeline only
+        if args.no_apply:
+            variants = ()
         for packed in variants:
             best, server = float("inf"), 0.0
             for _ in range(max(1, args.repeat // 2)):
