@@ -10,6 +10,10 @@ Memory is bounded by configuration, not by input: past ``max_changes`` rows or
 ``max_bytes`` of row messages in one transaction, the decoder stops keeping rows
 and only counts them per table (``Transaction.touched``). The planner turns such
 a *degraded* transaction into table-wide invalidations at its commit version.
+
+Given ``reads`` (the Postgres source passes :meth:`cdcd.rules.Rules.reads`), rows hold only the
+columns the rules read; the others are walked but neither decoded nor converted
+(docs/decode-what-rules-read.md).
 """
 
 from __future__ import annotations
