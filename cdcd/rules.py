@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cdcd.change import UNAVAILABLE, Change, Op, Row, Transaction
+from cdcd.change import UNAVAILABLE, Change, Op, Reads, Row, Transaction
 from cdcd.keys import Template as Template  # re-exported: key templates live in cdcd.keys
 from cdcd.keys import render_value as render_value
 from cdcd.keyspace import Keyspace
@@ -268,6 +268,24 @@ class Rules:
         return {"prefix": self.keyspace.prefix,
                 "tables": {rel: {"keys": list(r.keys), "tags": list(r.tags), "action": r.action}
                            for rel, r in self.source.items()}}
+
+    def reads(self, schema: str, table: str) -> Reads:
+        """The columns the planner reads from this table's rows, so a source can skip decoding the rest.
+
+        The same lookup by name as :meth:`_plan_change`'s: a table without a rule reads nothing (its
+        changes are counted as unmapped, whatever their rows). The old row only renders key and tag
+        templates; the new row also feeds an ``update`` rule's projection (every column when the rule
+        lists none).
+        """
+        rule = self._rule_of.get((schema, table))
+        if rule is None:
+            return Reads(frozenset(), frozenset())
+        templates = frozenset(c for t in (*rule.keys, *rule.tags) for c in t.columns)
+        if rule.action != "update":
+            return Reads(templates, templates)
+        if rule.columns is None:
+            return Reads(None, templates)
+        return Reads(templates | frozenset(rule.columns), templates)
 
     # -------------------------------------------------------------------- explain
 

@@ -213,6 +213,7 @@ class PostgresSource:
         self._decoder = PgOutputDecoder(self.name, self.settings.max_transaction_changes,
                                         self.settings.max_transaction_bytes)
         self._decoder.on_relation = self.schema_guard.on_relation
+        self._decoder.reads = self.rules.reads  # decode only the columns the rules read
         log.info("replication_started", slot=self.settings.slot, publication=self.settings.publication,
                  options=options)
 
