@@ -357,11 +357,21 @@ class PgOutputDecoder:
             self._txn_bytes += len(buf)
             if len(txn.changes) >= self.max_changes or self._txn_bytes > self.max_bytes:
                 touched = self._degrade(txn)
-        if touched is not None:
-            # Degraded: O(1) per table, whatever the number of rows. The row is not decoded at all.
-            key = (rel.schema, rel.table)
-            touched[key] = touched.get(key, 0) + 1
-            return
+        if touched is None:
+            try:
+                self._decode_row(kind, tag, buf, rel, txn)
+                return
+            except UnicodeDecodeError as exc:
+                # A column the rules read is not valid UTF-8 (a SQL_ASCII database): no key or value can be
+                # rendered faithfully, and a skipped change would leave stale entries. The transaction
+                # falls back to table-wide invalidation of everything it touched, this table included.
+                touched = self._degrade(txn, f"{rel.schema}.{rel.table}: a column value is not valid UTF-8 "
+                                             f"({exc.reason} at byte {exc.start})")
+        # Degraded: O(1) per table, whatever the number of rows. The row is not decoded at all.
+        key = (rel.schema, rel.table)
+        touched[key] = touched.get(key, 0) + 1
+
+    def _decode_row(self, kind: int, tag: int, buf: bytes, rel: Relation, txn: Transaction) -> None:
         if kind == 73:  # I
             if tag != 78:  # 'N'
                 raise DecodeError("Insert without new tuple")
@@ -396,15 +406,22 @@ class PgOutputDecoder:
                     after[name] = before[name]
         txn.changes.append(Change(Op.UPDATE, rel.schema, rel.table, before, after))
 
-    def _degrade(self, txn: Transaction) -> dict[tuple[str, str], int]:
-        """Past a cap: drop the rows held so far, keep only how many changed per table."""
+    def _degrade(self, txn: Transaction, why: str = "") -> dict[tuple[str, str], int]:
+        """Past a cap (or at a row that cannot be decoded): drop the rows held so far, keep only how many
+        changed per table."""
         touched: dict[tuple[str, str], int] = dict(Counter((c.schema, c.table) for c in txn.changes))
         txn.touched = touched
         txn.changes = []
-        log.warning("transaction_degrading", xid=txn.xid, final_lsn=lsn_to_str(txn.version),
-                    max_changes=self.max_changes, max_bytes=self.max_bytes, buffered_bytes=self._txn_bytes,
-                    detail="transaction exceeds source.max_transaction_changes/bytes: its rows are no longer "
-                           "kept; at commit every entry derived from the tables it touched is invalidated")
+        if why:
+            log.error("transaction_degrading", xid=txn.xid, final_lsn=lsn_to_str(txn.version), reason=why,
+                      detail="a row cannot be decoded: at commit every entry derived from the tables the "
+                             "transaction touched is invalidated")
+        else:
+            log.warning("transaction_degrading", xid=txn.xid, final_lsn=lsn_to_str(txn.version),
+                        max_changes=self.max_changes, max_bytes=self.max_bytes, buffered_bytes=self._txn_bytes,
+                        detail="transaction exceeds source.max_transaction_changes/bytes: its rows are no "
+                               "longer kept; at commit every entry derived from the tables it touched is "
+                               "invalidated")
         return touched
 
     def _message(self, r: _Reader, lsn: int) -> Transaction | Rejected | None:

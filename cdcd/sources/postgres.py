@@ -72,7 +72,7 @@ class PostgresSource:
 
     def sql(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(self.settings.conninfo(), autocommit=True, connect_timeout=5)
+            return psycopg.connect(session.conninfo(self.settings.conninfo()), autocommit=True, connect_timeout=5)
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"cannot connect to Postgres: {str(exc).strip()}") from exc
 
@@ -186,15 +186,16 @@ class PostgresSource:
     def connect(self) -> None:
         self.close()
         self.setup()
+        with self.sql() as sqlconn:
+            server_version = sqlconn.info.server_version
+            encoding = session.stream_encoding(sqlconn.info.parameter_status("server_encoding") or "")
         try:
             # The session pins the text formats pgtypes parses (walsender output uses these settings).
-            conn = psycopg2.connect(session.conninfo(self.settings.conninfo()), connect_timeout=5,
+            conn = psycopg2.connect(session.conninfo(self.settings.conninfo(), encoding=encoding), connect_timeout=5,
                                     connection_factory=psycopg2.extras.LogicalReplicationConnection)
         except psycopg2.OperationalError as exc:
             raise SourceUnavailable(f"replication connection failed: {str(exc).strip()}") from exc
         cur = conn.cursor()
-        with self.sql() as sqlconn:
-            server_version = sqlconn.info.server_version
         options = {"proto_version": "1", "publication_names": self.settings.publication}
         if server_version >= 140000:
             options["messages"] = "true"
@@ -227,7 +228,8 @@ class PostgresSource:
         """The guard's catalog check (a DROP TABLE sends nothing down the stream); never fatal here."""
         try:
             if self._catalog is None or self._catalog.closed:
-                self._catalog = psycopg.connect(self.settings.conninfo(), autocommit=True, connect_timeout=5)
+                self._catalog = psycopg.connect(session.conninfo(self.settings.conninfo()), autocommit=True,
+                                                connect_timeout=5)
             self.schema_guard.check_catalog(self._catalog)
         except psycopg.Error as exc:
             log.debug("schema_check_failed", error=str(exc).strip())
