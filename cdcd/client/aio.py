@@ -57,9 +57,11 @@ from .protocol import (
     read_commands,
     xfetch_due,
 )
-from .serializers import JsonSerializer, Serializer
+from .serializers import Serializer
 from .stats import Stats
 from .subscriber import AsyncSubscriber
+from .typed import TypedSerializer
+from .values import UnencodableValue, decode_entry, encode, frozen_or, thaw
 
 Loader = Callable[[], Any]
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -80,7 +82,11 @@ class AsyncCache:
             client = aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(client))
         self.redis: Any = client
         self.keyspace = Keyspace(opts.prefix, opts.channel)
-        self.serializer = serializer or JsonSerializer()
+        self.serializer: Serializer = serializer or TypedSerializer()
+        self._copy = opts.l1_copy
+        if self._copy:  # every public read hands out its own copy (see values.Frozen)
+            self.get = self._get_copy  # type: ignore[method-assign]
+            self.get_or_load = self._get_or_load_copy  # type: ignore[method-assign]
         self.stats = Stats()
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self._l1data = self.l1.data
@@ -174,14 +180,10 @@ class AsyncCache:
             found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
         return found
 
-    def _decode(self, found: Found) -> Any:
-        if found.entry.negative:
-            return NOT_FOUND
-        try:
-            return self.serializer.loads(found.entry.value or b"")
-        except Exception as exc:
-            log.warning("undecodable_value", key=found.entry.key, error=str(exc))
-            return MISSING
+    def _decode(self, found: Found, opts: EntryOptions) -> Any:
+        """The entry's value by its writer's format (``NOT_FOUND`` for a cached "not found"; a
+        :class:`~.values.Frozen` with ``l1_copy``); MISSING if it does not decode (a miss: reloaded)."""
+        return decode_entry(self.serializer, found.entry, opts.decode, self._copy)
 
     def _put_from_l2(self, key: str, found: Found, value: Any, opts: EntryOptions, tags: Sequence[str],
                      since: int) -> None:
@@ -196,7 +198,7 @@ class AsyncCache:
 
     # ---------------------------------------------------------------- reads
 
-    async def get(self, key: str, default: Any = None) -> Any:
+    async def get(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None) -> Any:
         e = self._l1data.get(key)
         if e is not None and monotonic() < e.hard:
             e.ref = True
@@ -205,7 +207,7 @@ class AsyncCache:
         self.stats.l1_misses += 1
         check_names(key)
         self._ensure_started()
-        opts = self.options.entry
+        opts = self.options.entry if decode is None else self.options.entry.merged(decode=decode)
         since = self.l1.begin()
         try:
             await self._refresh_registry()
@@ -216,7 +218,7 @@ class AsyncCache:
         except L2Unavailable:
             cur = self._fallback(key, opts)
             return default if cur is None or cur.negative else self._serve_fallback(key, cur, opts)
-        value = self._decode(found) if found.usable else MISSING
+        value = self._decode(found, opts) if found.usable else MISSING
         if value is MISSING:
             self.stats.l2_misses += 1
             return default
@@ -225,7 +227,8 @@ class AsyncCache:
         return default if value is NOT_FOUND else value
 
     async def get_or_load(self, key: str, loader: Loader, *, ttl: float | None = None, tags: Iterable[str] = (),
-                          options: EntryOptions | None = None) -> Any:
+                          options: EntryOptions | None = None,
+                          decode: Callable[[Any], Any] | None = None) -> Any:
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -239,16 +242,26 @@ class AsyncCache:
                 beta = (options or self.options.entry).early_refresh_beta
                 if beta and e.delta and xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
                     self.stats.early_refreshes += 1
-                    self._background(key, loader, ttl, tags, options, e.generation)
+                    self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return _out(e)
             if now < e.hard:
                 self.stats.stale_served += 1
-                self._background(key, loader, ttl, tags, options, e.generation)
+                self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return _out(e)
         self.stats.l1_misses += 1
         self._ensure_started()
-        return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl),
+        return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
                                 check_names(key, tags))
+
+    async def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None) -> Any:
+        """``get`` with ``l1_copy``: the caller's own copy (bound over ``get`` at construction)."""
+        return thaw(await AsyncCache.get(self, key, default, decode=decode))
+
+    async def _get_or_load_copy(self, key: str, loader: Loader, *, ttl: float | None = None,
+                          tags: Iterable[str] = (), options: EntryOptions | None = None,
+                          decode: Callable[[Any], Any] | None = None) -> Any:
+        """``get_or_load`` with ``l1_copy``: the caller's own copy (bound over ``get_or_load`` at construction)."""
+        return thaw(await AsyncCache.get_or_load(self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode))
 
     # ---------------------------------------------------------------- miss path
 
@@ -291,6 +304,8 @@ class AsyncCache:
             if cur is not None:
                 return self._serve_fallback(key, cur, opts)
             raise TimeoutError(f"loader for {key!r} took longer than {timeout}s") from None
+        except UnencodableValue:
+            raise  # a programming error: no fallback hides it
         except L2Unavailable:
             cur = self._fallback(key, opts)
             if cur is not None:
@@ -324,11 +339,12 @@ class AsyncCache:
         return task
 
     def _background(self, key: str, loader: Loader, ttl: float | None, tags: Iterable[str],
-                    options: EntryOptions | None, refresh_of: str | None) -> None:
+                    options: EntryOptions | None, refresh_of: str | None,
+                    decode: Callable[[Any], Any] | None = None) -> None:
         if key in self._flights:
             return
         self.stats.refreshes += 1
-        self._start_flight(key, loader, (options or self.options.entry).merged(ttl=ttl), list(tags),
+        self._start_flight(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode), list(tags),
                            refresh_of or "", False)
 
     async def _load(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
@@ -337,6 +353,8 @@ class AsyncCache:
         if self.unverifiable:
             self.stats.l2_misses += 1
             value, _ = await self._call_loader(loader)
+            if value is not NOT_FOUND and value is not None:
+                encode(self.serializer, key, value)  # what cannot be cached fails the same way everywhere
             return None if value is NOT_FOUND else value
         tag_list = all_tags(key, tags, self.registry)
         since = self.l1.begin()
@@ -351,7 +369,7 @@ class AsyncCache:
                 raise
             return await self._load_without_l2(key, loader, opts, tag_list, since)
         if found.usable and (refresh_of is None or found.entry.generation != refresh_of):
-            value = self._decode(found)
+            value = self._decode(found, opts)
             if value is not MISSING:
                 self.stats.l2_hits += 1
                 self._put_from_l2(key, found, value, opts, tag_list, since)
@@ -388,8 +406,9 @@ class AsyncCache:
         negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
         if negative and not opts.cache_negative:
             return None
-        data = b"" if negative else self.serializer.dumps(value)
-        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, None, tags, len(data), delta,
+        data = b"" if negative else encode(self.serializer, key, value)
+        value = NOT_FOUND if negative else frozen_or(value, self.serializer, data, self._copy)
+        e = make_entry(monotonic(), value, negative, opts, None, tags, len(data), delta,
                        None, self.rng)
         self.l1.put(key, e, since)
         return None if negative else value
@@ -399,7 +418,8 @@ class AsyncCache:
         negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
         if negative and not opts.cache_negative:
             return None
-        data = b"" if negative else self.serializer.dumps(value)
+        data = b"" if negative else encode(self.serializer, key, value)
+        value = NOT_FOUND if negative else frozen_or(value, self.serializer, data, self._copy)
         ttl = jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng)
         snap = {t: found.current.get(t) or "" for t in tags}
         ttl_left: float | None
@@ -416,7 +436,7 @@ class AsyncCache:
             self.stats.fills += 1
             self.stats.negative_fills += negative
             ttl_left = ttl
-        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, ttl_left, tags, len(data),
+        e = make_entry(monotonic(), value, negative, opts, ttl_left, tags, len(data),
                        delta, gen, self.rng)
         self.l1.put(key, e, since)
         return None if negative else value
@@ -433,7 +453,7 @@ class AsyncCache:
             await asyncio.sleep(self.options.lock_poll)
             found = await self._read(key, tags, lease=False)
             if found.usable:
-                value = self._decode(found)
+                value = self._decode(found, opts)
                 if value is not MISSING:
                     self.stats.coalesced += 1
                     self._put_from_l2(key, found, value, opts, tags, since)
@@ -453,7 +473,7 @@ class AsyncCache:
                   options: EntryOptions | None = None) -> bool:
         tags = check_names(key, tags)
         opts = (options or self.options.entry).merged(ttl=ttl)
-        data = self.serializer.dumps(value)
+        data = encode(self.serializer, key, value)
         await self._refresh_registry()
         if self.unverifiable:
             await self.delete(key)  # nothing may be cached, and an older copy must not survive the write
@@ -476,7 +496,8 @@ class AsyncCache:
             self.l1.remove(key)
             return False
         self.stats.fills += 1
-        e = make_entry(monotonic(), value, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
+        stored = frozen_or(value, self.serializer, data, self._copy)
+        e = make_entry(monotonic(), stored, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
         self.l1.put(key, e, since, fence=True)
         return True
 
@@ -520,7 +541,8 @@ class AsyncCache:
         return render(template, values)
 
     def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
-               options: EntryOptions | None = None) -> Callable[[F], F]:
+               options: EntryOptions | None = None,
+               decode: Callable[[Any], Any] | None = None) -> Callable[[F], F]:
         """Decorator for ``async def`` functions; see :meth:`Cache.cached`."""
 
         def deco(fn: F) -> F:
@@ -533,7 +555,8 @@ class AsyncCache:
                 k, t = tpl.render(args, kwargs)
                 if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
                     return await fn(*args, **kwargs)
-                return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options)
+                return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options,
+                                        decode=decode)
 
             async def invalidate(*a: Any, **kw: Any) -> bool:
                 k = tpl.render(a, kw)[0]

@@ -7,7 +7,9 @@ how big L1 may grow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,10 @@ class EntryOptions:
     """Coalesce misses across processes too, with a short Redis lock (SET NX PX)."""
     lock_ttl: float = 5.0
     """The lock's lifetime: a holder that dies blocks the others at most this long."""
+    decode: Callable[[Any], Any] | None = None
+    """Applied to values the *daemon* wrote (its JSON projections of ``update`` rules) after ``json.loads``,
+    e.g. ``User.model_validate``, so they come back as the type the loader returns (see docs/client-values.md).
+    Values applications wrote come back as they went in and never pass through it."""
 
     def merged(self, **changes: object) -> EntryOptions:
         """A copy with the non-None ``changes`` (``self`` when there are none: the common, cheap case)."""
@@ -120,6 +126,10 @@ class CacheOptions:
     """Seconds between L2 checks while another process holds the load lock."""
     background_workers: int = 4
     """Threads for background refreshes and timed loaders (sync cache)."""
+    l1_copy: bool = False
+    """Every caller gets its own copy of an L1 value (FusionCache's AutoClone): L1 keeps the encoded bytes and
+    decodes them on each hit, so a caller mutating its result (or the loader's object) never changes what
+    others get. Off: every caller shares L1's one object (treat it as read-only), and a hit costs no decode."""
     entry: EntryOptions = field(default_factory=EntryOptions)
     """Defaults for every entry."""
 
