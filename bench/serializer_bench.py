@@ -184,7 +184,8 @@ def main() -> None:
     args = ap.parse_args()
     cands: dict[str, Any] = {"msgpack+ext (TypedSerializer)": TypedSerializer(), "tagged JSON (stdlib)": TaggedJson(),
                              "tagged JSON (orjson)": TaggedOrjson(), "msgspec msgpack (untyped: lossy)": Msgspec(),
-                             "pickle (unsafe: reference)": Pickle(), "JsonSerializer default=str (old)": JsonSerializer()}
+                             "pickle (unsafe: reference)": Pickle(),
+                             "JsonSerializer default=str (old)": JsonSerializer()}
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for vname, value in VALUES.items():
