@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 import redis.asyncio as aredis
 
@@ -35,9 +35,10 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
+from .decorated import AsyncCachedFunction
 from .l1 import L1, L1Entry
 from .link import UNLOCK, AsyncLink, Command, L2Unavailable
-from .options import CacheOptions, EntryOptions
+from .options import CacheOptions, Duration, EntryOptions
 from .protocol import (
     BUMP,
     INVALIDATE,
@@ -64,7 +65,8 @@ from .typed import TypedSerializer
 from .values import UnencodableValue, decode_entry, encode, frozen_or, thaw
 
 Loader = Callable[[], Any]
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
+P = ParamSpec("P")
 _lock_ids = itertools.count()
 
 
@@ -226,9 +228,21 @@ class AsyncCache:
         self._put_from_l2(key, found, value, opts, (), since)
         return default if value is NOT_FOUND else value
 
-    async def get_or_load(self, key: str, loader: Loader, *, ttl: float | None = None, tags: Iterable[str] = (),
+    @overload
+    async def get_or_load(self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: Duration | None = None,
+                          tags: Iterable[str] = (), options: EntryOptions | None = None,
+                          decode: Callable[[Any], Any] | None = None) -> T: ...
+
+    @overload
+    async def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
+                          tags: Iterable[str] = (), options: EntryOptions | None = None,
+                          decode: Callable[[Any], Any] | None = None) -> T: ...
+
+    async def get_or_load(self, key: str, loader: Loader, *, ttl: Duration | None = None, tags: Iterable[str] = (),
                           options: EntryOptions | None = None,
                           decode: Callable[[Any], Any] | None = None) -> Any:
+        """The value of ``key``, loading it with ``loader()`` (an ``async def`` function or a plain callable) on
+        a miss; see :meth:`Cache.get_or_load`. A loader returning ``T`` or an awaitable of ``T`` gives ``T``."""
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -250,18 +264,20 @@ class AsyncCache:
                 return _out(e)
         self.stats.l1_misses += 1
         self._ensure_started()
-        return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
-                                check_names(key, tags))
+        result = await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
+                                     check_names(key, tags))
+        return result
 
     async def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None) -> Any:
         """``get`` with ``l1_copy``: the caller's own copy (bound over ``get`` at construction)."""
         return thaw(await AsyncCache.get(self, key, default, decode=decode))
 
-    async def _get_or_load_copy(self, key: str, loader: Loader, *, ttl: float | None = None,
+    async def _get_or_load_copy(self, key: str, loader: Loader, *, ttl: Duration | None = None,
                           tags: Iterable[str] = (), options: EntryOptions | None = None,
                           decode: Callable[[Any], Any] | None = None) -> Any:
         """``get_or_load`` with ``l1_copy``: the caller's own copy (bound over ``get_or_load`` at construction)."""
-        return thaw(await AsyncCache.get_or_load(self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode))
+        return thaw(await AsyncCache.get_or_load(
+            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode))
 
     # ---------------------------------------------------------------- miss path
 
@@ -338,7 +354,7 @@ class AsyncCache:
         task.add_done_callback(landed)
         return task
 
-    def _background(self, key: str, loader: Loader, ttl: float | None, tags: Iterable[str],
+    def _background(self, key: str, loader: Loader, ttl: Duration | None, tags: Iterable[str],
                     options: EntryOptions | None, refresh_of: str | None,
                     decode: Callable[[Any], Any] | None = None) -> None:
         if key in self._flights:
@@ -469,7 +485,7 @@ class AsyncCache:
             self._publish_lock = asyncio.Lock()
         return self._publish_lock
 
-    async def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
+    async def set(self, key: str, value: Any, *, ttl: Duration | None = None, tags: Iterable[str] = (),
                   options: EntryOptions | None = None) -> bool:
         tags = check_names(key, tags)
         opts = (options or self.options.entry).merged(ttl=ttl)
@@ -540,31 +556,36 @@ class AsyncCache:
         """The key the daemon writes for these column values; see :meth:`Cache.key`."""
         return render(template, values)
 
-    def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
+    def cached(self, key: str, tags: Sequence[str] = (), ttl: Duration | None = None,
                options: EntryOptions | None = None,
-               decode: Callable[[Any], Any] | None = None) -> Callable[[F], F]:
+               decode: Callable[[Any], Any] | None = None
+               ) -> Callable[[Callable[P, Awaitable[T]]], AsyncCachedFunction[P, T]]:
         """Decorator for ``async def`` functions; see :meth:`Cache.cached`."""
 
-        def deco(fn: F) -> F:
+        def deco(fn: Callable[P, Awaitable[T]]) -> AsyncCachedFunction[P, T]:
             if not inspect.iscoroutinefunction(fn):
                 raise TypeError(f"{fn.__qualname__} is not async: decorate it with a (sync) Cache")
             tpl = KeyTemplate(fn, key, tags)
 
             @functools.wraps(fn)
-            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
                 k, t = tpl.render(args, kwargs)
                 if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
                     return await fn(*args, **kwargs)
                 return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options,
-                                        decode=decode)
+                                              decode=decode)
 
-            async def invalidate(*a: Any, **kw: Any) -> bool:
+            async def invalidate(*a: P.args, **kw: P.kwargs) -> bool:
                 k = tpl.render(a, kw)[0]
                 return await self.delete(k) if k is not None else False
 
-            wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
-            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
-            return wrapper  # type: ignore[return-value]
+            def key_of(*a: P.args, **kw: P.kwargs) -> str | None:
+                return tpl.render(a, kw)[0]
+
+            out = cast("AsyncCachedFunction[P, T]", wrapper)
+            out.key = key_of  # type: ignore[method-assign]
+            out.invalidate = invalidate  # type: ignore[method-assign]
+            return out
 
         return deco
 

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis
 
@@ -42,9 +42,10 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
+from .decorated import CachedFunction
 from .l1 import L1, L1Entry
 from .link import UNLOCK, Command, L2Unavailable, Link
-from .options import CacheOptions, EntryOptions
+from .options import CacheOptions, Duration, EntryOptions
 from .protocol import (
     BUMP,
     INVALIDATE,
@@ -72,7 +73,8 @@ from .values import UnencodableValue, decode_entry, encode, frozen_or, thaw
 
 __all__ = ["XFETCH_HORIZON", "Cache", "L2Unavailable"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+P = ParamSpec("P")
 _lock_ids = itertools.count()
 
 
@@ -241,9 +243,9 @@ class Cache:
         self._put_from_l2(key, found, value, opts, (), since)
         return default if value is NOT_FOUND else value
 
-    def get_or_load(self, key: str, loader: Callable[[], Any], *, ttl: float | None = None,
+    def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                     tags: Iterable[str] = (), options: EntryOptions | None = None,
-                    decode: Callable[[Any], Any] | None = None) -> Any:
+                    decode: Callable[[Any], Any] | None = None) -> T:
         """The value of ``key``, loading it with ``loader()`` on a miss (see the module docstring).
 
         ``loader`` returns the value, or ``NOT_FOUND`` (or ``None``) for "no such row", which is
@@ -255,7 +257,7 @@ class Cache:
             if now < e.early:  # fresh, and far from expiry: the common case, kept lean
                 e.ref = True
                 self.stats.l1_hits += 1
-                return None if e.negative else e.value
+                return None if e.negative else e.value  # type: ignore[return-value]
             if now < e.soft:  # fresh, inside the XFetch window
                 e.ref = True
                 self.stats.l1_hits += 1
@@ -263,24 +265,26 @@ class Cache:
                 if beta and e.delta and xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
                     self.stats.early_refreshes += 1
                     self._background(key, loader, ttl, tags, options, e.generation, decode)
-                return _out(e)
+                return _out(e)  # type: ignore[no-any-return]
             if now < e.hard:  # stale-while-revalidate
                 self.stats.stale_served += 1
                 self._background(key, loader, ttl, tags, options, e.generation, decode)
-                return _out(e)
+                return _out(e)  # type: ignore[no-any-return]
         self.stats.l1_misses += 1
-        return self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
-                          check_names(key, tags))
+        result: T = self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
+                               check_names(key, tags))
+        return result
 
     def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None) -> Any:
         """``get`` with ``l1_copy``: the caller's own copy (bound over ``get`` at construction)."""
         return thaw(Cache.get(self, key, default, decode=decode))
 
-    def _get_or_load_copy(self, key: str, loader: Callable[[], Any], *, ttl: float | None = None,
+    def _get_or_load_copy(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                           tags: Iterable[str] = (), options: EntryOptions | None = None,
-                          decode: Callable[[Any], Any] | None = None) -> Any:
+                          decode: Callable[[Any], Any] | None = None) -> T:
         """``get_or_load`` with ``l1_copy``: the caller's own copy (bound over ``get_or_load`` at construction)."""
-        return thaw(Cache.get_or_load(self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode))
+        return thaw(Cache.get_or_load(  # type: ignore[no-any-return]
+            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode))
 
     # ---------------------------------------------------------------- miss path
 
@@ -347,7 +351,7 @@ class Cache:
                 self._background(key, loader, None, tags, opts, e.generation)
         return result
 
-    def _background(self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str],
+    def _background(self, key: str, loader: Callable[[], Any], ttl: Duration | None, tags: Iterable[str],
                     options: EntryOptions | None, refresh_of: str | None,
                     decode: Callable[[Any], Any] | None = None) -> None:
         """One background refresh per key: nothing starts while a load or refresh of it is in flight."""
@@ -524,7 +528,7 @@ class Cache:
 
     # ---------------------------------------------------------------- writes
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
+    def set(self, key: str, value: Any, *, ttl: Duration | None = None, tags: Iterable[str] = (),
             options: EntryOptions | None = None) -> bool:
         """Write-through after the app changed the database. Goes through the guard too: if a change
         reached the key meanwhile (possibly this very write, via the daemon), the newer state wins and
@@ -606,9 +610,9 @@ class Cache:
         row with these column values (same rendering and escaping), or None when a value is None or empty."""
         return render(template, values)
 
-    def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
+    def cached(self, key: str, tags: Sequence[str] = (), ttl: Duration | None = None,
                options: EntryOptions | None = None,
-               decode: Callable[[Any], Any] | None = None) -> Callable[[F], F]:
+               decode: Callable[[Any], Any] | None = None) -> Callable[[Callable[P, T]], CachedFunction[P, T]]:
         """``@cache.cached(key="user:{user_id}", tags=["tenant:{tenant_id}"], ttl=60)`` on a sync function.
 
         Templates are filled from the function's arguments by name (defaults included). The wrapper
@@ -616,7 +620,7 @@ class Cache:
         functions use :meth:`AsyncCache.cached`.
         """
 
-        def deco(fn: F) -> F:
+        def deco(fn: Callable[P, T]) -> CachedFunction[P, T]:
             import inspect
 
             if inspect.iscoroutinefunction(fn):
@@ -624,20 +628,24 @@ class Cache:
             tpl = KeyTemplate(fn, key, tags)
 
             @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
                 k, t = tpl.render(args, kwargs)
                 if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
                     return fn(*args, **kwargs)
                 return self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options,
-                                  decode=decode)
+                                        decode=decode)
 
-            def invalidate(*a: Any, **kw: Any) -> bool:
+            def invalidate(*a: P.args, **kw: P.kwargs) -> bool:
                 k = tpl.render(a, kw)[0]
                 return self.delete(k) if k is not None else False
 
-            wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
-            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
-            return wrapper  # type: ignore[return-value]
+            def key_of(*a: P.args, **kw: P.kwargs) -> str | None:
+                return tpl.render(a, kw)[0]
+
+            out = cast("CachedFunction[P, T]", wrapper)
+            out.key = key_of  # type: ignore[method-assign]
+            out.invalidate = invalidate  # type: ignore[method-assign]
+            return out
 
         return deco
 
