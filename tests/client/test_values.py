@@ -80,8 +80,8 @@ class Driver:
     def __init__(self, kind: str, url: str, prefix: str, loop: asyncio.AbstractEventLoop, **opts: Any) -> None:
         self.kind, self.loop = kind, loop
         serializer = opts.pop("serializer", None)
-        options = CacheOptions(prefix=prefix, subscribe=False, require_registry=False, entry=EntryOptions(jitter=0.0),
-                               **opts)
+        entry = opts.pop("entry", EntryOptions(jitter=0.0))
+        options = CacheOptions(prefix=prefix, subscribe=False, require_registry=False, entry=entry, **opts)
         if kind == "sync":
             self.cache: Any = Cache(url, options, serializer=serializer)
         else:
@@ -185,6 +185,18 @@ def test_daemon_projections_are_json_and_a_decode_hook_types_them(drivers: Calla
     got = typed.get_or_load("user:7", never, decode=User.model_validate)
     assert type(got) is User and got == want
     assert typed.get_or_load("user:7", never, decode=User.model_validate) is got  # from L1 now
+    by_default = drivers(entry=EntryOptions(jitter=0.0, decode=User.model_validate))  # a cache-wide hook
+    assert by_default.get("user:7") == want and type(by_default.get("user:7")) is User
+    if plain.kind == "sync":
+        @plain.cache.cached(key="user:{uid}", decode=User.model_validate)
+        def get_user(uid: int) -> User:
+            raise AssertionError("cached")
+    else:
+        @plain.cache.cached(key="user:{uid}", decode=User.model_validate)
+        async def get_user(uid: int) -> User:
+            raise AssertionError("cached")
+    plain.cache.l1.clear()
+    assert plain._run(get_user(7)) == want
 
 
 def test_an_older_clients_json_entry_is_a_clean_miss(drivers: Callable[..., Driver], rds: redis.Redis,
