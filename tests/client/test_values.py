@@ -290,3 +290,23 @@ def test_l1_copy_with_daemon_projections(drivers: Callable[..., Driver], daemon:
     a["id"] = 99
     b = d.get_or_load("user:1", never, decode=hook)
     assert b == {"id": 1, "at": dt.date(2024, 1, 1)} and a is not b
+
+
+def test_typed_serializer_unit_rules() -> None:
+    """Pure logic: the header, a packer left clean by a refused value, registration codes, unknown codes."""
+    s = TypedSerializer()
+    ok = s.dumps({"a": 1})
+    assert ok[:2] == b"\xc1\x01"
+    with pytest.raises(TypeError, match=r"builtins\.object"):
+        s.dumps({"a": [1, 2, object()]})
+    assert s.dumps({"a": 1}) == ok  # the thread's packer holds nothing of the failed value
+    with pytest.raises(ValueError, match="not cdcd's typed format"):
+        s.loads(b'{"a": 1}')
+    with pytest.raises(ValueError, match="outside 64-127"):
+        s.register(Point, 10, dataclasses.astuple, lambda t: Point(*t))
+    s.register(Point, 64, dataclasses.astuple, lambda t: Point(*t))
+    with pytest.raises(ValueError, match="already registered"):
+        s.register(Account, 64, lambda a: a.model_dump(), Account.model_validate)
+    data = s.dumps(Point(1, dt.datetime(2024, 1, 1)))
+    with pytest.raises(ValueError, match="unknown extension type 64"):
+        TypedSerializer().loads(data)
