@@ -14,6 +14,14 @@ present). Values come back from every tier as they went in (docs/client-values.m
 from .aio import AsyncCache
 from .breaker import CircuitBreaker
 from .cache import Cache
+from .consistency import (
+    NotApplied,
+    acommit_position,
+    commit_position,
+    format_position,
+    parse_position,
+    read_your_writes,
+)
 from .link import L2Unavailable
 from .options import CacheOptions, EntryOptions
 from .protocol import NOT_FOUND
@@ -23,5 +31,6 @@ from .typed import TypedSerializer
 from .values import UnencodableValue
 
 __all__ = ["NOT_FOUND", "AsyncCache", "Cache", "CacheOptions", "CircuitBreaker", "EntryOptions", "JsonSerializer",
-           "L2Unavailable", "MsgpackSerializer", "RawSerializer", "Serializer", "Stats", "TypedSerializer",
-           "UnencodableValue"]
+           "L2Unavailable", "MsgpackSerializer", "NotApplied", "RawSerializer", "Serializer", "Stats",
+           "TypedSerializer", "UnencodableValue", "acommit_position", "commit_position", "format_position",
+           "parse_position", "read_your_writes"]

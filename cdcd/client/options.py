@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from cdcd.durations import parse_duration
 
@@ -40,7 +40,7 @@ class EntryOptions:
     """Seconds a value lives in L2 (Redis, jittered): its hard TTL."""
     l1_ttl: float | None = None
     """Seconds L1 may serve a copy before re-reading L2 (default: ``ttl``). The backplane normally
-    drops a changed key within milliseconds; this bounds L1 staleness when it cannot (see the README)."""
+    drops a changed key within milliseconds; this bounds L1 staleness when it cannot (docs/client.md)."""
     soft_ttl: float | None = None
     """Seconds after which a value is served stale while one background refresh runs (default:
     ``ttl``, i.e. no stale-while-revalidate)."""
@@ -120,7 +120,8 @@ class CacheOptions:
     l1_max_entries: int = 100_000
     """0 turns L1 off (every read goes to Redis)."""
     l1_max_bytes: int = 256 * 1024 * 1024
-    """Approximate: each entry counts its serialized size plus a fixed overhead."""
+    """Bound on the memory L1 holds: entries are sized by their object graph (``cdcd.client.sizing``), within
+    about 1.2x of real RSS growth (docs/l1-memory.md)."""
     redis_timeout: float = 0.5
     """Socket timeout of every Redis call (the cache's connections never retry on their own): a dead
     Redis costs at most this per call until the breaker opens, then nothing."""
@@ -149,6 +150,13 @@ class CacheOptions:
     when no daemon serves this prefix (the cache is then filled and invalidated by the application alone)."""
     lock_poll: float = 0.02
     """Seconds between L2 checks while another process holds the load lock."""
+    ryw_timeout: float = 1.0
+    """Read-your-writes: how long a read with a position waits for the daemon to apply it
+    (docs/read-your-writes.md)."""
+    ryw_on_timeout: Literal["bypass", "raise"] = "bypass"
+    """Read-your-writes, when the position was not applied in time: ``bypass`` calls the loader (the
+    database) without caching its result (``get`` returns its default: a miss); ``raise`` raises
+    ``NotApplied``. Never an older value."""
     background_workers: int = 4
     """Threads for background refreshes and timed loaders (sync cache)."""
     l1_copy: bool = False
@@ -164,8 +172,9 @@ class CacheOptions:
                      breaker_failures: int = ..., breaker_reset: Duration = ..., lease_ttl: Duration = ...,
                      tombstone_ttl: Duration = ..., subscribe: bool = ..., publish: bool = ...,
                      backplane_ping: Duration = ..., registry_refresh: Duration = ..., require_registry: bool = ...,
-                     lock_poll: Duration = ..., background_workers: int = ..., l1_copy: bool = ...,
-                     entry: EntryOptions = ...) -> None: ...
+                     lock_poll: Duration = ..., ryw_timeout: Duration = ...,
+                     ryw_on_timeout: Literal["bypass", "raise"] = ..., background_workers: int = ...,
+                     l1_copy: bool = ..., entry: EntryOptions = ...) -> None: ...
 
     def __post_init__(self) -> None:
         _durations(self, _CACHE_DURATIONS)
@@ -180,6 +189,6 @@ class CacheOptions:
 _ENTRY_DURATIONS = ("ttl", "l1_ttl", "soft_ttl", "negative_ttl", "fail_safe_max_age", "fail_safe_throttle",
                     "loader_soft_timeout", "loader_hard_timeout", "lock_ttl")
 _CACHE_DURATIONS = ("redis_timeout", "connect_timeout", "breaker_reset", "lease_ttl", "tombstone_ttl", "backplane_ping",
-                    "registry_refresh", "lock_poll")
+                    "registry_refresh", "lock_poll", "ryw_timeout")
 assert {f.name for f in fields(EntryOptions)} >= set(_ENTRY_DURATIONS)
 assert {f.name for f in fields(CacheOptions)} >= set(_CACHE_DURATIONS)
