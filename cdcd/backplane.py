@@ -92,3 +92,11 @@ class Sequencer:
                 keys=[k for is_key, k in chunk if is_key], tags=[t for is_key, t in chunk if not is_key], ts=ts,
                 watermark=self.watermark,
             )
+
+    def heartbeat(self, version: str, ts: float) -> Message:
+        """An empty message with the next number: a subscriber that missed the last real message sees the
+        gap now instead of at the next change. The number is spent even if the message is never sent,
+        which subscribers read as a gap: the safe direction."""
+        self.seq += 1
+        return Message(origin=self.origin, run=self.run, seq=self.seq, version=version, ts=ts,
+                       watermark=self.watermark)

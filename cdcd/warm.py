@@ -40,6 +40,7 @@ from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
 from cdcd.pg import catalog, session
 from cdcd.rules import CompiledRule, TableRule, encode_projection
+from cdcd.sinks.epochs import TableEpochs
 from cdcd.sources.pgoutput import str_to_lsn
 from cdcd.sources.pgtypes import convert
 
@@ -155,11 +156,9 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
     # Table epochs first: a TRUNCATE after this point either is in the snapshot (its rows are gone) or
     # bumps the counter later, which invalidates what we write. Read after the snapshot, a bump could be
     # recorded with rows that predate it.
-    epochs: dict[str, str] = {}
+    epochs = TableEpochs()
     for rule in wanted:
-        e = client.execute_command("EVALSHA", _ENSURE.sha, 1, ks.tag(rule.table_tag))
-        epochs[rule.table_tag] = e.decode() if isinstance(e, bytes) else str(e)
-        rules.table_epochs[rule.table_tag] = epochs[rule.table_tag]
+        epochs.set(rule.table_tag, client.execute_command("EVALSHA", _ENSURE.sha, 1, ks.tag(rule.table_tag)))
 
     report = WarmReport()
     conninfo = postgres_source(config, "cdcd warm").conninfo()
@@ -187,7 +186,7 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
             infos = _tables(conn, rules.source, wanted)
             for rule in wanted:
                 report.tables.append(_warm_table(conn, client, rule, infos[rule.relation], version,
-                                                 rules.snapshot(rule.table_tag), limiter, page, progress_stream,
+                                                 epochs.snapshot(rule.table_tag), limiter, page, progress_stream,
                                                  ks.entry))
     finally:
         repl.close()  # drops the temporary slot

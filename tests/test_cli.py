@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.helpers import EXAMPLE_RULES, ROOT
@@ -57,6 +58,7 @@ def test_invalid_rule_names_the_path_inside_the_file(tmp_path: Path) -> None:
     assert text[line_of["tables.orders.tll"] - 1].strip() == "tll: 5"
 
 
+@pytest.mark.slow
 def test_missing_column_is_reported_against_the_live_schema(cfg: dict[str, Any], tmp_path: Path) -> None:
     cfg["tables"]["users"]["keys"].append("user:phone:{phone}")
     path = tmp_path / "live.yaml"
@@ -96,6 +98,7 @@ def test_run_with_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     assert res.returncode == 2 and "cannot read" in res.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end() -> None:
     res = subprocess.run([sys.executable, "-m", "cdcd.cli", "demo"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)

@@ -172,6 +172,10 @@ class PostgresSource:
             elif slot[0] != "pgoutput":
                 raise SourceError(f"replication slot {s.slot!r} uses plugin {slot[0]!r}; cdcd needs pgoutput")
 
+    @property
+    def creates_slot(self) -> bool:
+        return self.settings.create_slot
+
     def slot_exists(self) -> bool:
         with self.sql() as conn:
             return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
@@ -362,7 +366,7 @@ class PostgresSource:
         return {"slot": self.settings.slot, "acked_lsn": lsn_to_str(self._acked),
                 "received_lsn": lsn_to_str(self._received)}
 
-    def slot_stats(self) -> dict[str, int] | None:
+    def lag_stats(self) -> dict[str, Any] | None:
         """Lag and retained WAL of the slot, from pg_replication_slots (None when the slot is gone)."""
         with self.sql() as conn:
             row = conn.execute(

@@ -20,7 +20,7 @@ from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.debezium_bridge import DebeziumBridge
 from tests.test_faults import Writer, _expected_users, _mismatches
 
-pytestmark = pytest.mark.debezium
+pytestmark = [pytest.mark.debezium, pytest.mark.slow]  # a JVM and the Debezium engine per test
 
 
 def kafka_cfg(app_db: str, redis_url: str, kafka: KafkaServer, topic_prefix: str, prefix: str) -> dict[str, Any]:
