@@ -50,6 +50,9 @@ class Entry:
     value: bytes | None = None
     negative: bool = False
     tags: Mapping[str, str] = field(default_factory=dict)
+    writer: str | None = None
+    """Who wrote it: ``cdc`` (the daemon: ``value`` is its JSON projection), ``app`` (a client, in its
+    serializer's format), ``lease``; None when the read did not fetch it."""
 
     @property
     def hit(self) -> bool:
@@ -65,12 +68,13 @@ class FillGuard:
 
     @staticmethod
     def parse(key: str, raw: list[object]) -> Entry:
-        v, g, d, n, t = raw
+        """``raw``: the fields ``v, g, d, n, t`` and optionally ``s`` (the writer), as HMGET or READ return them."""
+        v, g, d, n, t, *s = raw
         tags: dict[str, str] = json.loads(_s(t) or "{}") if t else {}
         return Entry(
             key=key, version=_s(v) or "0", generation=_s(g),
             value=d if isinstance(d, bytes) else (d.encode() if isinstance(d, str) else None),
-            negative=_s(n) == "1", tags=tags,
+            negative=_s(n) == "1", tags=tags, writer=_s(s[0]) if s else None,
         )
 
     def read(self, key: str, lease: bool = True) -> Entry:

@@ -91,15 +91,16 @@ return 1
 """
 
 # Client read + fill token in one round trip. ARGV: lease_ttl_ms, want_lease ('1'|'0').
-# Returns {v, g, d, n, t}; d/n/t are false when absent. When the key holds nothing and
+# Returns {v, g, d, n, t, s}; d/n/t/s are false when absent (s, the writer, tells a client how d is
+# encoded: JSON from the daemon, the client's own format from an app). When the key holds nothing and
 # a lease is wanted, a lease entry (no value, fresh g) is created first: its g is the token.
 READ = _PRELUDE + r"""
-local r = redis.call('HMGET', KEYS[1], 'v', 'g', 'd', 'n', 't')
+local r = redis.call('HMGET', KEYS[1], 'v', 'g', 'd', 'n', 't', 's')
 if r[2] or ARGV[2] ~= '1' then return r end
 local g = nextgen(nil)
 redis.call('HSET', KEYS[1], 'v', '0', 'g', g, 's', 'lease')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return {'0', g, false, false, false}
+return {'0', g, false, false, false, 'lease'}
 """
 
 # Client fill through the guard. ARGV: token_g, ttl_ms, data, neg ('1'|'0'), tagsnap.

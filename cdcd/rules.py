@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cdcd.change import UNAVAILABLE, Change, Op, Reads, Row, Transaction
+from cdcd.durations import parse_duration
 from cdcd.keys import Template as Template  # re-exported: key templates live in cdcd.keys
 from cdcd.keys import render_value as render_value
 from cdcd.keyspace import Keyspace
@@ -89,14 +90,8 @@ def encode_projection(row: Row) -> bytes:
 
 
 def _seconds(v: Any) -> Any:
-    """Accept 600, 600.0, "600", "600s", "10m", "2h", "1d"."""
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", v)
-        if not m:
-            raise ValueError(f"{v!r} is not a duration (e.g. 60, 90s, 10m, 2h, 1d)")
-        n = float(m.group(1))
-        return n * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    return v
+    """Accept 600, 600.0, "600", "600s", "10m", "2h", "1d" (the client's options parse the same: cdcd.durations)."""
+    return parse_duration(v) if isinstance(v, str) else v
 
 
 class TableRule(BaseModel):

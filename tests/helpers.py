@@ -129,8 +129,9 @@ class DaemonProcess:
 
 
 def entry(r: redis.Redis, key: str) -> dict[str, str]:
+    """An entry's fields as text; a client-written ``d`` (binary, docs/client-values.md) survives as surrogates."""
     raw: dict[bytes, bytes] = r.hgetall(key)  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {k.decode(): v.decode("utf-8", "surrogateescape") for k, v in raw.items()}
 
 
 def entries(r: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:

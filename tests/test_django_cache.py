@@ -124,6 +124,9 @@ def test_cache_page_and_fragments_use_the_backend(standalone: tuple[CdcdCache, C
         assert first.content == second.content == b"page 1" and hits == [1]
         # the page lives in Redis: another process (backend b) sees Django's page-cache keys
         assert any(k.startswith("views.decorators.cache.cache_page") for k in _keys(b))
+        # ...and reads the page itself from Redis, as it went in (pickled: the typed format has no HttpResponse)
+        pages = [b.get(k) for k in _keys(b) if k.startswith("views.decorators.cache.cache_page")]
+        assert any(isinstance(p, HttpResponse) and p.content == b"page 1" for p in pages), pages
         caches[alias].shutdown()  # type: ignore[attr-defined]
 
 

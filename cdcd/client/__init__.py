@@ -1,7 +1,7 @@
 """cdcd's client library: a two-tier cache (in-process L1 + Redis L2) that obeys the daemon's versions.
 
-Importable with only ``redis`` installed (structlog, msgpack and prometheus_client are used when
-present)::
+Importable with only ``redis`` and ``msgpack`` installed (structlog and prometheus_client are used when
+present). Values come back from every tier as they went in (docs/client-values.md)::
 
     from cdcd.client import Cache, CacheOptions, EntryOptions, NOT_FOUND
 
@@ -27,7 +27,10 @@ from .options import CacheOptions, EntryOptions
 from .protocol import NOT_FOUND
 from .serializers import JsonSerializer, MsgpackSerializer, RawSerializer, Serializer
 from .stats import Stats
+from .typed import TypedSerializer
+from .values import UnencodableValue
 
 __all__ = ["NOT_FOUND", "AsyncCache", "Cache", "CacheOptions", "CircuitBreaker", "EntryOptions", "JsonSerializer",
            "L2Unavailable", "MsgpackSerializer", "NotApplied", "RawSerializer", "Serializer", "Stats",
-           "acommit_position", "commit_position", "format_position", "parse_position", "read_your_writes"]
+           "TypedSerializer", "UnencodableValue", "acommit_position", "commit_position", "format_position",
+           "parse_position", "read_your_writes"]

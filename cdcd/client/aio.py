@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 import redis.asyncio as aredis
 
@@ -46,9 +46,10 @@ from .consistency import (
     parse_position,
     read_your_writes,
 )
+from .decorated import AsyncCachedFunction
 from .l1 import L1, L1Entry
 from .link import UNLOCK, AsyncLink, Command, L2Unavailable
-from .options import CacheOptions, EntryOptions
+from .options import CacheOptions, Duration, EntryOptions
 from .protocol import (
     BUMP,
     INVALIDATE,
@@ -68,12 +69,15 @@ from .protocol import (
     read_commands,
     xfetch_due,
 )
-from .serializers import JsonSerializer, Serializer
+from .serializers import Serializer
 from .stats import Stats
 from .subscriber import AsyncSubscriber
+from .typed import TypedSerializer
+from .values import UnencodableValue, decode_entry, encode, frozen_or, thaw
 
 Loader = Callable[[], Any]
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
+P = ParamSpec("P")
 _lock_ids = itertools.count()
 
 
@@ -91,7 +95,11 @@ class AsyncCache:
             client = aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(client))
         self.redis: Any = client
         self.keyspace = Keyspace(opts.prefix, opts.channel)
-        self.serializer = serializer or JsonSerializer()
+        self.serializer: Serializer = serializer or TypedSerializer()
+        self._copy = opts.l1_copy
+        if self._copy:  # every public read hands out its own copy (see values.Frozen)
+            self.get = self._get_copy  # type: ignore[method-assign]
+            self.get_or_load = self._get_or_load_copy  # type: ignore[method-assign]
         self.stats = Stats()
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self._l1data = self.l1.data
@@ -186,14 +194,10 @@ class AsyncCache:
             found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
         return found
 
-    def _decode(self, found: Found) -> Any:
-        if found.entry.negative:
-            return NOT_FOUND
-        try:
-            return self.serializer.loads(found.entry.value or b"")
-        except Exception as exc:
-            log.warning("undecodable_value", key=found.entry.key, error=str(exc))
-            return MISSING
+    def _decode(self, found: Found, opts: EntryOptions) -> Any:
+        """The entry's value by its writer's format (``NOT_FOUND`` for a cached "not found"; a
+        :class:`~.values.Frozen` with ``l1_copy``); MISSING if it does not decode (a miss: reloaded)."""
+        return decode_entry(self.serializer, found.entry, opts.decode, self._copy)
 
     def _put_from_l2(self, key: str, found: Found, value: Any, opts: EntryOptions, tags: Sequence[str],
                      since: int) -> None:
@@ -208,7 +212,8 @@ class AsyncCache:
 
     # ---------------------------------------------------------------- reads
 
-    async def get(self, key: str, default: Any = None, *, min_position: Position | None = None) -> Any:
+    async def get(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
+                  min_position: Position | None = None) -> Any:
         if (min_position is not None or ACTIVE[0]) and not await self._read_your_writes(key, min_position):
             return default
         e = self._l1data.get(key)
@@ -219,7 +224,7 @@ class AsyncCache:
         self.stats.l1_misses += 1
         check_names(key)
         self._ensure_started()
-        opts = self.options.entry
+        opts = self.options.entry if decode is None else self.options.entry.merged(decode=decode)
         since = self.l1.begin()
         try:
             await self._refresh_registry()
@@ -230,7 +235,7 @@ class AsyncCache:
         except L2Unavailable:
             cur = self._fallback(key, opts)
             return default if cur is None or cur.negative else self._serve_fallback(key, cur, opts)
-        value = self._decode(found) if found.usable else MISSING
+        value = self._decode(found, opts) if found.usable else MISSING
         if value is MISSING:
             self.stats.l2_misses += 1
             return default
@@ -238,10 +243,25 @@ class AsyncCache:
         self._put_from_l2(key, found, value, opts, (), since)
         return default if value is NOT_FOUND else value
 
-    async def get_or_load(self, key: str, loader: Loader, *, ttl: float | None = None, tags: Iterable[str] = (),
-                          options: EntryOptions | None = None, min_position: Position | None = None) -> Any:
+    @overload
+    async def get_or_load(self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: Duration | None = None,
+                          tags: Iterable[str] = (), options: EntryOptions | None = None,
+                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T: ...
+
+    @overload
+    async def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
+                          tags: Iterable[str] = (), options: EntryOptions | None = None,
+                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T: ...
+
+    async def get_or_load(self, key: str, loader: Loader, *, ttl: Duration | None = None, tags: Iterable[str] = (),
+                          options: EntryOptions | None = None, decode: Callable[[Any], Any] | None = None,
+                          min_position: Position | None = None) -> Any:
+        """The value of ``key``, loading it with ``loader()`` (an ``async def`` function or a plain callable) on
+        a miss; see :meth:`Cache.get_or_load`. A loader returning ``T`` or an awaitable of ``T`` gives ``T``."""
         if (min_position is not None or ACTIVE[0]) and not await self._read_your_writes(key, min_position):
-            value = await loader()
+            value = loader()
+            if inspect.isawaitable(value):  # plain callables are loaders too
+                value = await value
             return None if value is NOT_FOUND else value
         e = self._l1data.get(key)
         if e is not None:
@@ -256,16 +276,30 @@ class AsyncCache:
                 beta = (options or self.options.entry).early_refresh_beta
                 if beta and e.delta and xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
                     self.stats.early_refreshes += 1
-                    self._background(key, loader, ttl, tags, options, e.generation)
+                    self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return _out(e)
             if now < e.hard:
                 self.stats.stale_served += 1
-                self._background(key, loader, ttl, tags, options, e.generation)
+                self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return _out(e)
         self.stats.l1_misses += 1
         self._ensure_started()
-        return await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl),
-                                check_names(key, tags))
+        result = await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
+                                     check_names(key, tags))
+        return result
+
+    async def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
+                        min_position: Position | None = None) -> Any:
+        """``get`` with ``l1_copy``: the caller's own copy (bound over ``get`` at construction)."""
+        return thaw(await AsyncCache.get(self, key, default, decode=decode, min_position=min_position))
+
+    async def _get_or_load_copy(self, key: str, loader: Loader, *, ttl: Duration | None = None,
+                                tags: Iterable[str] = (), options: EntryOptions | None = None,
+                                decode: Callable[[Any], Any] | None = None,
+                                min_position: Position | None = None) -> Any:
+        """``get_or_load`` with ``l1_copy``: the caller's own copy (bound over ``get_or_load`` at construction)."""
+        return thaw(await AsyncCache.get_or_load(
+            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode, min_position=min_position))
 
     # ---------------------------------------------------------------- miss path
 
@@ -308,6 +342,8 @@ class AsyncCache:
             if cur is not None:
                 return self._serve_fallback(key, cur, opts)
             raise TimeoutError(f"loader for {key!r} took longer than {timeout}s") from None
+        except UnencodableValue:
+            raise  # a programming error: no fallback hides it
         except L2Unavailable:
             cur = self._fallback(key, opts)
             if cur is not None:
@@ -340,12 +376,13 @@ class AsyncCache:
         task.add_done_callback(landed)
         return task
 
-    def _background(self, key: str, loader: Loader, ttl: float | None, tags: Iterable[str],
-                    options: EntryOptions | None, refresh_of: str | None) -> None:
+    def _background(self, key: str, loader: Loader, ttl: Duration | None, tags: Iterable[str],
+                    options: EntryOptions | None, refresh_of: str | None,
+                    decode: Callable[[Any], Any] | None = None) -> None:
         if key in self._flights:
             return
         self.stats.refreshes += 1
-        self._start_flight(key, loader, (options or self.options.entry).merged(ttl=ttl), list(tags),
+        self._start_flight(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode), list(tags),
                            refresh_of or "", False)
 
     async def _load(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
@@ -354,6 +391,8 @@ class AsyncCache:
         if self.unverifiable:
             self.stats.l2_misses += 1
             value, _ = await self._call_loader(loader)
+            if value is not NOT_FOUND and value is not None:
+                encode(self.serializer, key, value)  # what cannot be cached fails the same way everywhere
             return None if value is NOT_FOUND else value
         tag_list = all_tags(key, tags, self.registry)
         since = self.l1.begin()
@@ -368,7 +407,7 @@ class AsyncCache:
                 raise
             return await self._load_without_l2(key, loader, opts, tag_list, since)
         if found.usable and (refresh_of is None or found.entry.generation != refresh_of):
-            value = self._decode(found)
+            value = self._decode(found, opts)
             if value is not MISSING:
                 self.stats.l2_hits += 1
                 self._put_from_l2(key, found, value, opts, tag_list, since)
@@ -405,8 +444,9 @@ class AsyncCache:
         negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
         if negative and not opts.cache_negative:
             return None
-        data = b"" if negative else self.serializer.dumps(value)
-        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, None, tags, len(data), delta,
+        data = b"" if negative else encode(self.serializer, key, value)
+        value = NOT_FOUND if negative else frozen_or(value, self.serializer, data, self._copy)
+        e = make_entry(monotonic(), value, negative, opts, None, tags, len(data), delta,
                        None, self.rng)
         self.l1.put(key, e, since)
         return None if negative else value
@@ -416,7 +456,8 @@ class AsyncCache:
         negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
         if negative and not opts.cache_negative:
             return None
-        data = b"" if negative else self.serializer.dumps(value)
+        data = b"" if negative else encode(self.serializer, key, value)
+        value = NOT_FOUND if negative else frozen_or(value, self.serializer, data, self._copy)
         ttl = jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng)
         snap = {t: found.current.get(t) or "" for t in tags}
         ttl_left: float | None
@@ -433,7 +474,7 @@ class AsyncCache:
             self.stats.fills += 1
             self.stats.negative_fills += negative
             ttl_left = ttl
-        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, ttl_left, tags, len(data),
+        e = make_entry(monotonic(), value, negative, opts, ttl_left, tags, len(data),
                        delta, gen, self.rng)
         self.l1.put(key, e, since)
         return None if negative else value
@@ -450,7 +491,7 @@ class AsyncCache:
             await asyncio.sleep(self.options.lock_poll)
             found = await self._read(key, tags, lease=False)
             if found.usable:
-                value = self._decode(found)
+                value = self._decode(found, opts)
                 if value is not MISSING:
                     self.stats.coalesced += 1
                     self._put_from_l2(key, found, value, opts, tags, since)
@@ -466,11 +507,11 @@ class AsyncCache:
             self._publish_lock = asyncio.Lock()
         return self._publish_lock
 
-    async def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
+    async def set(self, key: str, value: Any, *, ttl: Duration | None = None, tags: Iterable[str] = (),
                   options: EntryOptions | None = None) -> bool:
         tags = check_names(key, tags)
         opts = (options or self.options.entry).merged(ttl=ttl)
-        data = self.serializer.dumps(value)
+        data = encode(self.serializer, key, value)
         await self._refresh_registry()
         if self.unverifiable:
             await self.delete(key)  # nothing may be cached, and an older copy must not survive the write
@@ -493,7 +534,8 @@ class AsyncCache:
             self.l1.remove(key)
             return False
         self.stats.fills += 1
-        e = make_entry(monotonic(), value, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
+        stored = frozen_or(value, self.serializer, data, self._copy)
+        e = make_entry(monotonic(), stored, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
         self.l1.put(key, e, since, fence=True)
         return True
 
@@ -536,29 +578,36 @@ class AsyncCache:
         """The key the daemon writes for these column values; see :meth:`Cache.key`."""
         return render(template, values)
 
-    def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
-               options: EntryOptions | None = None) -> Callable[[F], F]:
+    def cached(self, key: str, tags: Sequence[str] = (), ttl: Duration | None = None,
+               options: EntryOptions | None = None,
+               decode: Callable[[Any], Any] | None = None
+               ) -> Callable[[Callable[P, Awaitable[T]]], AsyncCachedFunction[P, T]]:
         """Decorator for ``async def`` functions; see :meth:`Cache.cached`."""
 
-        def deco(fn: F) -> F:
+        def deco(fn: Callable[P, Awaitable[T]]) -> AsyncCachedFunction[P, T]:
             if not inspect.iscoroutinefunction(fn):
                 raise TypeError(f"{fn.__qualname__} is not async: decorate it with a (sync) Cache")
             tpl = KeyTemplate(fn, key, tags)
 
             @functools.wraps(fn)
-            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
                 k, t = tpl.render(args, kwargs)
                 if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
                     return await fn(*args, **kwargs)
-                return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options)
+                return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options,
+                                              decode=decode)
 
-            async def invalidate(*a: Any, **kw: Any) -> bool:
+            async def invalidate(*a: P.args, **kw: P.kwargs) -> bool:
                 k = tpl.render(a, kw)[0]
                 return await self.delete(k) if k is not None else False
 
-            wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
-            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
-            return wrapper  # type: ignore[return-value]
+            def key_of(*a: P.args, **kw: P.kwargs) -> str | None:
+                return tpl.render(a, kw)[0]
+
+            out = cast("AsyncCachedFunction[P, T]", wrapper)
+            out.key = key_of  # type: ignore[method-assign]
+            out.invalidate = invalidate  # type: ignore[method-assign]
+            return out
 
         return deco
 

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis
 
@@ -53,9 +53,10 @@ from .consistency import (
     parse_position,
     read_your_writes,
 )
+from .decorated import CachedFunction
 from .l1 import L1, L1Entry
 from .link import UNLOCK, Command, L2Unavailable, Link
-from .options import CacheOptions, EntryOptions
+from .options import CacheOptions, Duration, EntryOptions
 from .protocol import (
     BUMP,
     INVALIDATE,
@@ -76,12 +77,15 @@ from .protocol import (
     read_commands,
     xfetch_due,
 )
-from .serializers import JsonSerializer, Serializer
+from .serializers import Serializer
 from .stats import Stats
+from .typed import TypedSerializer
+from .values import UnencodableValue, decode_entry, encode, frozen_or, thaw
 
 __all__ = ["XFETCH_HORIZON", "Cache", "L2Unavailable"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+P = ParamSpec("P")
 _lock_ids = itertools.count()
 
 
@@ -121,7 +125,11 @@ class Cache:
             client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(client))
         self.redis: Any = client
         self.keyspace = Keyspace(opts.prefix, opts.channel)
-        self.serializer = serializer or JsonSerializer()
+        self.serializer: Serializer = serializer or TypedSerializer()
+        self._copy = opts.l1_copy
+        if self._copy:  # every public read hands out its own copy (see values.Frozen)
+            self.get = self._get_copy  # type: ignore[method-assign]
+            self.get_or_load = self._get_or_load_copy  # type: ignore[method-assign]
         self.stats = Stats()
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self._l1data = self.l1.data  # bound once: the hit path avoids an attribute hop
@@ -201,15 +209,10 @@ class Cache:
             found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
         return found
 
-    def _decode(self, found: Found) -> Any:
-        """The entry's value (``NOT_FOUND`` for a cached "not found"); MISSING if it does not decode."""
-        if found.entry.negative:
-            return NOT_FOUND
-        try:
-            return self.serializer.loads(found.entry.value or b"")
-        except Exception as exc:
-            log.warning("undecodable_value", key=found.entry.key, error=str(exc))
-            return MISSING
+    def _decode(self, found: Found, opts: EntryOptions) -> Any:
+        """The entry's value by its writer's format (``NOT_FOUND`` for a cached "not found"; a
+        :class:`~.values.Frozen` with ``l1_copy``); MISSING if it does not decode (a miss: reloaded)."""
+        return decode_entry(self.serializer, found.entry, opts.decode, self._copy)
 
     def _put_from_l2(self, key: str, found: Found, value: Any, opts: EntryOptions, tags: Sequence[str],
                      since: int) -> None:
@@ -224,8 +227,10 @@ class Cache:
 
     # ---------------------------------------------------------------- reads
 
-    def get(self, key: str, default: Any = None, *, min_position: Position | None = None) -> Any:
-        """L1, then L2; never calls a loader. A cached "not found" returns ``default``.
+    def get(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
+            min_position: Position | None = None) -> Any:
+        """L1, then L2; never calls a loader. A cached "not found" returns ``default``. ``decode``: see
+        :attr:`EntryOptions.decode`.
 
         ``min_position`` (or a :meth:`read_your_writes` scope): nothing older than that commit; when the
         daemon has not applied it within ``ryw_timeout``, ``default`` (a miss) or ``NotApplied``."""
@@ -238,7 +243,7 @@ class Cache:
             return default if e.negative else e.value
         self.stats.l1_misses += 1
         check_names(key)
-        opts = self.options.entry
+        opts = self.options.entry if decode is None else self.options.entry.merged(decode=decode)
         since = self.l1.begin()
         try:
             self._refresh_registry()
@@ -249,7 +254,7 @@ class Cache:
         except L2Unavailable:
             cur = self._fallback(key, opts)
             return default if cur is None or cur.negative else self._serve_fallback(key, cur, opts)
-        value = self._decode(found) if found.usable else MISSING
+        value = self._decode(found, opts) if found.usable else MISSING
         if value is MISSING:
             self.stats.l2_misses += 1
             return default
@@ -257,9 +262,9 @@ class Cache:
         self._put_from_l2(key, found, value, opts, (), since)
         return default if value is NOT_FOUND else value
 
-    def get_or_load(self, key: str, loader: Callable[[], Any], *, ttl: float | None = None,
+    def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                     tags: Iterable[str] = (), options: EntryOptions | None = None,
-                    min_position: Position | None = None) -> Any:
+                    decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T:
         """The value of ``key``, loading it with ``loader()`` on a miss (see the module docstring).
 
         ``loader`` returns the value, or ``NOT_FOUND`` (or ``None``) for "no such row", which is
@@ -270,29 +275,42 @@ class Cache:
         """
         if (min_position is not None or ACTIVE[0]) and not self._read_your_writes(key, min_position):
             value = loader()
-            return None if value is NOT_FOUND else value
+            return None if value is NOT_FOUND else value  # type: ignore[return-value]
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
             if now < e.early:  # fresh, and far from expiry: the common case, kept lean
                 e.ref = True
                 self.stats.l1_hits += 1
-                return None if e.negative else e.value
+                return None if e.negative else e.value  # type: ignore[return-value]
             if now < e.soft:  # fresh, inside the XFetch window
                 e.ref = True
                 self.stats.l1_hits += 1
                 beta = (options or self.options.entry).early_refresh_beta
                 if beta and e.delta and xfetch_due(e.delta, beta, e.soft - now, self.rng.random()):
                     self.stats.early_refreshes += 1
-                    self._background(key, loader, ttl, tags, options, e.generation)
-                return _out(e)
+                    self._background(key, loader, ttl, tags, options, e.generation, decode)
+                return _out(e)  # type: ignore[no-any-return]
             if now < e.hard:  # stale-while-revalidate
                 self.stats.stale_served += 1
-                self._background(key, loader, ttl, tags, options, e.generation)
-                return _out(e)
+                self._background(key, loader, ttl, tags, options, e.generation, decode)
+                return _out(e)  # type: ignore[no-any-return]
         self.stats.l1_misses += 1
-        return self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl),
-                          check_names(key, tags))
+        result: T = self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
+                               check_names(key, tags))
+        return result
+
+    def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
+                  min_position: Position | None = None) -> Any:
+        """``get`` with ``l1_copy``: the caller's own copy (bound over ``get`` at construction)."""
+        return thaw(Cache.get(self, key, default, decode=decode, min_position=min_position))
+
+    def _get_or_load_copy(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
+                          tags: Iterable[str] = (), options: EntryOptions | None = None,
+                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T:
+        """``get_or_load`` with ``l1_copy``: the caller's own copy (bound over ``get_or_load`` at construction)."""
+        return thaw(Cache.get_or_load(  # type: ignore[no-any-return]
+            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode, min_position=min_position))
 
     # ---------------------------------------------------------------- miss path
 
@@ -341,6 +359,8 @@ class Cache:
             raise TimeoutError(f"loader for {key!r} took longer than {timeout}s")
         try:
             result = fl.result()
+        except UnencodableValue:
+            raise  # a programming error: no fallback hides it
         except L2Unavailable:
             cur = self._fallback(key, opts)
             if cur is not None:
@@ -357,8 +377,9 @@ class Cache:
                 self._background(key, loader, None, tags, opts, e.generation)
         return result
 
-    def _background(self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str],
-                    options: EntryOptions | None, refresh_of: str | None) -> None:
+    def _background(self, key: str, loader: Callable[[], Any], ttl: Duration | None, tags: Iterable[str],
+                    options: EntryOptions | None, refresh_of: str | None,
+                    decode: Callable[[Any], Any] | None = None) -> None:
         """One background refresh per key: nothing starts while a load or refresh of it is in flight."""
         if key in self._flights:
             return
@@ -367,7 +388,7 @@ class Cache:
                 return
             fl = self._flights[key] = _Flight()
         self.stats.refreshes += 1
-        opts = (options or self.options.entry).merged(ttl=ttl)
+        opts = (options or self.options.entry).merged(ttl=ttl, decode=decode)
         self._submit(fl, key, loader, opts, list(tags), refresh_of or "", False)
 
     def _submit(self, fl: _Flight, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str],
@@ -422,6 +443,8 @@ class Cache:
         if self.unverifiable:
             self.stats.l2_misses += 1
             value, _ = self._call_loader(loader)
+            if value is not NOT_FOUND and value is not None:
+                encode(self.serializer, key, value)  # what cannot be cached fails the same way everywhere
             return None if value is NOT_FOUND else value
         tag_list = all_tags(key, tags, self.registry)
         since = self.l1.begin()
@@ -436,7 +459,7 @@ class Cache:
                 raise
             return self._load_without_l2(key, loader, opts, tag_list, since)
         if found.usable and (refresh_of is None or found.entry.generation != refresh_of):
-            value = self._decode(found)
+            value = self._decode(found, opts)
             if value is not MISSING:
                 self.stats.l2_hits += 1
                 self._put_from_l2(key, found, value, opts, tag_list, since)
@@ -473,8 +496,9 @@ class Cache:
         negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
         if negative and not opts.cache_negative:
             return None
-        data = b"" if negative else self.serializer.dumps(value)
-        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, None, tags, len(data), delta,
+        data = b"" if negative else encode(self.serializer, key, value)
+        value = NOT_FOUND if negative else frozen_or(value, self.serializer, data, self._copy)
+        e = make_entry(monotonic(), value, negative, opts, None, tags, len(data), delta,
                        None, self.rng)
         self.l1.put(key, e, since)
         return None if negative else value
@@ -484,7 +508,8 @@ class Cache:
         negative = value is NOT_FOUND or (value is None and opts.none_is_not_found)
         if negative and not opts.cache_negative:
             return None
-        data = b"" if negative else self.serializer.dumps(value)
+        data = b"" if negative else encode(self.serializer, key, value)
+        value = NOT_FOUND if negative else frozen_or(value, self.serializer, data, self._copy)
         ttl = jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng)
         snap = {t: found.current.get(t) or "" for t in tags}
         try:
@@ -499,7 +524,7 @@ class Cache:
             self.stats.fills += 1
             self.stats.negative_fills += negative
             ttl_left = ttl
-        e = make_entry(monotonic(), NOT_FOUND if negative else value, negative, opts, ttl_left, tags, len(data),
+        e = make_entry(monotonic(), value, negative, opts, ttl_left, tags, len(data),
                        delta, gen, self.rng)
         self.l1.put(key, e, since)
         return None if negative else value
@@ -518,7 +543,7 @@ class Cache:
             time.sleep(self.options.lock_poll)
             found = self._read(key, tags, lease=False)
             if found.usable:
-                value = self._decode(found)
+                value = self._decode(found, opts)
                 if value is not MISSING:
                     self.stats.coalesced += 1
                     self._put_from_l2(key, found, value, opts, tags, since)
@@ -529,7 +554,7 @@ class Cache:
 
     # ---------------------------------------------------------------- writes
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = (),
+    def set(self, key: str, value: Any, *, ttl: Duration | None = None, tags: Iterable[str] = (),
             options: EntryOptions | None = None) -> bool:
         """Write-through after the app changed the database. Goes through the guard too: if a change
         reached the key meanwhile (possibly this very write, via the daemon), the newer state wins and
@@ -539,7 +564,7 @@ class Cache:
         """
         tags = check_names(key, tags)
         opts = (options or self.options.entry).merged(ttl=ttl)
-        data = self.serializer.dumps(value)
+        data = encode(self.serializer, key, value)
         self._refresh_registry()
         if self.unverifiable:
             self.delete(key)  # nothing may be cached, and an older copy must not survive the write
@@ -562,7 +587,8 @@ class Cache:
             self.l1.remove(key)
             return False
         self.stats.fills += 1
-        e = make_entry(monotonic(), value, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
+        stored = frozen_or(value, self.serializer, data, self._copy)
+        e = make_entry(monotonic(), stored, False, opts, ttl_s, tag_list, len(data), 0.0, gen, self.rng)
         self.l1.put(key, e, since, fence=True)
         return True
 
@@ -610,8 +636,9 @@ class Cache:
         row with these column values (same rendering and escaping), or None when a value is None or empty."""
         return render(template, values)
 
-    def cached(self, key: str, tags: Sequence[str] = (), ttl: float | None = None,
-               options: EntryOptions | None = None) -> Callable[[F], F]:
+    def cached(self, key: str, tags: Sequence[str] = (), ttl: Duration | None = None,
+               options: EntryOptions | None = None,
+               decode: Callable[[Any], Any] | None = None) -> Callable[[Callable[P, T]], CachedFunction[P, T]]:
         """``@cache.cached(key="user:{user_id}", tags=["tenant:{tenant_id}"], ttl=60)`` on a sync function.
 
         Templates are filled from the function's arguments by name (defaults included). The wrapper
@@ -619,7 +646,7 @@ class Cache:
         functions use :meth:`AsyncCache.cached`.
         """
 
-        def deco(fn: F) -> F:
+        def deco(fn: Callable[P, T]) -> CachedFunction[P, T]:
             import inspect
 
             if inspect.iscoroutinefunction(fn):
@@ -627,19 +654,24 @@ class Cache:
             tpl = KeyTemplate(fn, key, tags)
 
             @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
                 k, t = tpl.render(args, kwargs)
                 if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
                     return fn(*args, **kwargs)
-                return self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options)
+                return self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options,
+                                        decode=decode)
 
-            def invalidate(*a: Any, **kw: Any) -> bool:
+            def invalidate(*a: P.args, **kw: P.kwargs) -> bool:
                 k = tpl.render(a, kw)[0]
                 return self.delete(k) if k is not None else False
 
-            wrapper.key = lambda *a, **kw: tpl.render(a, kw)[0]  # type: ignore[attr-defined]
-            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
-            return wrapper  # type: ignore[return-value]
+            def key_of(*a: P.args, **kw: P.kwargs) -> str | None:
+                return tpl.render(a, kw)[0]
+
+            out = cast("CachedFunction[P, T]", wrapper)
+            out.key = key_of  # type: ignore[method-assign]
+            out.invalidate = invalidate  # type: ignore[method-assign]
+            return out
 
         return deco
 

@@ -25,6 +25,7 @@ Where the backend differs from Django's Redis backend is in docs/django.md.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,8 +33,18 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
 from .cache import Cache
 from .options import CacheOptions
+from .typed import LAST_USER_CODE, TypedSerializer
 
 FOREVER = 10 * 365 * 86400.0  # Django's timeout=None ("never expires"): Redis entries always carry a TTL
+
+
+def django_serializer() -> TypedSerializer:
+    """The client's typed format, and pickle for every other type (an ``HttpResponse`` from ``cache_page``, a
+    model instance), as Django's own Redis and memcached backends pickle everything: values come back from
+    L2 as they went in. Pickle trusts the Redis it reads: whoever can write to it can run code in the app
+    (the same trust Django's backends ask for). Registered on ``object``, so it is the last resort only."""
+    return TypedSerializer().register(object, LAST_USER_CODE, lambda o: pickle.dumps(o, pickle.HIGHEST_PROTOCOL),
+                                      pickle.loads)
 
 
 def cdcd_key(key: str, key_prefix: str, version: int) -> str:
@@ -63,7 +74,7 @@ class CdcdCache(BaseCache):
     def cache(self) -> Cache:
         """The client, created on first use (Django builds backends at import time in some setups)."""
         if self._cache is None:
-            self._cache = Cache(self._location, self._options)
+            self._cache = Cache(self._location, self._options, serializer=django_serializer())
         return self._cache
 
     def _ttl(self, timeout: Any) -> float | None:

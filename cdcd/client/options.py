@@ -7,8 +7,22 @@ how big L1 may grow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from cdcd.durations import parse_duration
+
+Duration = float | str
+"""Seconds, or a duration string as in the YAML rules: ``90``, ``"90s"``, ``"10m"``, ``"2h"``, ``"1d"``, ``"250ms"``."""
+
+
+def _durations(obj: Any, names: tuple[str, ...]) -> None:
+    """Turn the duration fields given as strings into seconds (a frozen dataclass: at construction only)."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, str):
+            object.__setattr__(obj, name, parse_duration(v))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,22 @@ class EntryOptions:
     """Coalesce misses across processes too, with a short Redis lock (SET NX PX)."""
     lock_ttl: float = 5.0
     """The lock's lifetime: a holder that dies blocks the others at most this long."""
+    decode: Callable[[Any], Any] | None = None
+    """Applied to values the *daemon* wrote (its JSON projections of ``update`` rules) after ``json.loads``,
+    e.g. ``User.model_validate``, so they come back as the type the loader returns (see docs/client-values.md).
+    Values applications wrote come back as they went in and never pass through it."""
+
+    if TYPE_CHECKING:  # what callers may pass: durations as seconds or strings ("10m"); the fields hold seconds
+        def __init__(self, ttl: Duration = ..., l1_ttl: Duration | None = ..., soft_ttl: Duration | None = ...,
+                     jitter: float = ..., early_refresh_beta: float = ..., cache_negative: bool = ...,
+                     negative_ttl: Duration = ..., none_is_not_found: bool = ..., fail_safe: bool = ...,
+                     fail_safe_max_age: Duration = ..., fail_safe_throttle: Duration = ...,
+                     loader_soft_timeout: Duration | None = ..., loader_hard_timeout: Duration | None = ...,
+                     distributed_lock: bool = ..., lock_ttl: Duration = ...,
+                     decode: Callable[[Any], Any] | None = ...) -> None: ...
+
+    def __post_init__(self) -> None:
+        _durations(self, _ENTRY_DURATIONS)
 
     def merged(self, **changes: object) -> EntryOptions:
         """A copy with the non-None ``changes`` (``self`` when there are none: the common, cheap case)."""
@@ -129,13 +159,36 @@ class CacheOptions:
     ``NotApplied``. Never an older value."""
     background_workers: int = 4
     """Threads for background refreshes and timed loaders (sync cache)."""
+    l1_copy: bool = False
+    """Every caller gets its own copy of an L1 value (FusionCache's AutoClone): L1 keeps the encoded bytes and
+    decodes them on each hit, so a caller mutating its result (or the loader's object) never changes what
+    others get. Off: every caller shares L1's one object (treat it as read-only), and a hit costs no decode."""
     entry: EntryOptions = field(default_factory=EntryOptions)
     """Defaults for every entry."""
 
+    if TYPE_CHECKING:  # durations as seconds or strings, as for EntryOptions
+        def __init__(self, prefix: str = ..., channel: str | None = ..., l1_max_entries: int = ...,
+                     l1_max_bytes: int = ..., redis_timeout: Duration = ..., connect_timeout: Duration | None = ...,
+                     breaker_failures: int = ..., breaker_reset: Duration = ..., lease_ttl: Duration = ...,
+                     tombstone_ttl: Duration = ..., subscribe: bool = ..., publish: bool = ...,
+                     backplane_ping: Duration = ..., registry_refresh: Duration = ..., require_registry: bool = ...,
+                     lock_poll: Duration = ..., ryw_timeout: Duration = ...,
+                     ryw_on_timeout: Literal["bypass", "raise"] = ..., background_workers: int = ...,
+                     l1_copy: bool = ..., entry: EntryOptions = ...) -> None: ...
+
     def __post_init__(self) -> None:
+        _durations(self, _CACHE_DURATIONS)
         if "#" in self.prefix:
             raise ValueError("prefix may not contain '#': cdcd's own keys live under '<prefix>#'")
 
     @property
     def connect_timeout_s(self) -> float:
         return self.connect_timeout if self.connect_timeout is not None else self.redis_timeout
+
+
+_ENTRY_DURATIONS = ("ttl", "l1_ttl", "soft_ttl", "negative_ttl", "fail_safe_max_age", "fail_safe_throttle",
+                    "loader_soft_timeout", "loader_hard_timeout", "lock_ttl")
+_CACHE_DURATIONS = ("redis_timeout", "connect_timeout", "breaker_reset", "lease_ttl", "tombstone_ttl", "backplane_ping",
+                    "registry_refresh", "lock_poll", "ryw_timeout")
+assert {f.name for f in fields(EntryOptions)} >= set(_ENTRY_DURATIONS)
+assert {f.name for f in fields(CacheOptions)} >= set(_CACHE_DURATIONS)

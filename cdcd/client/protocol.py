@@ -24,7 +24,7 @@ from .options import EntryOptions
 
 READ, FILL, INVALIDATE = SCRIPTS["read"], SCRIPTS["fill"], SCRIPTS["invalidate"]
 BUMP, ENSURE = SCRIPTS["bump_tag"], SCRIPTS["ensure_tag"]
-_FIELDS = ("v", "g", "d", "n", "t")
+_FIELDS = ("v", "g", "d", "n", "t", "s")
 
 
 class _NotFound:

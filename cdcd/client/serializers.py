@@ -1,10 +1,11 @@
-"""How values become the bytes stored in the entry's ``d`` field, and back.
+"""How values become the bytes stored in the entry's ``d`` field, and back: the :class:`Serializer` protocol.
 
-JSON is the default because it is what the daemon writes for ``update`` rules (the row
-projection): a client reading a daemon-written value must decode it with the same
-serializer. msgpack is smaller and faster for keys only applications write; anything with
-``dumps``/``loads`` can be plugged in (the :class:`Serializer` protocol). A value that does
-not decode is treated as a miss and reloaded, never returned garbled.
+The default is :class:`cdcd.client.typed.TypedSerializer` (msgpack with extension types: every tier
+returns what was stored, see docs/client-values.md). The ones here are alternatives for special cases:
+JSON and plain msgpack (both lossy: dates, Decimals and UUIDs come back as strings), raw bytes. Values
+the daemon writes are always JSON and are decoded by the cache, whatever the serializer. A value that
+does not decode is treated as a miss and reloaded, never returned garbled; ``dumps`` should raise
+``TypeError`` for a value it cannot store exactly (the cache reports it with the key).
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ class JsonSerializer:
 
 
 class MsgpackSerializer:
-    """Smaller and faster than JSON; only for keys the daemon does not write values to (its values are JSON).
-
-    Needs ``msgpack`` (``pip install 'cdcd[msgpack]'``), imported here so the client itself never does.
-    """
+    """Plain msgpack, ``default=str`` (lossy like JSON); kept for entries written with it before
+    :class:`~cdcd.client.typed.TypedSerializer` became the default."""
 
     __slots__ = ("_packb", "_unpackb")
 

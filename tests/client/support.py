@@ -9,7 +9,10 @@ from typing import Any
 import redis
 
 from cdcd.backplane import Message, Sequencer
+from cdcd.client.typed import HEADER, TypedSerializer
 from cdcd.keyspace import SCRIPTS, Keyspace, run_script
+
+_TYPED = TypedSerializer()
 
 
 class FakeDaemon:
@@ -55,6 +58,17 @@ def wait_for(pred: Callable[[], Any], timeout: float = 5.0, what: str = "") -> f
     return time.monotonic() - t0
 
 
-def fields(client: redis.Redis, key: str) -> dict[str, str]:
+def fields(client: redis.Redis, key: str) -> dict[str, Any]:
+    """An entry's fields as text; an application's value (``d`` in the client's typed format) decoded."""
     raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {k.decode(): _value(v) if k == b"d" and v[:2] == HEADER else v.decode() for k, v in raw.items()}
+
+
+def _value(data: bytes) -> Any:
+    try:
+        return _TYPED.loads(data)
+    except ValueError:  # a type registered by the test's own serializer: the raw bytes
+        return data
+
+
+entry = fields

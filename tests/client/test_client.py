@@ -18,7 +18,8 @@ from cdcd.client import NOT_FOUND, AsyncCache, Cache, CacheOptions, EntryOptions
 from cdcd.client.protocol import xfetch_due
 from cdcd.devservers import RedisServer
 from cdcd.keyspace import SCRIPTS, Keyspace, run_script
-from tests.helpers import DaemonThread, entry, make_config, unique, wait_until
+from tests.client.support import entry
+from tests.helpers import DaemonThread, make_config, unique, wait_until
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_l1_then_l2_then_loader(redis_server: RedisServer, r: redis.Redis, prefi
         assert a.get_or_load("user:1", lambda: calls.append(1) or {"id": 1}) == {"id": 1}
         assert a.get_or_load("user:1", lambda: calls.append(1) or {"id": 1}) == {"id": 1}
         assert len(calls) == 1 and a.stats.l1_hits == 1 and a.stats.fills == 1
-        assert json.loads(entry(r, prefix + "user:1")["d"]) == {"id": 1}
+        assert entry(r, prefix + "user:1")["d"] == {"id": 1}
         assert b.get_or_load("user:1", lambda: calls.append(1) or {"id": 2}) == {"id": 1}  # L2 hit
         assert len(calls) == 1 and b.stats.l2_hits == 1
         assert b.get("user:1") == {"id": 1} and b.get("nope", "dflt") == "dflt"
@@ -130,7 +131,7 @@ def test_soft_timeout_serves_stale_and_lets_the_loader_finish(redis_server: Redi
         assert cache.get_or_load("k", slow, options=opts) == "old"
         # the soft timeout (0.05 s) answered, not the 1.5 s loader; the slack is for a busy machine
         assert time.monotonic() - t0 < 1.0 and cache.stats.loader_timeouts == 1
-        wait_until(lambda: (entry(r, prefix + "k").get("d") or "") == '"new"', what="late loader filled L2")
+        wait_until(lambda: entry(r, prefix + "k").get("d") == "new", what="late loader filled L2")
 
 
 def test_stale_while_revalidate(redis_server: RedisServer, prefix: str) -> None:

@@ -1,0 +1,80 @@
+"""A/B the client's hot paths between two source trees, alternating many short runs (for a shared, noisy machine).
+
+    .venv/bin/python bench/client_ab.py BEFORE_TREE AFTER_TREE [--runs 10] [--n 200000]
+
+Each run is a fresh interpreter with ``PYTHONPATH=<tree>`` that measures, against one throwaway Redis
+started here: an L1 hit of ``Cache.get_or_load`` and ``Cache.get`` (n calls), and an L2 hit of
+``Cache.get`` and ``get_or_load`` with L1 off (n/40 calls), on the client bench's 90-byte row. Runs
+alternate A, B, A, B... so load drifts hit both sides alike; the table shows the median per side and the
+change. ``bench/client_bench.py`` is the full comparison with peers; this is the quick regression check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cdcd.devservers import redis_server
+
+CHILD = r"""
+import json, sys, time
+from cdcd.client import Cache, CacheOptions, EntryOptions
+url, n = sys.argv[1], int(sys.argv[2])
+VALUE = {"id": 42, "email": "ada@example.com", "name": "Ada Lovelace", "tenant_id": 7, "active": True}
+entry = EntryOptions(ttl=3600, jitter=0.0)
+l1 = Cache(url, CacheOptions(prefix="ab:", subscribe=False, require_registry=False, entry=entry))
+l2 = Cache(url, CacheOptions(prefix="ab:", l1_max_entries=0, subscribe=False, require_registry=False, entry=entry))
+loader = lambda: VALUE
+l1.get_or_load("user:42", loader)
+def rate(fn, args, k):
+    for _ in range(min(k // 10, 2000)):
+        fn(*args)
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn(*args)
+    return k / (time.perf_counter() - t0)
+out = {"L1 get_or_load": rate(l1.get_or_load, ("user:42", loader), n), "L1 get": rate(l1.get, ("user:42",), n),
+       "L2 get": rate(l2.get, ("user:42",), n // 40),
+       "L2 get_or_load": rate(l2.get_or_load, ("user:42", loader), n // 40)}
+l1.close(); l2.close()
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("before")
+    ap.add_argument("after")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--n", type=int, default=200_000)
+    args = ap.parse_args()
+    trees = {"before": str(Path(args.before).resolve()), "after": str(Path(args.after).resolve())}
+    got: dict[str, dict[str, list[float]]] = {side: {} for side in trees}
+    loads = []
+    with redis_server() as rs:
+        for _ in range(args.runs):
+            for side, tree in trees.items():
+                loads.append(os.getloadavg()[0])
+                # Each tree's prefix is its own: their value formats may differ.
+                child = CHILD.replace('"ab:"', f'"ab{side}:"')
+                res = subprocess.run([sys.executable, "-c", child, rs.url, str(args.n)], capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": tree}, cwd=tree, check=True, timeout=600)
+                for k, v in json.loads(res.stdout).items():
+                    got[side].setdefault(k, []).append(v)
+    print(f"runs={args.runs} per side, alternating; n={args.n}; load average during runs "
+          f"{min(loads):.1f}-{max(loads):.1f}")
+    print(f"{'path':16} {'before/s':>12} {'after/s':>12} {'change':>8}")
+    for k in got["before"]:
+        b, a = statistics.median(got["before"][k]), statistics.median(got["after"][k])
+        print(f"{k:16} {b:12,.0f} {a:12,.0f} {100 * (a - b) / b:+7.1f}%")
+
+
+if __name__ == "__main__":
+    main()
