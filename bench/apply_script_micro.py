@@ -47,7 +47,7 @@ return 1
 """
 
 SNAP = b'{"#table:public.users":"1733380000000000"}'
-DATA = b'{"id":1,"email":"a@example.com","name":"name 1","tenant_id":7}'
+ROW = b'{"id":1,"email":"u1@example.com","name":"name 1","tenant_id":7,"updated_at":"2026-12-05T08:00:00+00:00"}'
 # name, kind, version, fresh keys
 CASES = [("value, new key", b"v", 100, False), ("value, newer", b"v", 200, False),
          ("tombstone, newer", b"t", 300, False), ("value, older (refused)", b"v", 100, False),
@@ -74,10 +74,10 @@ def bulk(b: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(b), b)
 
 
-def pack(sha: str, group: int, keys: list[bytes], kind: bytes, version: int) -> list[bytes]:
+def pack(sha: str, group: int, keys: list[bytes], kind: bytes, version: int, data: bytes) -> list[bytes]:
     """The case as RESP chunks of ~1 000 entries: one EVALSHA per entry, or per ``group`` entries."""
     ver = b"%d" % version
-    per = [bulk(ver), bulk(kind), bulk(b"60000"), bulk(DATA if kind == b"v" else b""),
+    per = [bulk(ver), bulk(kind), bulk(b"60000"), bulk(data if kind == b"v" else b""),
            bulk(SNAP if kind == b"v" else b"")]
     args = b"".join(per)
     size = max(group, 1)
@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--groups", default="4,16,64", help="apply_many group sizes")
+    ap.add_argument("--value-bytes", type=int, default=len(ROW),
+                    help="size of the values written (a users row as JSON by default; over 64 bytes Redis "
+                         "keeps the hash as a hashtable, not a listpack)")
     ap.add_argument("--base-rev", default="ce18595", help="git revision whose APPLY is the baseline")
     ap.add_argument("--base-script", default=None, help="a keyspace.py to take the baseline APPLY from instead")
     args = ap.parse_args()
@@ -139,6 +142,7 @@ def main() -> None:
         conn = r.connection_pool.make_connection()
         conn.connect()
         n = args.entries
+        data = (ROW * (args.value_bytes // len(ROW) + 1))[:args.value_bytes]
         # every G consecutive keys share a hash tag (one slot), as the sink groups them
         keys = [b"{s%d}:k:%d" % (i // 64, i) for i in range(n)]
         fresh = [b"{s%d}:f:%d" % (i // 64, i) for i in range(n)]
@@ -148,7 +152,7 @@ def main() -> None:
             for name, sha, group in variants:
                 r.flushall()
                 for case, kind, version, new in CASES:
-                    chunks = pack(sha, group, fresh if new else keys, kind, version)
+                    chunks = pack(sha, group, fresh if new else keys, kind, version, data)
                     calls = -(-n // group) if group else n
                     us, wall = run_case(r, conn, chunks, calls)
                     usec.setdefault((name, case), []).append(us / n)
@@ -160,7 +164,7 @@ def main() -> None:
                 u = statistics.median(usec[(name, case)])
                 r_s = statistics.median(rate[(name, case)])
                 rows.append([case, name, f"{u:.2f}", f"{u / base_us:.2f}", f"{r_s:,.0f}"])
-        print(f"{n} entries per case, {args.rounds} rounds interleaved, medians; "
+        print(f"{n} entries per case, values of {len(data)} bytes, {args.rounds} rounds interleaved, medians; "
               f"load average at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         print(table(["case", "variant", "Redis us/entry", "vs base", "entries/s"], rows))
     finally:
