@@ -56,7 +56,7 @@ local function nextgen(old)
 end
 """
 
-# Daemon apply, shared by the one-entry and the many-entry script: the function ``apply`` below.
+# Daemon apply: one body (``_APPLY_BODY``) run inline by APPLY and as a function per entry by APPLY_MANY.
 # Per entry: key, version, kind ('v' value | 't' tombstone | 'f' fence), ttl_ms, data, tagsnap.
 # Returns 1 when applied, 0 when the entry already holds this version or a newer one, 2 when a tombstone
 # older than the entry was refused but still fenced (new generation; an app-filled value dropped), 3 for
@@ -69,19 +69,24 @@ end
 # the entry can hold them (``n``/``t`` are read with ``v g s``; a tombstone deletes ``d n t``). That and one
 # TIME per script call (not per entry) are what make it cheaper than the first version (BENCHMARKS.md).
 # An error reply for the entry's key (WRONGTYPE: not a hash) is returned, not raised, so that in a
-# many-entry call it is the answer for that entry alone and the others still apply.
-_APPLY_FN = r"""
-local now
+# many-entry call it is the answer for that entry alone and the others still apply. The generation is
+# the Redis clock in microseconds (``cdcd inspect`` reads it as the time of the write), built from TIME's
+# two fields as text: formatting a double with %.0f costs more than the rest of the arithmetic.
+_APPLY_GEN = r"""
+local now_s, now_n
 local function gen(old)
-  if not now then
+  if not now_s then
     local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    now_s = t[1] .. string.sub('00000' .. t[2], -6)
+    now_n = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
   local o = tonumber(old or '0') or 0
-  if o >= now then return string.format('%.0f', o + 1) end
-  return string.format('%.0f', now)
+  if o >= now_n then return string.format('%.0f', o + 1) end
+  return now_s
 end
-local function apply(key, ver, kind, ttl, data, snap)
+"""
+# The entry's work, on the locals key, ver, kind, ttl, data, snap; it ends in ``return <answer>``.
+_APPLY_BODY = r"""
   local cur = redis.pcall('HMGET', key, 'v', 'g', 's', 'n', 't')
   if cur.err then return cur end
   local v = cur[1]
@@ -113,19 +118,20 @@ local function apply(key, ver, kind, ttl, data, snap)
   redis.call('PEXPIRE', key, ttl)
   if kind == 'f' then return 3 end
   return 1
-end
 """
 
 # One entry: KEYS[1], ARGV = version, kind, ttl_ms, data, tagsnap. Returns the entry's answer (an integer,
-# or the key's error reply).
-APPLY = _HEAD + _APPLY_FN + r"""
-return apply(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-"""
+# or the key's error reply). The body runs inline, not as a function: a closure per call costs.
+APPLY = _HEAD + _APPLY_GEN + r"""
+local key, ver, kind, ttl, data, snap = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+""" + _APPLY_BODY
 
 # Many entries in one call: KEYS[1..n] and five ARGV per entry, in the same order. Every key must be in
 # the same hash slot (the sink groups by slot), so the call is as cluster-safe as a one-key call. Returns
 # the list of answers, one per key: an integer, or that key's error reply (WRONGTYPE) as an element.
-APPLY_MANY = _HEAD + _APPLY_FN + r"""
+APPLY_MANY = _HEAD + _APPLY_GEN + r"""
+local function apply(key, ver, kind, ttl, data, snap)
+""" + _APPLY_BODY + r"""end
 local out = {}
 for i = 1, #KEYS do
   local j = i * 5 - 4
