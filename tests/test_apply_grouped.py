@@ -15,7 +15,7 @@ from cdcd.backplane import Sequencer
 from cdcd.devservers import RedisServer
 from cdcd.fillguard import FillGuard
 from cdcd.rules import Batch, Rules, Write
-from cdcd.sinks.redis import GROUP_MAX, ApplyResult, RedisSink, key_slot, slot_calls
+from cdcd.sinks.redis import GROUP_MAX, ApplyResult, Layout, RedisSink, key_slot, layout, tag_groups
 from tests.helpers import config_dict, entry, make_config, unique
 
 TTL = 60_000
@@ -37,25 +37,43 @@ def test_key_slot_is_redis_clusters() -> None:
         assert key_slot(k) == redis_py_key_slot(k), k
 
 
-def test_slot_calls_groups_only_keys_of_one_slot() -> None:
-    assert slot_calls([b"user:1", b"user:2", b"order:1"]) is None  # distinct slots: one call each, in order
+def test_layout_groups_only_keys_of_one_slot() -> None:
+    assert layout([b"user:1", b"user:2", b"order:1"]) is None  # distinct slots: one call each, in order
     keys = [b"{a}:1", b"user:1", b"{a}:2", b"{b}:1", b"{a}:3", b"{b}:2"]
-    assert slot_calls(keys) == [[0, 2, 4], [1], [3, 5]]
+    got = layout(keys)
+    assert got == Layout(6, [[0, 2, 4], [3, 5]]) and got.calls == 3
+    assert got.order() == [1, 0, 2, 4, 3, 5]  # the singles first, in batch order, then the groups
+    err = redis.exceptions.NoScriptError("NOSCRIPT")
+    assert got.replies([1, [0, 2, 3], err, "tail"]) == [1, 0, 2, 3, err, err]
     many = [b"{t}:%d" % i for i in range(GROUP_MAX * 2 + 5)]
-    calls = slot_calls(many)
-    assert calls is not None and [len(c) for c in calls] == [GROUP_MAX, GROUP_MAX, 5]
-    assert sorted(i for c in calls for i in c) == list(range(len(many)))
-    # keys that collide by chance (no tag) are grouped too: they are in one slot all the same
+    calls = layout(many)
+    assert calls is not None and [len(c) for c in calls.groups] == [GROUP_MAX, GROUP_MAX, 5]
+    assert calls.order() == list(range(len(many)))
+    # only keys with the same hash tag group (provably one slot, no CRC computed): keys without a tag and
+    # different tags that collide by chance are not looked for (a CRC per key costs more than it saves)
+    pair = _colliding_pair()
+    assert layout([pair[0], b"{x}", pair[1]]) is None
+    assert layout([b"{" + pair[0] + b"}:a", b"{x}", b"{" + pair[1] + b"}:b"]) is None
+    assert layout([b"{x}:1", b"y{}", b"{x}:2", b"{}x", b"z{x", b"a{x}b"]) == Layout(6, [[0, 2, 5]])
+
+
+def test_tag_groups_are_single_slots() -> None:
+    keys = [b"p:{t%d}:user:%d" % (i % 7, i) for i in range(100)] + [b"{a}{b}", b"x{a}", b"{{a}}", b"{{a}"]
+    groups = tag_groups(keys)
+    assert groups is not None and len(groups) == 9
+    for g in groups:
+        assert len({key_slot(keys[i]) for i in g}) == 1 == len({redis_py_key_slot(keys[i]) for i in g})
+
+
+def _colliding_pair() -> list[bytes]:
     by_slot: dict[int, list[bytes]] = {}
     n = 0
     while True:
         k = b"k%d" % n
         by_slot.setdefault(key_slot(k), []).append(k)
         if len(by_slot[key_slot(k)]) == 2:
-            pair = by_slot[key_slot(k)]
-            break
+            return by_slot[key_slot(k)]
         n += 1
-    assert slot_calls([pair[0], b"{x}", pair[1]]) == [[0, 2], [1]]
 
 
 # ------------------------------------------------------------------------------ the sink (real Redis)
@@ -141,8 +159,8 @@ def test_grouped_and_single_calls_in_one_batch_map_answers_to_their_entries(sink
     apply(sink, *(value(sink, n, 900, b"newer") for n in newer))
     r.delete(ks.entry("{m}:7"))
     r.rpush(ks.entry("{m}:7"), "x")
-    calls = slot_calls([ks.entry(n).encode() for n in names])
-    assert calls is not None and any(len(c) > 1 for c in calls)
+    calls = layout([ks.entry(n).encode() for n in names])
+    assert calls is not None and calls.groups and calls.calls < len(names)
     res = apply(sink, *(value(sink, n, 500, f"v{i}".encode()) for i, n in enumerate(names)))
     assert [f.key for f in res.refusals] == [ks.entry("{m}:7")]
     assert (res.applied, res.refused) == (200 - len(newer) - 1, len(newer) + 1)

@@ -15,9 +15,9 @@ failure of the batch: the key is repaired, the refusal reported in :class:`Apply
 dead-letters it) and the rest of the batch stands.
 
 Each script call touches one key, or several keys of one hash slot (computed here exactly as Redis
-Cluster does, hash tags included), so the same calls work on Redis Cluster. Grouping pays where keys share
-a slot (a hash tag such as ``{tenant:7}:...``, or chance: ~14% of 5 000 random keys); each entry still gets
-its own answer, so counts, refusals and repairs are per entry whatever the grouping.
+Cluster does, hash tags included), so the same calls work on Redis Cluster. Keys group when they carry a
+hash tag (``{t7}:user:42``: see docs/apply.md); each entry still gets its own answer, so counts, refusals
+and repairs are per entry whatever the grouping.
 
 Table floors (TRUNCATE ordering): a value write of a table whose version is at or
 below the table's floor (the version of its newest truncate or degraded
@@ -100,23 +100,69 @@ def key_slot(key: bytes) -> int:
     return crc_hqx(key, 0) & 16383
 
 
-def slot_calls(keys: list[bytes], limit: int = GROUP_MAX) -> list[list[int]] | None:
-    """Entry indexes grouped into script calls: keys of one hash slot together, at most ``limit`` per call,
-    each group in the order of its first entry. ``None`` when no two keys share a slot (one call per entry,
-    in batch order: the common case, which then costs one CRC per key and nothing else)."""
-    slots = [key_slot(k) if b"{" in k else crc_hqx(k, 0) & 16383 for k in keys]
-    if len(set(slots)) == len(slots):
+def tag_groups(keys: list[bytes]) -> list[list[int]] | None:
+    """Entry indexes of keys with the same hash tag (the same slot, by :func:`key_slot`'s rule, without
+    computing it), in batch order, for tags more than one key carries; ``None`` when there is none.
+
+    Keys without a tag share a slot only by chance (about 10% of 4 000 random keys, in pairs), and so do
+    different tags: finding those would cost a CRC per key in the daemon, which measured more than the
+    calls it saves in Redis. So the common case (no hash tags) costs one scan of the joined keys for ``{``.
+    """
+    if b"{" not in b"".join(keys):
         return None
-    open_: dict[int, list[int]] = {}
-    calls: list[list[int]] = []
-    for i, slot in enumerate(slots):
-        group = open_.get(slot)
-        if group is None or len(group) >= limit:
-            group = open_[slot] = [i]
-            calls.append(group)
-        else:
-            group.append(i)
-    return calls
+    by_tag: dict[bytes, list[int]] = {}
+    for i, k in enumerate(keys):
+        _, brace, rest = k.partition(b"{")
+        if brace:
+            tag, close, _ = rest.partition(b"}")
+            if close and tag:
+                group = by_tag.get(tag)
+                if group is None:
+                    by_tag[tag] = [i]
+                else:
+                    group.append(i)
+    return [g for g in by_tag.values() if len(g) > 1] or None
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How a batch's entry writes became script calls when some keys share a hash slot: first one ``apply``
+    per entry that is alone in its slot, in batch order, then one ``apply_many`` per group (entry indexes;
+    the entries of one slot in batch order, at most :data:`GROUP_MAX` per call)."""
+
+    entries: int
+    groups: list[list[int]]
+
+    @property
+    def calls(self) -> int:
+        return self.entries - sum(map(len, self.groups)) + len(self.groups)
+
+    def replies(self, results: list[Any]) -> list[Any]:
+        """One reply per entry, in call order (see :meth:`order`). An ``apply_many`` call answers with a
+        list (an entry's own error reply is an element of it); when the call as a whole failed (NOSCRIPT,
+        OOM...) its error is the answer of each of its entries."""
+        singles = self.calls - len(self.groups)
+        out = results[:singles]
+        for group, r in zip(self.groups, results[singles:self.calls], strict=True):
+            if isinstance(r, list) and len(r) == len(group):
+                out.extend(r)
+            else:
+                out.extend([r if isinstance(r, Exception) else ResponseError(f"apply_many answered {r!r}")]
+                           * len(group))
+        return out
+
+    def order(self) -> list[int]:
+        """The entry index of each reply of :meth:`replies`."""
+        grouped = {i for g in self.groups for i in g}
+        return [i for i in range(self.entries) if i not in grouped] + [i for g in self.groups for i in g]
+
+
+def layout(keys: list[bytes], limit: int = GROUP_MAX) -> Layout | None:
+    """The calls for these keys (see :class:`Layout`); ``None``: one ``apply`` per entry, in batch order."""
+    groups = tag_groups(keys)
+    if groups is None:
+        return None
+    return Layout(len(keys), [g[j:j + limit] for g in groups for j in range(0, len(g), limit)])
 
 
 def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0) -> redis.Redis:
@@ -273,33 +319,12 @@ class RedisSink:
             self._note_floor(rel, version)
         return self.floors
 
-    @staticmethod
-    def _entry_replies(results: list[Any], n: int, calls: list[list[int]] | None) -> list[Any]:
-        """One reply per entry, in batch order, from the replies of the entry calls.
-
-        An ``apply_many`` call answers with a list (an entry's own error reply is an element of it); when
-        the call as a whole failed (a NOSCRIPT, an OOM...) its error is every one of its entries' answer.
-        """
-        if calls is None:
-            return results[:n]
-        replies: list[Any] = [None] * n
-        for call, r in zip(calls, results, strict=False):
-            if len(call) == 1:
-                replies[call[0]] = r
-            elif isinstance(r, list) and len(r) == len(call):
-                for i, x in zip(call, r, strict=True):
-                    replies[i] = x
-            else:
-                err = r if isinstance(r, Exception) else ResponseError(f"apply_many answered {r!r}")
-                for i in call:
-                    replies[i] = err
-        return replies
-
     def _finish(self, batch: Batch, results: list[Any], tags: list[str], restored: int, tombstones: int,
-                messages: int, rtt: float, floored: int = 0, calls: list[list[int]] | None = None) -> ApplyResult:
+                messages: int, rtt: float, floored: int = 0, calls: Layout | None = None) -> ApplyResult:
         n = len(batch.writes)
-        ncalls = n if calls is None else len(calls)
-        replies = self._entry_replies(results, n, calls)
+        ncalls = n if calls is None else calls.calls
+        replies = results[:n] if calls is None else calls.replies(results)  # one per entry, in call order
+        order: list[int] | None = None  # the entry of each reply, when calls were grouped
         first_tag = ncalls + restored
         refusals: list[Refusal] = []
         writes: list[Any] | None = None
@@ -312,7 +337,8 @@ class RedisSink:
                     raise r
                 if writes is None:
                     writes = list(batch.writes.values())
-                w = writes[i]
+                    order = None if calls is None else calls.order()
+                w = writes[i if order is None else order[i]]
                 refusals.append(Refusal(w.key, "entry", reason, str(r), w.version))
         for i in range(ncalls, len(results)):
             r = results[i]
@@ -372,8 +398,8 @@ class RedisSink:
         time: ~10 us per command through Pipeline against ~1.5 us packed here).
 
         The apply calls are formatted straight into bytes; the rest goes through redis-py's own packer.
-        Entries whose keys share a hash slot leave as one ``apply_many`` call, sent when its last entry
-        is packed (:func:`slot_calls`). Commands leave in chunks so Redis starts executing while the rest
+        Entries whose keys share a hash slot leave as ``apply_many`` calls after the others
+        (:class:`Layout`). Commands leave in chunks so Redis starts executing while the rest
         is being packed. Any error
         while talking drops the connection (no half-read replies can leak into the next batch). The
         replies are read by :meth:`PendingApply.wait`.
@@ -399,17 +425,9 @@ class RedisSink:
             t0 = time.perf_counter()
             writes = list(batch.writes.values())
             keys = [w.key.encode() for w in writes]
-            calls = slot_calls(keys)
-            plan: list[list[int]] = calls or []
-            member: list[int] = []
-            sent: list[list[int]] | None = None  # the entry calls in the order they leave (when grouped)
-            grouped: dict[int, list[bytes]] = {}
-            if calls is not None:
-                sent = []
-                member = [0] * len(writes)
-                for c, call in enumerate(plan):
-                    for i in call:
-                        member[i] = c
+            calls = layout(keys)
+            grouped: dict[int, bytes] = {}  # entry -> its five arguments, for the entries sent in groups
+            in_group = set() if calls is None else {i for g in calls.groups for i in g}
             for i, w in enumerate(writes):
                 if w.version != last_version:
                     last_version = w.version
@@ -435,27 +453,19 @@ class RedisSink:
                         if got is None:
                             got = snaps[w.table_tag] = rules.snapshot(w.table_tag).encode()
                         snap = got
-                if sent is None or len(plan[member[i]]) == 1:
-                    key = keys[i]
-                    parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
-                                 % (apply_head, len(key), key, len(ver), ver, kind, ttl, len(data), data,
-                                    len(snap), snap))
-                    if sent is not None:
-                        sent.append([i])
-                else:
-                    c = member[i]
-                    args = grouped.setdefault(c, [])
-                    args.append(b"$%d\r\n%b\r\n$1\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
-                                % (len(ver), ver, kind, ttl, len(data), data, len(snap), snap))
-                    call = plan[c]
-                    if len(args) < len(call):
-                        continue
-                    del grouped[c]
-                    parts.append(_many(call, keys, args))
-                    sent.append(call)
+                if in_group and i in in_group:  # sent with the other entries of its slot, below
+                    grouped[i] = (b"$%d\r\n%b\r\n$1\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                                  % (len(ver), ver, kind, ttl, len(data), data, len(snap), snap))
+                    continue
+                key = keys[i]
+                parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                             % (apply_head, len(key), key, len(ver), ver, kind, ttl, len(data), data,
+                                len(snap), snap))
                 if len(parts) >= _CHUNK:
                     conn.send_packed_command([b"".join(parts)], check_health=False)
                     parts = []
+            for g in calls.groups if calls is not None else ():
+                parts.append(_many(g, keys, [grouped[i] for i in g]))
             tail, tags, restored, messages = self._tail(batch, {t: s for t, s in snaps.items() if s}, True)
             head, rest = tail[:restored], tail[restored:]
             if head:
@@ -470,8 +480,8 @@ class RedisSink:
             conn.disconnect()
             raise
         return PendingApply(self, batch, conn, tags, restored, tombstones, messages, t0,
-                            replies=(len(writes) if sent is None else len(sent)) + len(tail) + len(tags),
-                            floored=floored, calls=sent)
+                            replies=(len(writes) if calls is None else calls.calls) + len(tail) + len(tags),
+                            floored=floored, calls=calls)
 
     def _apply_pipeline(self, batch: Batch) -> ApplyResult:
         """The portable path (any redis-py client, e.g. a cluster client): one redis-py pipeline."""
@@ -499,13 +509,13 @@ class RedisSink:
                     got = snaps[w.table_tag] = self.rules.snapshot(w.table_tag).encode()
                 snap = got
             entries.append((w.key, w.version, "v", w.ttl_ms, w.data, snap))
-        calls = slot_calls([e[0].encode() for e in entries])
-        for call in calls if calls is not None else ([i] for i in range(len(entries))):
-            if len(call) == 1:
-                cmd("EVALSHA", _APPLY.sha, 1, *entries[call[0]])
-            else:
-                cmd("EVALSHA", _MANY.sha, len(call), *(entries[i][0] for i in call),
-                    *(a for i in call for a in entries[i][1:]))
+        calls = layout([e[0].encode() for e in entries])
+        grouped = set() if calls is None else {i for g in calls.groups for i in g}
+        for i, e in enumerate(entries):
+            if i not in grouped:
+                cmd("EVALSHA", _APPLY.sha, 1, *e)
+        for g in calls.groups if calls is not None else []:
+            cmd("EVALSHA", _MANY.sha, len(g), *(entries[i][0] for i in g), *(a for i in g for a in entries[i][1:]))
         tail, tags, restored, messages = self._tail(batch, {t: s for t, s in snaps.items() if s})
         for c in tail:
             cmd(*c)
@@ -529,7 +539,7 @@ class PendingApply:
 
     def __init__(self, sink: RedisSink, batch: Batch, conn: Any, tags: list[str], restored: int, tombstones: int,
                  messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None,
-                 floored: int = 0, calls: list[list[int]] | None = None) -> None:
+                 floored: int = 0, calls: Layout | None = None) -> None:
         self.sink, self.batch, self.conn, self.tags = sink, batch, conn, tags
         self.floored = floored
         self.calls = calls  # entry calls when some were grouped by hash slot (RedisSink._finish)
