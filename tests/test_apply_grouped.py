@@ -188,3 +188,14 @@ def test_grouped_calls_survive_a_script_flush(sink: RedisSink, r: redis.Redis) -
     res = apply(sink, *(value(sink, f"{{nos}}:{i}", 10, b"x") for i in range(5)))
     assert res.restored and res.applied == 5
     assert all(entry(r, sink.ks.entry(f"{{nos}}:{i}"))["d"] == "x" for i in range(5))
+
+
+def test_groups_of_a_big_batch_leave_in_chunks_and_all_land(sink: RedisSink, r: redis.Redis) -> None:
+    """More grouped entries than one socket write takes (1 024): every answer still finds its entry."""
+    names = [f"{{c{i % 40}}}:{i}" for i in range(2500)] + [f"plain:{i}" for i in range(300)]
+    apply(sink, *(value(sink, n, 900, b"newer") for n in names[::7]))
+    res = apply(sink, *(value(sink, n, 500, n.encode()) for n in names))
+    assert (res.applied, res.refused) == (len(names) - len(names[::7]), len(names[::7]))
+    stale = set(names[::7])
+    for n in names[::97]:
+        assert entry(r, sink.ks.entry(n))["d"] == ("newer" if n in stale else n), n

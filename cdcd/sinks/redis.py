@@ -399,11 +399,10 @@ class RedisSink:
         time: ~10 us per command through Pipeline against ~1.5 us packed here).
 
         The apply calls are formatted straight into bytes; the rest goes through redis-py's own packer.
-        Entries whose keys share a hash slot leave as ``apply_many`` calls after the others
-        (:class:`Layout`). Commands leave in chunks so Redis starts executing while the rest
-        is being packed. Any error
-        while talking drops the connection (no half-read replies can leak into the next batch). The
-        replies are read by :meth:`PendingApply.wait`.
+        Entries whose keys share a hash tag leave as ``apply_many`` calls after the others
+        (:class:`Layout`). Commands leave in chunks so Redis starts executing while the rest is being
+        packed. Any error while talking drops the connection (no half-read replies can leak into the next
+        batch). The replies are read by :meth:`PendingApply.wait`.
         """
         apply_head = _APPLY_HEAD
         snaps: dict[str, bytes] = {}
@@ -465,8 +464,13 @@ class RedisSink:
                 if len(parts) >= _CHUNK:
                     conn.send_packed_command([b"".join(parts)], check_health=False)
                     parts = []
+            chunk = 0
             for g in calls.groups if calls is not None else ():
                 parts.append(_many(g, keys, [grouped[i] for i in g]))
+                chunk += len(g)
+                if chunk >= _CHUNK:
+                    conn.send_packed_command([b"".join(parts)], check_health=False)
+                    parts, chunk = [], 0
             tail, tags, restored, messages = self._tail(batch, {t: s for t, s in snaps.items() if s}, True)
             head, rest = tail[:restored], tail[restored:]
             if head:
