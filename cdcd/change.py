@@ -70,6 +70,24 @@ class Change:
         return f"{self.schema}.{self.table}"
 
 
+@dataclass(frozen=True, slots=True)
+class Reads:
+    """The columns a consumer reads from one table's rows; ``None`` means every column.
+
+    Why: a source that knows this decodes only those columns and skips the rest (no text
+    decoding, no type conversion), which is most of a row decoder's cost on wide tables. The
+    planner says what it reads (:meth:`cdcd.rules.Rules.reads`); a source without it decodes all.
+    ``old`` must be a subset of ``new`` (an unchanged TOAST value in the new row is taken from the
+    old one, which is then decoded with ``new``'s columns).
+    """
+
+    new: frozenset[str] | None  # of the new row (inserts, updates, snapshot reads)
+    old: frozenset[str] | None  # of the old row (updates, deletes)
+
+
+ALL_COLUMNS = Reads(None, None)
+
+
 @dataclass(slots=True)
 class Invalidation:
     """An explicit invalidation an application emitted inside its transaction.

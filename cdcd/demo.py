@@ -41,11 +41,15 @@ def _show_entry(r: redis.Redis, key: str) -> str:
 
 
 def _next_message(sub: Any) -> dict[str, Any] | None:
+    """The next backplane message naming keys or tags (heartbeats and idle watermark announcements carry
+    neither)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         msg = sub.get_message(timeout=max(0.0, deadline - time.monotonic()))
         if msg is not None and msg["type"] == "message":
-            return dict(msg)
+            body = json.loads(msg["data"])
+            if body.get("k") or body.get("t"):
+                return dict(msg)
     return None
 
 

@@ -26,7 +26,7 @@ import functools
 import json
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -94,14 +94,22 @@ class Template:
     """``user:email:{email}`` parsed once into literal/column pieces.
 
     ``{{`` and ``}}`` are literal braces (``str.format`` syntax); format specs and conversions are
-    refused. ``render`` is on the daemon's hot path: one-column templates with int or plain-text
-    values take a branch that allocates only the result.
+    refused. ``render`` is on the daemon's hot path: it is compiled once per template into a closure
+    over its literals and columns, and one-column templates with int or plain-text values take a branch
+    that allocates only the result.
     """
 
     text: str
     literals: tuple[str, ...]
     columns: tuple[str, ...]
     _regex: list[re.Pattern[str]] = field(default_factory=list, compare=False, repr=False)
+    # ``render(row)``: the key, or None when a column is NULL, empty or not in ``row`` (the row has no such
+    # key). A function compiled for this template (see :func:`_compile`), not a method: the planner calls
+    # it for every key and tag of every change.
+    render: Callable[[Mapping[str, Any]], str | None] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "render", _compile(self.literals, self.columns))
 
     @classmethod
     def parse(cls, text: str) -> Template:
@@ -135,40 +143,6 @@ class Template:
             raise ValueError("empty template")
         return cls(text, tuple(literals), tuple(columns))
 
-    def render(self, row: Mapping[str, Any]) -> str | None:
-        """The key, or None when a column is NULL, empty or not in ``row`` (the row has no such key)."""
-        lits = self.literals
-        if len(lits) == 2:  # one column: most templates, and the planner's hottest call
-            v = row.get(self.columns[0], UNAVAILABLE)
-            t = type(v)
-            if t is int:
-                return f"{lits[0]}{v}{lits[1]}"
-            if t is str:
-                if not v:
-                    return None
-                if "%" in v or ":" in v or "#" in v or "{" in v or "}" in v:
-                    v = v.translate(_ESCAPE)
-                return f"{lits[0]}{v}{lits[1]}"
-            if v is None or v is UNAVAILABLE:
-                return None
-            s = render_value(v)
-            if "%" in s or ":" in s or "#" in s or "{" in s or "}" in s:
-                s = s.translate(_ESCAPE)
-            return lits[0] + s + lits[1] if s else None
-        out = lits[0]
-        for i, col in enumerate(self.columns, 1):  # the cases above, inlined: no escape() call per column
-            v = row.get(col, UNAVAILABLE)
-            if type(v) is not str:
-                if v is None or v is UNAVAILABLE:
-                    return None
-                v = render_value(v)
-            if not v:
-                return None
-            if "%" in v or ":" in v or "#" in v or "{" in v or "}" in v:
-                v = v.translate(_ESCAPE)
-            out += v + lits[i]
-        return out
-
     def unresolvable(self, row: Mapping[str, Any]) -> list[str]:
         """Columns the template needs that ``row`` does not carry (unsent by the source)."""
         return [c for c in self.columns if row.get(c, UNAVAILABLE) is UNAVAILABLE]
@@ -196,6 +170,51 @@ class Template:
             if values.setdefault(col, unescape(text)) != unescape(text):
                 return None
         return values
+
+
+def _compile(literals: tuple[str, ...], columns: tuple[str, ...]) -> Callable[[Mapping[str, Any]], str | None]:
+    """The render function of one template: its pieces bound as closure cells, not looked up per call."""
+    if len(columns) == 1:  # most templates, and the planner's hottest call
+        pre, col, post = literals[0], columns[0], literals[1]
+
+        def render1(row: Mapping[str, Any]) -> str | None:
+            v = row.get(col, UNAVAILABLE)
+            t = type(v)
+            if t is int:
+                return f"{pre}{v}{post}"
+            if t is str:
+                if not v:
+                    return None
+                if "%" in v or ":" in v or "#" in v or "{" in v or "}" in v:
+                    v = v.translate(_ESCAPE)
+                return f"{pre}{v}{post}"
+            if v is None or v is UNAVAILABLE:
+                return None
+            s = render_value(v)
+            if "%" in s or ":" in s or "#" in s or "{" in s or "}" in s:
+                s = s.translate(_ESCAPE)
+            return pre + s + post if s else None
+
+        return render1
+    first = literals[0]
+    pieces = tuple(zip(columns, literals[1:], strict=True))
+
+    def render(row: Mapping[str, Any]) -> str | None:
+        out = first
+        for col, lit in pieces:  # the cases above, inlined: no escape() call per column
+            v = row.get(col, UNAVAILABLE)
+            if type(v) is not str:
+                if v is None or v is UNAVAILABLE:
+                    return None
+                v = render_value(v)
+            if not v:
+                return None
+            if "%" in v or ":" in v or "#" in v or "{" in v or "}" in v:
+                v = v.translate(_ESCAPE)
+            out += v + lit
+        return out
+
+    return render
 
 
 @functools.lru_cache(maxsize=1024)

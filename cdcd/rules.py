@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cdcd.change import UNAVAILABLE, Change, Op, Row, Transaction
+from cdcd.change import UNAVAILABLE, Change, Op, Reads, Row, Transaction
 from cdcd.keys import Template as Template  # re-exported: key templates live in cdcd.keys
 from cdcd.keys import render_value as render_value
 from cdcd.keyspace import Keyspace
@@ -262,26 +262,30 @@ class Rules:
         self._rule_of: dict[tuple[str, str], CompiledRule] = {
             tuple(rel.split(".", 1)): r for rel, r in self.by_relation.items()}  # type: ignore[misc]
         self._prefix = self.keyspace.prefix
-        # table tag -> current counter, kept by the daemon (the only writer of table tags)
-        self.table_epochs: dict[str, str] = {}
-        self._snapshots: dict[str, tuple[str, str]] = {}
-
-    def snapshot(self, table_tag: str) -> str:
-        """JSON ``{table_tag: counter}`` recorded with daemon-written values ("" if unknown)."""
-        epoch = self.table_epochs.get(table_tag)
-        if epoch is None:
-            return ""
-        cached = self._snapshots.get(table_tag)
-        if cached is None or cached[0] != epoch:
-            cached = (epoch, json.dumps({table_tag: epoch}, separators=(",", ":")))
-            self._snapshots[table_tag] = cached
-        return cached[1]
 
     def registry(self) -> dict[str, Any]:
         """What clients need to derive table tags from key and tag names (published to Redis)."""
         return {"prefix": self.keyspace.prefix,
                 "tables": {rel: {"keys": list(r.keys), "tags": list(r.tags), "action": r.action}
                            for rel, r in self.source.items()}}
+
+    def reads(self, schema: str, table: str) -> Reads:
+        """The columns the planner reads from this table's rows, so a source can skip decoding the rest.
+
+        The same lookup by name as :meth:`_plan_change`'s: a table without a rule reads nothing (its
+        changes are counted as unmapped, whatever their rows). The old row only renders key and tag
+        templates; the new row also feeds an ``update`` rule's projection (every column when the rule
+        lists none).
+        """
+        rule = self._rule_of.get((schema, table))
+        if rule is None:
+            return Reads(frozenset(), frozenset())
+        templates = frozenset(c for t in (*rule.keys, *rule.tags) for c in t.columns)
+        if rule.action != "update":
+            return Reads(templates, templates)
+        if rule.columns is None:
+            return Reads(None, templates)
+        return Reads(templates | frozenset(rule.columns), templates)
 
     # -------------------------------------------------------------------- explain
 

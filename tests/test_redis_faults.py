@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 
 from cdcd.client import Cache, CacheOptions
@@ -65,6 +66,7 @@ def _stale(r: redis.Redis, prefix: str, expected: dict[int, tuple[str, str]]) ->
     return bad
 
 
+@pytest.mark.slow
 def test_redis_sigkilled_15_times_under_writes_daemon_stays_up_and_converges(
         cfg: dict[str, Any], app_db: str, private_redis: RedisServer, workdir: Path) -> None:
     cfg = {**cfg, "redis": {**cfg["redis"], "url": private_redis.url}}

@@ -26,9 +26,10 @@ from typing import Any
 
 from cdcd.keys import check_name
 
+from .dbapi import execute, is_async, name
+
 PREFIX = "cdcd"  # the logical message prefix the daemon consumes (pgoutput ``messages``, Debezium op ``m``)
 SQL = "SELECT pg_logical_emit_message(true, 'cdcd', %s)"
-_SQL_NAMED = "SELECT pg_logical_emit_message(true, 'cdcd', :cdcd_message)"
 
 
 def invalidation_message(keys: Iterable[str] = (), tags: Iterable[str] = ()) -> str:
@@ -55,54 +56,23 @@ def emit_invalidation(handle: Any, keys: Iterable[str] = (), tags: Iterable[str]
     :func:`aemit_invalidation`.
     """
     message = invalidation_message(keys, tags)
-    if _is_async(handle):
-        raise TypeError(f"{_name(handle)} is asynchronous: use `await aemit_invalidation(...)`")
-    result = _run(handle, message)
+    if is_async(handle):
+        raise TypeError(f"{name(handle)} is asynchronous: use `await aemit_invalidation(...)`")
+    result = execute(handle, SQL, (message,))
     if inspect.isawaitable(result):  # an async handle of a library not known above
         if inspect.iscoroutine(result):
             result.close()  # never silently drop an invalidation: the statement did not run
-        raise TypeError(f"{_name(handle)} is asynchronous: use `await aemit_invalidation(...)`")
+        raise TypeError(f"{name(handle)} is asynchronous: use `await aemit_invalidation(...)`")
 
 
 async def aemit_invalidation(handle: Any, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> None:
     """:func:`emit_invalidation` for asyncio handles: psycopg 3 ``AsyncConnection``/``AsyncCursor`` and
     SQLAlchemy ``AsyncConnection``/``AsyncSession``."""
     message = invalidation_message(keys, tags)
-    if not _is_async(handle):  # checked before running: a sync handle would execute here, unawaited
-        raise TypeError(f"{_name(handle)} is synchronous, or not a psycopg 3 / SQLAlchemy asyncio handle: "
+    if not is_async(handle):  # checked before running: a sync handle would execute here, unawaited
+        raise TypeError(f"{name(handle)} is synchronous, or not a psycopg 3 / SQLAlchemy asyncio handle: "
                         "use emit_invalidation(...)")
-    await _run(handle, message)
-
-
-def _run(handle: Any, message: str) -> Any:
-    module = type(handle).__module__
-    if module.startswith("sqlalchemy"):
-        from sqlalchemy import text  # an app passing a SQLAlchemy handle has SQLAlchemy
-
-        return handle.execute(text(_SQL_NAMED), {"cdcd_message": message})
-    if _is_psycopg3(module):
-        return handle.execute(SQL, (message,))  # psycopg 3: connections and cursors both execute
-    if callable(getattr(handle, "cursor", None)):
-        with handle.cursor() as cur:  # psycopg2 connections, Django connections, DB-API connections
-            cur.execute(SQL, (message,))
-        return None
-    if callable(getattr(handle, "execute", None)):
-        return handle.execute(SQL, (message,))  # a DB-API cursor (psycopg2, Django's CursorWrapper)
-    raise TypeError(f"emit_invalidation: cannot execute SQL through a {_name(handle)}; pass a psycopg, "
-                    "psycopg2, SQLAlchemy or Django connection, or a DB-API cursor")
-
-
-def _is_async(handle: Any) -> bool:
-    module = type(handle).__module__
-    return (_is_psycopg3(module) or module.startswith("sqlalchemy")) and type(handle).__name__.startswith("Async")
-
-
-def _is_psycopg3(module: str) -> bool:
-    return module == "psycopg" or module.startswith("psycopg.")
-
-
-def _name(handle: Any) -> str:
-    return f"{type(handle).__module__}.{type(handle).__qualname__}"
+    await execute(handle, SQL, (message,))
 
 
 def _names(values: Iterable[str], what: str) -> Iterable[Any]:

@@ -31,23 +31,35 @@ SETTINGS: dict[str, str] = {
     "bytea_output": "hex",
 }
 
+# Text arrives as UTF-8 whatever the server's encoding (LATIN1 is converted; psycopg would otherwise
+# hand out bytes on a SQL_ASCII server). The one exception is the replication stream of a SQL_ASCII
+# server: there the walsender would fail its own conversion on any byte that is not UTF-8 and break the
+# stream at that change forever, so that stream is read as it is stored (SQL_ASCII: no conversion) and
+# a value that is not UTF-8 degrades its transaction to table-wide invalidation in the decoder.
+CLIENT_ENCODING = "UTF8"
 
-def options(read_only: bool = False) -> str:
+
+def stream_encoding(server_encoding: str) -> str:
+    """The client_encoding for a replication connection to a server with ``server_encoding``."""
+    return "SQL_ASCII" if server_encoding.upper() == "SQL_ASCII" else CLIENT_ENCODING
+
+
+def options(read_only: bool = False, encoding: str = CLIENT_ENCODING) -> str:
     """The libpq ``options`` string (``-c name=value ...``) that pins :data:`SETTINGS`."""
-    items = dict(SETTINGS)
+    items = {**SETTINGS, "client_encoding": encoding}
     if read_only:
         items["default_transaction_read_only"] = "on"
     return " ".join(f"-c {k}={v}" for k, v in items.items())
 
 
-def conninfo(dsn: str, read_only: bool = False) -> str:
+def conninfo(dsn: str, read_only: bool = False, encoding: str = CLIENT_ENCODING) -> str:
     """``dsn`` (libpq keywords or URL) with the session settings added to its ``options``.
 
     Works for psycopg 3 and psycopg2 alike (both accept the resulting keyword string).
     """
     params = conninfo_to_dict(dsn)
     existing = str(params.get("options") or "").strip()
-    ours = options(read_only)
+    ours = options(read_only, encoding)
     return make_conninfo(dsn, options=f"{existing} {ours}" if existing else ours)
 
 

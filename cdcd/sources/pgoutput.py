@@ -10,6 +10,10 @@ Memory is bounded by configuration, not by input: past ``max_changes`` rows or
 ``max_bytes`` of row messages in one transaction, the decoder stops keeping rows
 and only counts them per table (``Transaction.touched``). The planner turns such
 a *degraded* transaction into table-wide invalidations at its commit version.
+
+Given ``reads`` (the Postgres source passes :meth:`cdcd.rules.Rules.reads`), rows hold only the
+columns the rules read; the others are walked but neither decoded nor converted
+(docs/decode-what-rules-read.md).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from cdcd.change import UNAVAILABLE, Change, Invalidation, Op, Rejected, Transaction
+from cdcd.change import ALL_COLUMNS, UNAVAILABLE, Change, Invalidation, Op, Reads, Rejected, Transaction
 from cdcd.keys import check_name
 from cdcd.sources.pgtypes import converter
 
@@ -79,6 +83,9 @@ class Relation:
     # hot-path views of ``columns`` (the tuple decoder reads these, not the Column objects)
     names: tuple[str, ...] = ()
     keyflags: tuple[bool, ...] = ()
+    # the names to decode in a new / old tuple: None where the consumer does not read the column (skipped)
+    new_names: tuple[str | None, ...] = ()
+    old_names: tuple[str | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -86,6 +93,13 @@ class Relation:
             self.keyflags = tuple(c.is_key for c in self.columns)
         if not self.converters:
             self.converters = [converter(c.type_oid) for c in self.columns]
+        if not self.new_names:
+            self.read(ALL_COLUMNS)
+
+    def read(self, reads: Reads) -> None:
+        """Decode only the columns ``reads`` names (all where it says None)."""
+        self.new_names = tuple(n if reads.new is None or n in reads.new else None for n in self.names)
+        self.old_names = tuple(n if reads.old is None or n in reads.old else None for n in self.names)
 
 
 class _Reader:
@@ -165,8 +179,11 @@ class PgOutputDecoder:
         self._txn: Transaction | None = None
         self._txn_bytes = 0  # row message bytes of the open transaction, for max_bytes
         self._bad_messages: list[str] = []
-        self._toast = False  # set by _tuple when a column was an unchanged TOAST value
+        self._toast = False  # set by _tuple when a decoded column was an unchanged TOAST value
         self.on_relation: Callable[[Relation], None] | None = None  # the schema guard listens here
+        # What the consumer reads of a table's rows, by (schema, table) as the changes will name it; None: all
+        # columns of every table (see Reads). Asked once per Relation message, so a schema change re-asks.
+        self.reads: Callable[[str, str], Reads] | None = None
 
     @property
     def in_transaction(self) -> bool:
@@ -178,12 +195,11 @@ class PgOutputDecoder:
         return len(self._txn.changes) if self._txn is not None else 0
 
     def feed(self, payload: bytes, lsn: int = 0) -> Transaction | Rejected | None:
-        r = _Reader(payload)
         first = payload[0] if payload else 0
         if first == 73 or first == 85 or first == 68:  # I U D: the hot path
-            r.pos = 1
-            self._row(chr(first), r)
+            self._row(first, payload)
             return None
+        r = _Reader(payload)
         kind = r.byte()
         if kind == "B":
             try:
@@ -215,9 +231,6 @@ class PgOutputDecoder:
             return txn
         if kind == "R":
             self._relation(r)
-            return None
-        if kind in "IUD":
-            self._row(kind, r)
             return None
         if kind == "T":
             n = r.i32()
@@ -261,25 +274,26 @@ class PgOutputDecoder:
             r.i32()  # atttypmod
             cols.append(Column(name, type_oid, bool(flags & 1)))
         rel = self.relations[oid] = Relation(oid, schema, table, ident, cols)
+        if self.reads is not None:
+            rel.read(self.reads(schema, table))
         if self.on_relation is not None:
             self.on_relation(rel)
 
-    def _tuple(self, r: _Reader, rel: Relation, key_only: bool = False) -> dict[str, Any]:
+    def _tuple(self, buf: bytes, pos: int, rel: Relation, names: tuple[str | None, ...],
+               key_only: bool = False) -> tuple[dict[str, Any], int]:
+        """The row at ``pos`` and the position after it; columns whose name in ``names`` is None are skipped."""
         # The hot loop of the whole daemon: one iteration per column of every row change. It reads the
         # buffer directly (no per-field method calls); a read past the end raises IndexError or
-        # struct.error, turned into DecodeError below, and every length is checked before slicing.
-        buf = r.buf
-        pos = r.pos
+        # struct.error, turned into DecodeError below, and every length is checked before slicing,
+        # skipped columns included (so a malformed message is refused whatever the rules read).
         end = len(buf)
-        names = rel.names
-        convs = rel.converters
         row: dict[str, Any] = {}
         try:
             n = _I16_FROM(buf, pos)[0]
             pos += 2
             if n != len(names):
                 raise DecodeError(f"{rel.schema}.{rel.table}: tuple has {n} columns, relation has {len(names)}")
-            for name, conv, is_key in zip(names, convs, rel.keyflags, strict=True):
+            for name, conv, is_key in zip(names, rel.converters, rel.keyflags, strict=True):
                 kind = buf[pos]
                 if kind == 116:  # 't': text value
                     size = _I32_FROM(buf, pos + 1)[0]
@@ -287,6 +301,9 @@ class PgOutputDecoder:
                     stop = pos + size
                     if stop > end or size < 0:
                         raise DecodeError("length runs past the end of the message")
+                    if name is None:  # not read: neither decoded nor converted
+                        pos = stop
+                        continue
                     text = buf[pos:stop].decode()
                     pos = stop
                     if conv is None:
@@ -298,19 +315,22 @@ class PgOutputDecoder:
                             row[name] = text
                 elif kind == 110:  # 'n': null
                     pos += 1
-                    # In a 'K' (old key) tuple, non-key columns are sent as null: unknown, not NULL.
-                    row[name] = UNAVAILABLE if key_only and not is_key else None
+                    if name is not None:
+                        # In a 'K' (old key) tuple, non-key columns are sent as null: unknown, not NULL.
+                        row[name] = UNAVAILABLE if key_only and not is_key else None
                 elif kind == 117:  # 'u': unchanged TOASTed value, not sent
                     pos += 1
-                    row[name] = UNAVAILABLE
-                    self._toast = True
+                    if name is not None:
+                        row[name] = UNAVAILABLE
+                        self._toast = True
                 elif kind == 98:  # 'b': binary value
                     size = _I32_FROM(buf, pos + 1)[0]
                     pos += 5
                     stop = pos + size
                     if stop > end or size < 0:
                         raise DecodeError("length runs past the end of the message")
-                    row[name] = buf[pos:stop]
+                    if name is not None:
+                        row[name] = buf[pos:stop]
                     pos = stop
                 else:
                     raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
@@ -318,11 +338,9 @@ class PgOutputDecoder:
             raise DecodeError("unexpected end of message") from None
         except struct.error as exc:
             raise DecodeError(f"truncated message: {exc}") from None
-        r.pos = pos
-        return row
+        return row, pos
 
-    def _row(self, kind: str, r: _Reader) -> None:
-        buf = r.buf
+    def _row(self, kind: int, buf: bytes) -> None:
         try:
             oid = _U32_FROM(buf, 1)[0]
             tag = buf[5]
@@ -339,44 +357,71 @@ class PgOutputDecoder:
             self._txn_bytes += len(buf)
             if len(txn.changes) >= self.max_changes or self._txn_bytes > self.max_bytes:
                 touched = self._degrade(txn)
-        if touched is not None:
-            # Degraded: O(1) per table, whatever the number of rows. The row is not decoded at all.
-            key = (rel.schema, rel.table)
-            touched[key] = touched.get(key, 0) + 1
-            return
-        r.pos = 6
-        if kind == "I":
+        if touched is None:
+            try:
+                self._decode_row(kind, tag, buf, rel, txn)
+                return
+            except UnicodeDecodeError as exc:
+                # A column the rules read is not valid UTF-8 (a SQL_ASCII database): no key or value can be
+                # rendered faithfully, and a skipped change would leave stale entries. The transaction
+                # falls back to table-wide invalidation of everything it touched, this table included.
+                touched = self._degrade(txn, f"{rel.schema}.{rel.table}: a column value is not valid UTF-8 "
+                                             f"({exc.reason} at byte {exc.start})")
+        # Degraded: O(1) per table, whatever the number of rows. The row is not decoded at all.
+        key = (rel.schema, rel.table)
+        touched[key] = touched.get(key, 0) + 1
+
+    def _decode_row(self, kind: int, tag: int, buf: bytes, rel: Relation, txn: Transaction) -> None:
+        if kind == 73:  # I
             if tag != 78:  # 'N'
                 raise DecodeError("Insert without new tuple")
-            txn.changes.append(Change(Op.INSERT, rel.schema, rel.table, None, self._tuple(r, rel)))
+            txn.changes.append(Change(Op.INSERT, rel.schema, rel.table, None,
+                                      self._tuple(buf, 6, rel, rel.new_names)[0]))
             return
-        if kind == "D":
-            txn.changes.append(Change(Op.DELETE, rel.schema, rel.table, self._tuple(r, rel, tag == 75), None))
+        if kind == 68:  # D
+            txn.changes.append(Change(Op.DELETE, rel.schema, rel.table,
+                                      self._tuple(buf, 6, rel, rel.old_names, tag == 75)[0], None))
             return
         before: dict[str, Any] | None = None
-        if tag == 75 or tag == 79:  # K old key, O old row
-            before = self._tuple(r, rel, key_only=(tag == 75))
-            tag = ord(r.byte())
+        pos = 6
+        key_only = tag == 75
+        if key_only or tag == 79:  # K old key, O old row
+            before, pos = self._tuple(buf, 6, rel, rel.old_names, key_only)
+            if pos >= len(buf):
+                raise DecodeError("unexpected end of message")
+            tag = buf[pos]
+            pos += 1
         if tag != 78:
             raise DecodeError("Update without new tuple")
         self._toast = False
-        after = self._tuple(r, rel)
+        after = self._tuple(buf, pos, rel, rel.new_names)[0]
         if before is not None and self._toast:
+            if rel.old_names != rel.new_names:
+                # The old row was decoded for the key columns only: decode it again with every column
+                # the new row keeps, so the unchanged TOAST values can be taken from it (rare: TOAST only).
+                before = self._tuple(buf, 6, rel, rel.new_names, key_only)[0]
             # Unchanged TOAST columns are absent from the new tuple but present in a full old one.
             for name, value in after.items():
                 if value is UNAVAILABLE and before.get(name, UNAVAILABLE) is not UNAVAILABLE:
                     after[name] = before[name]
         txn.changes.append(Change(Op.UPDATE, rel.schema, rel.table, before, after))
 
-    def _degrade(self, txn: Transaction) -> dict[tuple[str, str], int]:
-        """Past a cap: drop the rows held so far, keep only how many changed per table."""
+    def _degrade(self, txn: Transaction, why: str = "") -> dict[tuple[str, str], int]:
+        """Past a cap (or at a row that cannot be decoded): drop the rows held so far, keep only how many
+        changed per table."""
         touched: dict[tuple[str, str], int] = dict(Counter((c.schema, c.table) for c in txn.changes))
         txn.touched = touched
         txn.changes = []
-        log.warning("transaction_degrading", xid=txn.xid, final_lsn=lsn_to_str(txn.version),
-                    max_changes=self.max_changes, max_bytes=self.max_bytes, buffered_bytes=self._txn_bytes,
-                    detail="transaction exceeds source.max_transaction_changes/bytes: its rows are no longer "
-                           "kept; at commit every entry derived from the tables it touched is invalidated")
+        if why:
+            log.error("transaction_degrading", xid=txn.xid, final_lsn=lsn_to_str(txn.version), reason=why,
+                      detail="a row cannot be decoded: at commit every entry derived from the tables the "
+                             "transaction touched is invalidated")
+        else:
+            log.warning("transaction_degrading", xid=txn.xid, final_lsn=lsn_to_str(txn.version),
+                        max_changes=self.max_changes, max_bytes=self.max_bytes, buffered_bytes=self._txn_bytes,
+                        detail="transaction exceeds source.max_transaction_changes/bytes: its rows are no "
+                               "longer kept; at commit every entry derived from the tables it touched is "
+                               "invalidated")
         return touched
 
     def _message(self, r: _Reader, lsn: int) -> Transaction | Rejected | None:

@@ -61,6 +61,10 @@ class PostgresSource:
         self._catalog: psycopg.Connection[Any] | None = None  # the guard's catalog checks
         self._acked = 0
         self._received = 0
+        self._handed = 0  # highest position poll() returned: the watermark never passes an unacked one
+        self._watermark = 0
+        self._watermark_reported = 0
+        self._last_reply_request = 0.0
         self._last_forced = 0.0
         self.warnings: list[str] = []
 
@@ -68,7 +72,7 @@ class PostgresSource:
 
     def sql(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(self.settings.conninfo(), autocommit=True, connect_timeout=5)
+            return psycopg.connect(session.conninfo(self.settings.conninfo()), autocommit=True, connect_timeout=5)
         except psycopg.OperationalError as exc:
             raise SourceUnavailable(f"cannot connect to Postgres: {str(exc).strip()}") from exc
 
@@ -168,6 +172,10 @@ class PostgresSource:
             elif slot[0] != "pgoutput":
                 raise SourceError(f"replication slot {s.slot!r} uses plugin {slot[0]!r}; cdcd needs pgoutput")
 
+    @property
+    def creates_slot(self) -> bool:
+        return self.settings.create_slot
+
     def slot_exists(self) -> bool:
         with self.sql() as conn:
             return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
@@ -178,15 +186,16 @@ class PostgresSource:
     def connect(self) -> None:
         self.close()
         self.setup()
+        with self.sql() as sqlconn:
+            server_version = sqlconn.info.server_version
+            encoding = session.stream_encoding(sqlconn.info.parameter_status("server_encoding") or "")
         try:
             # The session pins the text formats pgtypes parses (walsender output uses these settings).
-            conn = psycopg2.connect(session.conninfo(self.settings.conninfo()), connect_timeout=5,
+            conn = psycopg2.connect(session.conninfo(self.settings.conninfo(), encoding=encoding), connect_timeout=5,
                                     connection_factory=psycopg2.extras.LogicalReplicationConnection)
         except psycopg2.OperationalError as exc:
             raise SourceUnavailable(f"replication connection failed: {str(exc).strip()}") from exc
         cur = conn.cursor()
-        with self.sql() as sqlconn:
-            server_version = sqlconn.info.server_version
         options = {"proto_version": "1", "publication_names": self.settings.publication}
         if server_version >= 140000:
             options["messages"] = "true"
@@ -205,6 +214,7 @@ class PostgresSource:
         self._decoder = PgOutputDecoder(self.name, self.settings.max_transaction_changes,
                                         self.settings.max_transaction_bytes)
         self._decoder.on_relation = self.schema_guard.on_relation
+        self._decoder.reads = self.rules.reads  # decode only the columns the rules read
         log.info("replication_started", slot=self.settings.slot, publication=self.settings.publication,
                  options=options)
 
@@ -218,7 +228,8 @@ class PostgresSource:
         """The guard's catalog check (a DROP TABLE sends nothing down the stream); never fatal here."""
         try:
             if self._catalog is None or self._catalog.closed:
-                self._catalog = psycopg.connect(self.settings.conninfo(), autocommit=True, connect_timeout=5)
+                self._catalog = psycopg.connect(session.conninfo(self.settings.conninfo()), autocommit=True,
+                                                connect_timeout=5)
             self.schema_guard.check_catalog(self._catalog)
         except psycopg.Error as exc:
             log.debug("schema_check_failed", error=str(exc).strip())
@@ -255,13 +266,60 @@ class PostgresSource:
                     continue
                 if out and not decoder.in_transaction:
                     break  # drained what the server had: hand it on now (latency over batch size)
+                if not out and self.watermark() > self._watermark_reported:
+                    break  # idle and the watermark moved: let the daemon announce it now
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                select.select([self._conn], [], [], min(remaining, 0.5))
+                wait = min(remaining, 0.5)
+                interval = self.settings.watermark_interval
+                if interval and not out:
+                    wait = min(wait, self._request_reply(interval))
+                select.select([self._conn], [], [], wait)
         except psycopg2.Error as exc:
             raise SourceUnavailable(f"replication stream broken: {str(exc).strip()}") from exc
+        for item in out:
+            if isinstance(item.position, int) and item.position > self._handed:
+                self._handed = item.position
         return out
+
+    # ------------------------------------------------------------------ applied watermark
+
+    def watermark(self) -> int:
+        """The applied watermark: every transaction whose commit ended at or before it has been acked,
+        i.e. applied to Redis (docs/read-your-writes.md).
+
+        Transactions arrive in commit order and a position is acked only after Redis applied it, so the
+        highest ack is one. While nothing is pending (every position handed out acked, no transaction
+        half-read), the server's WAL end from its last keepalive is one too: the walsender reports as its
+        end the WAL it has decoded, and sends every published commit before it (psycopg2 keeps it in
+        ``cursor.wal_end``; XLogData headers carry their own position, never a later one).
+        """
+        w = self._acked
+        cur = self._cur
+        if cur is not None and self._acked >= self._handed and not self._decoder.in_transaction:
+            w = max(w, int(cur.wal_end or 0))
+        if w > self._watermark:
+            self._watermark = w
+        return self._watermark
+
+    def watermark_published(self, position: int) -> None:
+        """The daemon announced ``position``: poll() stops waking up early for it."""
+        self._watermark_reported = max(self._watermark_reported, position)
+
+    def _request_reply(self, interval: float) -> float:
+        """Ask the server for a keepalive (it carries its WAL end) at most every ``interval`` seconds while
+        idle; returns how long until the next request is due."""
+        now = time.monotonic()
+        due = self._last_reply_request + interval - now
+        if due > 0:
+            return due
+        self._last_reply_request = now
+        if self._acked:
+            self._cur.send_feedback(write_lsn=self._acked, flush_lsn=self._acked, reply=True, force=True)
+        else:
+            self._cur.send_feedback(reply=True, force=True)
+        return interval
 
     def ack(self, positions: Sequence[Any]) -> None:
         lsns = [p for p in positions if isinstance(p, int)]
@@ -311,7 +369,7 @@ class PostgresSource:
         return {"slot": self.settings.slot, "acked_lsn": lsn_to_str(self._acked),
                 "received_lsn": lsn_to_str(self._received)}
 
-    def slot_stats(self) -> dict[str, int] | None:
+    def lag_stats(self) -> dict[str, Any] | None:
         """Lag and retained WAL of the slot, from pg_replication_slots (None when the slot is gone)."""
         with self.sql() as conn:
             row = conn.execute(

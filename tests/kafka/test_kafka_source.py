@@ -220,6 +220,7 @@ class Member:
         self.thread.join(30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["close", "kill"])
 def test_rebalance_hands_unacked_records_to_the_survivor(
         how: str, make_topic: Callable[..., str], producer: KafkaProducer, make_source: Callable[..., KafkaSource],
@@ -272,6 +273,7 @@ def test_rebalance_hands_unacked_records_to_the_survivor(
         probe.close(autocommit=False)
 
 
+@pytest.mark.slow
 def test_broker_loss_raises_source_unavailable_and_reconnect_resumes(
         make_source: Callable[..., KafkaSource]) -> None:
     server = KafkaServer()
