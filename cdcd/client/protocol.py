@@ -211,10 +211,6 @@ def snapshot_json(snap: Mapping[str, str]) -> str:
     return json.dumps(dict(snap), separators=(",", ":"), sort_keys=True) if snap else ""
 
 
-def parse_read(key: str, raw: Any) -> Entry:
-    return FillGuard.parse(key, list(raw))
-
-
 # ------------------------------------------------------------------------------------------ lifetimes
 
 XFETCH_HORIZON = 20.0  # in units of delta*beta: exp(-20) ~ 2e-9, not worth a random draw

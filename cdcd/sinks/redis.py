@@ -82,11 +82,6 @@ class ApplyResult:
     fences: int = 0  # fence writes applied (APPLY returned 3; docs/versions.md)
 
 
-def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                                health_check_interval=30)
-
-
 class RedisSink:
     def __init__(self, client: redis.Redis, rules: Rules, sequencer: Sequencer, source_name: str = "") -> None:
         self.client = client
