@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     warm.set_defaults(fn=cmd_warm)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")
-    demo.add_argument("--config", help="rules file (default config/cdcd.example.yaml)")
-    demo.add_argument("--schema", help="SQL for the example schema (default config/example-schema.sql)")
+    demo.add_argument("--config", help="rules file (default ./config/cdcd.example.yaml, else the packaged example)")
+    demo.add_argument("--schema", help="schema SQL (default ./config/example-schema.sql, else the packaged one)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon and servers up until Ctrl-C")
     demo.set_defaults(fn=cmd_demo)
 

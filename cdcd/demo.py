@@ -16,16 +16,17 @@ from typing import Any
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+# The example rules and schema ship inside the package (``config/`` in a checkout links to them), so the
+# demo runs from an installed wheel, not only from the repository.
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
 def _find(path: Path | None, default: str) -> Path:
+    """An explicit path; else ``config/<default>`` in the working directory; else the packaged example."""
     if path is not None:
         return path
-    for base in (Path.cwd(), ROOT):
-        if (base / default).exists():
-            return base / default
-    raise FileNotFoundError(f"{default} not found (run from the repository, or pass it explicitly)")
+    local = Path.cwd() / "config" / default
+    return local if local.exists() else EXAMPLES / default
 
 
 def _show_entry(r: redis.Redis, key: str) -> str:
@@ -58,8 +59,8 @@ def run_demo(config_path: Path | None, schema_path: Path | None, keep_running: b
     from cdcd.fillguard import FillGuard
     from cdcd.logs import configure
 
-    cfg_file = _find(config_path, "config/cdcd.example.yaml")
-    schema_file = _find(schema_path, "config/example-schema.sql")
+    cfg_file = _find(config_path, "cdcd.example.yaml")
+    schema_file = _find(schema_path, "example-schema.sql")
     configure("console", "warning")
     print("== starting throwaway Postgres (wal_level=logical) and Redis on free ports")
     pg, rs = PostgresServer(), RedisServer()
