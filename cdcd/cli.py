@@ -1,4 +1,4 @@
-"""``cdcd`` command line: run, check, explain, demo.
+"""``cdcd`` command line: run, check, explain, status, warm, inspect, demo.
 
 Exit codes: 0 success, 1 runtime failure, 2 configuration error (fix the file,
 restarting will not help; a supervisor should not crash-loop on it).
@@ -169,6 +169,28 @@ def cmd_warm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import psycopg
+    import redis
+
+    from cdcd.inspect import EXIT_STALE, InspectError, run_inspect
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        report = run_inspect(config, None if args.all else args.sample, args.all, args.rate, args.threshold,
+                             args.settle_timeout, sys.stdout, json_output=args.json, heartbeat=not args.no_heartbeat,
+                             clock_margin=args.clock_margin)
+    except InspectError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    except (psycopg.Error, redis.RedisError) as exc:
+        _err(f"inspect failed: {str(exc).strip()}")
+        return EXIT_STALE
+    return report.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cdcd.demo import run_demo
 
@@ -214,9 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon and servers up until Ctrl-C")
     demo.set_defaults(fn=cmd_demo)
 
-    from cdcd.inspect import add_parser as add_inspect  # import-light: psycopg/redis load only when it runs
-
-    add_inspect(sub)
+    inspect = sub.add_parser(
+        "inspect", help="check that cached entries agree with the database (read-only, rate-limited)",
+        description="Exit codes: 0 consistent, 1 stale ratio above --threshold (or a failure), 2 configuration "
+                    "error, 3 inconclusive (candidates did not settle within --settle-timeout).")
+    inspect.add_argument("--config", "-c", required=True)
+    inspect.add_argument("--sample", type=int, default=1000, help="rows sampled per table (default 1000)")
+    inspect.add_argument("--all", action="store_true", help="check every row (paged) and scan the whole keyspace")
+    inspect.add_argument("--rate", type=float, default=2000.0,
+                         help="rows (and scanned keys) per second at most (0 = unlimited)")
+    inspect.add_argument("--threshold", type=float, default=0.0, help="stale/checked ratio tolerated (default 0)")
+    inspect.add_argument("--settle-timeout", type=float, default=10.0,
+                         help="seconds to wait for the daemon to pass a candidate's position before re-checking")
+    inspect.add_argument("--no-heartbeat", action="store_true",
+                         help="never emit the empty cdcd message that moves an idle daemon's version forward")
+    inspect.add_argument("--clock-margin", type=float, default=0.05,
+                         help="seconds of clock uncertainty tolerated when dating application values")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(fn=cmd_inspect)
     return p
 
 

@@ -50,6 +50,7 @@ class Entry:
     value: bytes | None = None
     negative: bool = False
     tags: Mapping[str, str] = field(default_factory=dict)
+    writer: str | None = None  # field ``s`` (cdc, app, lease) when the read asked for it (``cdcd inspect``)
 
     @property
     def hit(self) -> bool:
@@ -65,12 +66,13 @@ class FillGuard:
 
     @staticmethod
     def parse(key: str, raw: list[object]) -> Entry:
-        v, g, d, n, t = raw
+        """The fields ``v g d n t`` (the read script's reply), optionally followed by ``s``."""
+        v, g, d, n, t, *more = raw
         tags: dict[str, str] = json.loads(_s(t) or "{}") if t else {}
         return Entry(
             key=key, version=_s(v) or "0", generation=_s(g),
             value=d if isinstance(d, bytes) else (d.encode() if isinstance(d, str) else None),
-            negative=_s(n) == "1", tags=tags,
+            negative=_s(n) == "1", tags=tags, writer=_s(more[0]) if more else None,
         )
 
     def read(self, key: str, lease: bool = True) -> Entry:

@@ -38,6 +38,7 @@ from psycopg import sql
 from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
 from cdcd.pg import catalog, session
+from cdcd.ratelimit import TokenBucket
 from cdcd.rules import CompiledRule, TableRule, encode_projection
 from cdcd.sources.pgoutput import str_to_lsn
 from cdcd.sources.pgtypes import convert
@@ -65,23 +66,6 @@ class WarmReport:
     @property
     def rows(self) -> int:
         return sum(t.rows for t in self.tables)
-
-
-class RateLimiter:
-    """Token bucket on rows per second (0 = unlimited), so warm-up never saturates the database."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.done = 0
-
-    def take(self, n: int) -> None:
-        self.done += n
-        if self.rate <= 0:
-            return
-        ahead = self.done / self.rate - (time.monotonic() - self.start)
-        if ahead > 0:
-            time.sleep(ahead)
 
 
 class Progress:
@@ -171,7 +155,7 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
                  tables=[r.relation for r in wanted])
         if on_snapshot is not None:
             on_snapshot(version)
-        limiter = RateLimiter(rate)
+        limiter = TokenBucket(rate)  # rows per second; 0 = unlimited
         # Same session settings as the replication stream: values must print (a timestamptz in UTC, ...)
         # exactly as the daemon receives them, or warm would write other keys and bytes.
         with psycopg.connect(session.conninfo(conninfo)) as conn:
@@ -205,7 +189,7 @@ def _tables(conn: psycopg.Connection[Any], source: Mapping[str, TableRule],
 
 
 def _warm_table(conn: psycopg.Connection[Any], client: Any, rule: CompiledRule, info: catalog.TableInfo,
-                version: int, snap: str, limiter: RateLimiter, page: int, progress_stream: Any,
+                version: int, snap: str, limiter: TokenBucket, page: int, progress_stream: Any,
                 entry: Callable[[str], str]) -> TableReport:
     t0 = time.monotonic()
     rep = TableReport(rule.relation)
