@@ -69,7 +69,7 @@ def main() -> int:
         slot = unique("m")
         data = config_dict(dsn, rs.url, slot, unique("p") + ":")
         cfg = load(data)
-        PostgresSource(cfg.source, cfg.rules()).setup()
+        PostgresSource(cfg.source, cfg.rules().source).setup()
         fill(dsn, args.changes, 10)
         with psycopg.connect(dsn, autocommit=True) as conn:
             heartbeat(conn)

@@ -69,7 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     from cdcd.sources.postgres import PostgresSource
 
-    source = PostgresSource(config.source, rules)
+    source = PostgresSource(config.source, rules.source)
     try:
         with source.sql() as conn:
             warnings = source.check_schema(conn)

@@ -37,10 +37,10 @@ from psycopg import sql
 
 from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
-from cdcd.pg import catalog, session
+from cdcd.pg import catalog, replication, session
+from cdcd.pg.lsn import lsn_to_str
 from cdcd.ratelimit import TokenBucket
 from cdcd.rules import CompiledRule, TableRule, encode_projection
-from cdcd.sources.pgoutput import str_to_lsn
 from cdcd.sources.pgtypes import convert
 
 log = structlog.get_logger("cdcd.warm")
@@ -142,16 +142,10 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
     conninfo = postgres_source(config, "cdcd warm").conninfo()
     repl = psycopg2.connect(conninfo, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     try:
-        rcur = repl.cursor()
-        slot = f"cdcd_warm_{uuid.uuid4().hex[:12]}"
-        rcur.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
-        created = rcur.fetchone()
-        if created is None:
-            raise RuntimeError("CREATE_REPLICATION_SLOT returned no row")
-        _, consistent_point, snapshot_name, _ = created
-        version = str_to_lsn(consistent_point) - 1
+        point, snapshot_name = replication.create_temporary_slot(repl.cursor(), f"cdcd_warm_{uuid.uuid4().hex[:12]}")
+        version = point - 1
         report.version = version
-        log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=consistent_point, version=version,
+        log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=lsn_to_str(point), version=version,
                  tables=[r.relation for r in wanted])
         if on_snapshot is not None:
             on_snapshot(version)
