@@ -56,8 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cdcd.config import PostgresSourceSettings
     from cdcd.sources.base import SourceError, SourceUnavailable
+    from cdcd.sources.settings import PostgresSourceSettings
 
     config = _load(args.config)
     if config is None:

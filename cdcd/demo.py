@@ -53,11 +53,12 @@ def _next_message(sub: Any) -> dict[str, Any] | None:
 def run_demo(config_path: Path | None, schema_path: Path | None, keep_running: bool = False) -> int:
     import psycopg
 
-    from cdcd.config import PostgresSourceSettings, load_config
+    from cdcd.config import load_config
     from cdcd.daemon import Daemon
     from cdcd.devservers import PostgresServer, RedisServer
     from cdcd.fillguard import FillGuard
     from cdcd.logs import configure
+    from cdcd.sources.settings import PostgresSourceSettings
 
     cfg_file = _find(config_path, "cdcd.example.yaml")
     schema_file = _find(schema_path, "example-schema.sql")

@@ -33,7 +33,7 @@ class Inspector:
                  clock_margin: float = 0.05, page_size: int = 500) -> None:
         import redis
 
-        from cdcd.config import PostgresSourceSettings
+        from cdcd.sources.settings import PostgresSourceSettings
 
         if not isinstance(config.source, PostgresSourceSettings):
             # Rows come from Postgres, and a candidate settles once the daemon's version (an LSN in the

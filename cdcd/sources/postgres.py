@@ -27,13 +27,13 @@ import psycopg2.extras
 import structlog
 
 from cdcd.change import Rejected, Transaction
-from cdcd.config import PostgresSourceSettings
 from cdcd.pg import replication, schema, session
 from cdcd.pg.lsn import lsn_to_str
 from cdcd.rules import TableRule
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder
 from cdcd.sources.schemaguard import PgSchemaGuard
+from cdcd.sources.settings import PostgresSourceSettings
 
 log = structlog.get_logger("cdcd.source.postgres")
 
