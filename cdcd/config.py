@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
 from cdcd.secret import ConfigError as ConfigError  # re-exported: the error every loader raises
 from cdcd.secret import read_secret
-from cdcd.sources.kafka import KafkaSourceSettings  # the settings model only: no kafka-python import
+from cdcd.sources.settings import KafkaSourceSettings
 from cdcd.sources.settings import PostgresSourceSettings as PostgresSourceSettings  # re-exported
 
 ENV_PREFIX = "CDCD_"
