@@ -32,8 +32,8 @@ from _common import config_dict, heartbeat, load, machine, make_db, servers, tab
 
 from cdcd.backplane import Sequencer
 from cdcd.change import Transaction
+from cdcd.pg.pgoutput import PgOutputDecoder
 from cdcd.sinks.redis import RedisSink
-from cdcd.sources.pgoutput import PgOutputDecoder
 
 
 def capture(dsn: str, slot: str) -> list[tuple[bytes, int]]:

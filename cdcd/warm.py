@@ -39,9 +39,9 @@ from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
 from cdcd.pg import catalog, replication, session
 from cdcd.pg.lsn import lsn_to_str
+from cdcd.pg.pgtypes import convert
 from cdcd.ratelimit import TokenBucket
 from cdcd.rules import CompiledRule, TableRule, encode_projection
-from cdcd.sources.pgtypes import convert
 
 log = structlog.get_logger("cdcd.warm")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from cdcd.change import Change, Op, Transaction
 from cdcd.config import parse_config
+from cdcd.pg.pgoutput import Column, Relation
 from cdcd.rules import Rules
-from cdcd.sources.pgoutput import Column, Relation
 from cdcd.sources.schemaguard import PgSchemaGuard, SchemaGuard
 
 BASE = """

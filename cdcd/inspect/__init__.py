@@ -13,7 +13,7 @@ stale: no reader would be served from them):
 * ``update`` rules, value written by the daemon: it must equal the row's current
   projection. The row is read as *text* with the replication session's settings
   (``DateStyle=ISO``, ``TimeZone=UTC``, ...) and converted by the same
-  :mod:`cdcd.sources.pgtypes` functions the pgoutput decoder uses, so a fresh
+  :mod:`cdcd.pg.pgtypes` functions the pgoutput decoder uses, so a fresh
   entry compares equal (as decoded JSON) whatever the column types.
 * values written by applications (``invalidate`` rules, or app fills of
   ``update`` keys that are not the projection): their serialization is the

@@ -2,7 +2,7 @@
 
 Rows are read as *text* (the column output functions) on a session with the replication
 stream's settings (:mod:`cdcd.pg.session`) and converted by the decoder's own converters
-(:func:`cdcd.sources.pgtypes.convert`), so a fresh entry compares equal whatever the column
+(:func:`cdcd.pg.pgtypes.convert`), so a fresh entry compares equal whatever the column
 types. The session is read-only; the heartbeat (one WAL record, on a connection of its own) is
 the inspector's only write.
 """
@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cdcd.inspect.model import DbRow, Table, ident
+from cdcd.pg.pgtypes import convert
 from cdcd.ratelimit import TokenBucket
-from cdcd.sources.pgtypes import convert
 
 if TYPE_CHECKING:  # imported where used: ``cdcd --help`` must not pay for psycopg and pydantic
     import psycopg

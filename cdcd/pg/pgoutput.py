@@ -28,7 +28,7 @@ from cdcd.change import UNAVAILABLE, Change, Invalidation, Op, Rejected, Transac
 from cdcd.keys import check_name
 from cdcd.pg.lsn import lsn_to_str as lsn_to_str  # re-exported: LSN helpers live in cdcd.pg.lsn
 from cdcd.pg.lsn import str_to_lsn as str_to_lsn
-from cdcd.sources.pgtypes import converter
+from cdcd.pg.pgtypes import converter
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 MESSAGE_PREFIX = "cdcd"

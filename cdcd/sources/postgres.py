@@ -29,9 +29,9 @@ import structlog
 from cdcd.change import Rejected, Transaction
 from cdcd.pg import replication, schema, session
 from cdcd.pg.lsn import lsn_to_str
+from cdcd.pg.pgoutput import DecodeError, PgOutputDecoder
 from cdcd.rules import TableRule
 from cdcd.sources.base import SourceError, SourceUnavailable
-from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder
 from cdcd.sources.schemaguard import PgSchemaGuard
 from cdcd.sources.settings import PostgresSourceSettings
 

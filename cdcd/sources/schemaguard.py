@@ -32,8 +32,8 @@ import structlog
 
 from cdcd.change import Change, Op, Transaction
 from cdcd.pg import catalog
+from cdcd.pg.pgoutput import Relation
 from cdcd.rules import TableRule, Template
-from cdcd.sources.pgoutput import Relation
 
 log = structlog.get_logger("cdcd.schema")
 
