@@ -43,8 +43,20 @@ from typing import Any
 import psycopg
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import EXAMPLE_SCHEMA, DaemonProcess, applied_version, config_dict, heartbeat, load, unique, wait_until
+if __package__:  # imported as bench.soak (tests/test_soak.py runs the short soak) or run with -m bench.soak
+    from bench._common import (
+        EXAMPLE_SCHEMA,
+        DaemonProcess,
+        applied_version,
+        config_dict,
+        heartbeat,
+        load,
+        unique,
+        wait_until,
+    )
+else:  # run as a file: python bench/soak.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import EXAMPLE_SCHEMA, DaemonProcess, applied_version, config_dict, heartbeat, load, unique, wait_until
 
 from cdcd.devservers import PostgresServer, RedisServer
 from cdcd.fillguard import FillGuard

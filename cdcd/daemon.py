@@ -26,15 +26,27 @@ from typing import Any
 
 import redis
 import structlog
+from redis.backoff import AbstractBackoff, EqualJitterBackoff
 
-from cdcd.backplane import Message, Sequencer
+from cdcd.backplane import Sequencer
 from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.metrics import Metrics
-from cdcd.redisfaults import REDIS_FAULTS, Backoff
+from cdcd.ops import OpsServer
+from cdcd.redisfaults import REDIS_FAULTS
 from cdcd.rules import Batch, Rules
+from cdcd.sinks.base import DeadLetters
 from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink
-from cdcd.sources.base import Source, SourceError, SourceUnavailable
+from cdcd.sources.base import (
+    GuardsSchema,
+    HasWatermark,
+    KeepsAlive,
+    ReportsLag,
+    SlotSource,
+    Source,
+    SourceError,
+    SourceUnavailable,
+)
 from cdcd.sources.schemaguard import SchemaGuard
 
 log = structlog.get_logger("cdcd.daemon")
@@ -42,6 +54,16 @@ log = structlog.get_logger("cdcd.daemon")
 
 # Everything a Redis call can raise that means "try again later"; see cdcd.redisfaults.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *REDIS_FAULTS)
+
+# redis-py 5 (our floor) computes ``base * 2**failures``, which overflows a float after ~1000 failures
+# (about an hour into an outage at the default 5 s cap); past this exponent the delay is at the cap anyway.
+_MAX_EXPONENT = 32
+
+
+def retry_delay(policy: AbstractBackoff, failures: int) -> float:
+    """The wait after the ``failures``-th consecutive failure (0-based), from redis-py's own backoff."""
+    return policy.compute(min(failures, _MAX_EXPONENT))
+
 
 class HttpBindError(OSError):
     """The ops HTTP server could not bind its address: a configuration problem (``http.port``)."""
@@ -55,12 +77,15 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.source: Source = source or self._make_source()
         # Postgres binds rules to OIDs in its own guard; other sources get the record field-list check.
-        self.schema_guard: SchemaGuard = getattr(self.source, "schema_guard", None) or SchemaGuard(
-            self.rules.source, check_rows=True)
+        self.schema_guard: SchemaGuard = (self.source.schema_guard if isinstance(self.source, GuardsSchema)
+                                          else SchemaGuard(self.rules.source, check_rows=True))
         self.sequencer = Sequencer("cdcd")
         self.redis = config.redis.client()
         self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
-        self.dead_letters: Any = self._make_dead_letters()
+        self.dead_letters: DeadLetters = self._make_dead_letters()
+        # exponential with equal jitter, so a fleet does not retry in lockstep
+        self.backoff: AbstractBackoff = EqualJitterBackoff(cap=config.daemon.retry_max,
+                                                           base=config.daemon.retry_initial)
         self.stop_event = threading.Event()
         self.ready = threading.Event()  # connected to the source and Redis at least once
         self.last_error: str | None = None
@@ -72,12 +97,13 @@ class Daemon:
         self.last_loop = time.monotonic()
         self.last_batch_at: float | None = None
         self.last_version = 0
+        self._watermark_announced = 0
         self.redis_ok = False
         self.source_ok = False
         self.source_stats: dict[str, Any] | None = None  # from the monitor: slot lag / retained WAL
         self.lag_alarm = False
         self._rate: deque[tuple[float, int]] = deque(maxlen=600)
-        self.http: Any = None
+        self.http: OpsServer | None = None
         self.debug = config.log.level == "debug"
         self._last_publish = time.monotonic()
 
@@ -90,7 +116,7 @@ class Daemon:
 
         return PostgresSource(self.config.source, self.rules.source)
 
-    def _make_dead_letters(self) -> Any:
+    def _make_dead_letters(self) -> DeadLetters:
         from cdcd.sources.kafka import KafkaSourceSettings
 
         src = self.config.source
@@ -121,7 +147,7 @@ class Daemon:
         return self.stop_event.wait(seconds)
 
     def _retry_redis(self, what: str, fn: Callable[[], Any]) -> Any:
-        backoff = Backoff(self.config.daemon.retry_initial, self.config.daemon.retry_max)
+        failures = 0
         while True:
             try:
                 result = fn()
@@ -133,20 +159,20 @@ class Daemon:
                 self.metrics.retries.labels("redis").inc()
                 self.redis_ok = False
                 self._error(f"redis: {exc}")
-                delay = backoff.next()
+                delay = retry_delay(self.backoff, failures)
+                failures += 1
                 log.warning("redis_unavailable", during=what, error=str(exc), retry_in=round(delay, 3))
-                keepalive = getattr(self.source, "keepalive", None)
-                if keepalive is not None:
+                if isinstance(self.source, KeepsAlive):
                     # if it fails, the source reconnects after this batch; nothing was acked
                     with contextlib.suppress(SourceUnavailable):
-                        keepalive()
+                        self.source.keepalive()
                 if self._wait(delay):
                     if isinstance(exc, redis.RedisError):
                         raise
                     raise redis.ConnectionError(str(exc)) from exc
 
     def _connect_source(self) -> None:
-        backoff = Backoff(self.config.daemon.retry_initial, self.config.daemon.retry_max)
+        failures = 0
         while not self.stop_event.is_set():
             try:
                 self._check_slot_loss()
@@ -159,29 +185,30 @@ class Daemon:
                 self.metrics.retries.labels("source").inc()
                 self.source_ok = False
                 self._error(f"source: {exc}")
-                delay = backoff.next()
+                delay = retry_delay(self.backoff, failures)
+                failures += 1
                 log.warning("source_unavailable", error=str(exc), retry_in=round(delay, 3))
                 self._wait(delay)
 
     def _check_slot_loss(self) -> None:
         """A slot that vanished after we used it means changes were lost: invalidate everything derived."""
-        slot_exists = getattr(self.source, "slot_exists", None)
-        if slot_exists is None:
+        source = self.source
+        if not isinstance(source, SlotSource):
             return
         state = self._retry_redis("read applied state", self.sink.applied_state)
-        if state.get("source") != self.source.name or slot_exists():
+        if state.get("source") != source.name or source.slot_exists():
             return
         self.metrics.errors.labels("slot_lost").inc()
         log.error("slot_lost", slot=self.source.name, last_version=state.get("version"),
                   detail="the replication slot this daemon used is gone: changes since were lost. Every table tag "
                          "is bumped so entries derived from the rules' tables are invalidated; tombstone-less keys "
                          "(plain cache entries written outside cdcd) may stay stale until their TTL")
-        if not getattr(self.config.source, "create_slot", False):
-            raise SourceError(f"replication slot of {self.source.name} was dropped and create_slot is off")
+        if not source.creates_slot:
+            raise SourceError(f"replication slot of {source.name} was dropped and create_slot is off")
         batch = Batch()
         batch.tags.update(r.table_tag for r in self.rules.by_relation.values())
         self._retry_redis("invalidate after slot loss", lambda: self.sink.apply(batch))
-        self._retry_redis("reset applied source", lambda: self.redis.hset(self.rules.keyspace.applied, "source", ""))
+        self._retry_redis("reset applied source", self.sink.forget_source)
 
     def _error(self, text: str) -> None:
         self.last_error = text
@@ -208,14 +235,12 @@ class Daemon:
     def start_http(self) -> None:
         """Serve /metrics, /healthz, /readyz, /status; raises HttpBindError when the address cannot be bound
         (the only OSError the CLI reports as an HTTP problem)."""
-        from cdcd.ops import OpsServer
-
         cfg = self.config
         try:
-            self.http = OpsServer(self, cfg.http.host, cfg.http.port).start()
+            http = self.http = OpsServer(self, cfg.http.host, cfg.http.port).start()
         except OSError as exc:
             raise HttpBindError(exc.errno, exc.strerror) from exc
-        log.info("http_listening", host=cfg.http.host, port=self.http.port,
+        log.info("http_listening", host=cfg.http.host, port=http.port,
                  routes=["/metrics", "/healthz", "/readyz", "/status"])
 
     def _run(self) -> None:
@@ -226,7 +251,7 @@ class Daemon:
             return  # stopped while Redis was down
         self._connect_source()
         self.ready.set()
-        backoff = Backoff(cfg.daemon.retry_initial, cfg.daemon.retry_max)
+        failures = 0
         try:
             while not self.stop_event.is_set():
                 self.last_loop = time.monotonic()
@@ -237,13 +262,15 @@ class Daemon:
                         self._last_publish = time.monotonic()
                     elif cfg.daemon.heartbeat and time.monotonic() - self._last_publish >= cfg.daemon.heartbeat:
                         self._heartbeat()
-                    backoff.reset()
+                    self._watermark(idle=not items)
+                    failures = 0
                 except SourceUnavailable as exc:
                     self.metrics.connected.labels("source").set(0)
                     self.metrics.errors.labels("source").inc()
                     self.source_ok = False
                     self._error(f"source: {exc}")
-                    delay = backoff.next()
+                    delay = retry_delay(self.backoff, failures)
+                    failures += 1
                     log.warning("source_lost", error=str(exc), retry_in=round(delay, 3))
                     self.source.close()
                     if self._wait(delay):
@@ -253,9 +280,7 @@ class Daemon:
                     break  # only raised out of _retry_redis when stopping: the batch was not acked
         finally:
             self.source.close()
-            close_dead_letters = getattr(self.dead_letters, "close", None)
-            if close_dead_letters is not None:
-                close_dead_letters()
+            self.dead_letters.close()
             log.info("stopped", batches=self.applied_batches)
 
     # ------------------------------------------------------------------ one batch
@@ -350,14 +375,35 @@ class Daemon:
         sees the gap now instead of at the next change. If it cannot be sent, the number is spent anyway,
         which subscribers read as a gap: the safe direction."""
         self._last_publish = time.monotonic()
-        self.sequencer.seq += 1
-        msg = Message(origin="cdcd", run=self.sequencer.run, seq=self.sequencer.seq, version=str(self.last_version),
-                      ts=time.time())
         try:
-            if self.sink.heartbeat(msg.encode()):
+            if self.sink.idle_heartbeat(self.last_version):
                 self._restored()
         except REDIS_ERRORS as exc:
             log.debug("heartbeat_failed", error=str(exc))
+
+    def _watermark(self, idle: bool) -> None:
+        """Move the applied watermark (docs/read-your-writes.md). Once Redis acknowledged a position it is
+        stamped on every later backplane message; while the stream is idle it is announced on its own, so a
+        read-your-writes waiter never waits for the next change."""
+        if not isinstance(self.source, HasWatermark):
+            return  # a source without one (Kafka): messages carry none, waiters time out (documented)
+        w = self.source.watermark()
+        if w <= self._watermark_announced:
+            return
+        self.sequencer.watermark = str(w)
+        if not idle:
+            return  # the next batch's messages carry it; if none comes, poll() returns early for it
+        self._last_publish = time.monotonic()
+        try:
+            self.sink.announce_watermark(self.last_version)
+        except REDIS_ERRORS as exc:
+            # The number is spent (subscribers see a gap, the safe direction); retried on the next loop,
+            # not in a spin: poll() waits normally again. Later batches carry the watermark anyway.
+            log.debug("watermark_announce_failed", error=str(exc))
+        else:
+            self._watermark_announced = w
+            self.metrics.watermark.set(w)
+        self.source.watermark_published(w)
 
     def _dead_letter(self, rejected: Rejected) -> None:
         self.metrics.errors.labels("rejected").inc()
@@ -378,11 +424,10 @@ class Daemon:
                 self.redis_ok = False
                 self._error(f"redis: {exc}")
             self.metrics.connected.labels("redis").set(1 if self.redis_ok else 0)
-            stats_fn = getattr(self.source, "slot_stats", None) or getattr(self.source, "lag_stats", None)
-            if stats_fn is None:
+            if not isinstance(self.source, ReportsLag):
                 continue
             try:
-                stats = stats_fn()
+                stats = self.source.lag_stats()
             except Exception as exc:  # the monitor must never take the daemon down
                 log.debug("monitor_failed", error=str(exc))
                 continue

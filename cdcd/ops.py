@@ -3,6 +3,10 @@
 Plain ``http.server`` on its own thread: four read-only GET routes do not
 justify a web framework, and the daemon must keep serving them while its main
 loop waits on Redis or Postgres (that is exactly when operators look).
+
+The server reads the daemon only through :class:`OpsView`, so this module does not import
+``cdcd.daemon`` (which imports it to start the server): no import cycle, and any object with
+these four members (a test double, another process's state) can be served.
 """
 
 from __future__ import annotations
@@ -10,16 +14,32 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-if TYPE_CHECKING:
-    from cdcd.daemon import Daemon
+from cdcd.metrics import Metrics
+
+
+class OpsView(Protocol):
+    """What the HTTP endpoint reads from a daemon; :class:`cdcd.daemon.Daemon` implements it."""
+
+    @property
+    def metrics(self) -> Metrics:
+        """The registry /metrics renders."""
+
+    def liveness(self) -> tuple[bool, str]:
+        """/healthz: alive, and why not."""
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """/readyz: ready, and the reasons it is not."""
+
+    def status(self) -> dict[str, Any]:
+        """/status: a JSON-serialisable summary."""
 
 
 class _Handler(BaseHTTPRequestHandler):
-    daemon_ref: Daemon  # set on the subclass made per server
+    daemon_ref: OpsView  # set on the subclass made per server
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes every few seconds would drown the daemon's own log
@@ -52,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class OpsServer:
-    def __init__(self, daemon: Daemon, host: str, port: int) -> None:
+    def __init__(self, daemon: OpsView, host: str, port: int) -> None:
         handler = type("Handler", (_Handler,), {"daemon_ref": daemon})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True

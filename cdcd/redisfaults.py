@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hiredis
 import redis
-from redis.backoff import EqualJitterBackoff
 
 # Connection-level failures, from any layer between the socket and the reply parser.
 REDIS_FAULTS: tuple[type[BaseException], ...] = (
@@ -73,18 +72,3 @@ def refusal_reason(exc: BaseException) -> str | None:
         return "script_error"
     return None
 
-
-class Backoff:
-    """Exponential backoff with equal jitter (redis-py's policy), so a fleet does not retry in lockstep."""
-
-    def __init__(self, initial: float, cap: float) -> None:
-        self.policy = EqualJitterBackoff(cap=cap, base=initial)
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = self.policy.compute(min(self.attempt, 32))  # 2**big would overflow a float
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0

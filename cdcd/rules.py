@@ -262,20 +262,6 @@ class Rules:
         self._rule_of: dict[tuple[str, str], CompiledRule] = {
             tuple(rel.split(".", 1)): r for rel, r in self.by_relation.items()}  # type: ignore[misc]
         self._prefix = self.keyspace.prefix
-        # table tag -> current counter, kept by the daemon (the only writer of table tags)
-        self.table_epochs: dict[str, str] = {}
-        self._snapshots: dict[str, tuple[str, str]] = {}
-
-    def snapshot(self, table_tag: str) -> str:
-        """JSON ``{table_tag: counter}`` recorded with daemon-written values ("" if unknown)."""
-        epoch = self.table_epochs.get(table_tag)
-        if epoch is None:
-            return ""
-        cached = self._snapshots.get(table_tag)
-        if cached is None or cached[0] != epoch:
-            cached = (epoch, json.dumps({table_tag: epoch}, separators=(",", ":")))
-            self._snapshots[table_tag] = cached
-        return cached[1]
 
     def registry(self) -> dict[str, Any]:
         """What clients need to derive table tags from key and tag names (published to Redis)."""

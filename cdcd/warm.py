@@ -34,6 +34,7 @@ import psycopg2
 import psycopg2.extras
 import structlog
 from psycopg import sql
+from psycopg.types.string import TextLoader
 
 from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
@@ -42,6 +43,7 @@ from cdcd.pg.lsn import lsn_to_str
 from cdcd.pg.pgtypes import convert
 from cdcd.ratelimit import TokenBucket
 from cdcd.rules import CompiledRule, TableRule, encode_projection
+from cdcd.sinks.epochs import TableEpochs
 
 log = structlog.get_logger("cdcd.warm")
 
@@ -93,12 +95,18 @@ class Progress:
 
 def _rows(conn: psycopg.Connection[Any], relation: str, cols: Sequence[catalog.Column],
           page: int) -> Iterator[dict[str, Any]]:
-    """Rows as the replication stream carries them: replicated columns only, text converted by pgtypes."""
+    """Rows as the replication stream carries them: replicated columns only, text converted by pgtypes.
+
+    The text is each type's output function, as pgoutput sends it: psycopg is told to hand it over
+    unparsed. Not a ``::text`` cast, which differs for some types (``true::text`` is ``true``, not ``t``;
+    ``char(n)::text`` drops the padding).
+    """
     schema, _, table = relation.partition(".")
     query = sql.SQL("SELECT {} FROM {}").format(
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in cols),
-        sql.Identifier(schema, table))
+        sql.SQL(", ").join(sql.Identifier(c.name) for c in cols), sql.Identifier(schema, table))
     with conn.cursor(name=f"cdcd_warm_{uuid.uuid4().hex[:8]}") as cur:
+        for oid in {c.type_oid for c in cols}:
+            cur.adapters.register_loader(oid, TextLoader)  # this cursor only: the output text, as a str
         cur.itersize = page
         cur.execute(query)
         for rec in cur:
@@ -132,11 +140,9 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
     # Table epochs first: a TRUNCATE after this point either is in the snapshot (its rows are gone) or
     # bumps the counter later, which invalidates what we write. Read after the snapshot, a bump could be
     # recorded with rows that predate it.
-    epochs: dict[str, str] = {}
+    epochs = TableEpochs()
     for rule in wanted:
-        e = client.execute_command("EVALSHA", _ENSURE.sha, 1, ks.tag(rule.table_tag))
-        epochs[rule.table_tag] = e.decode() if isinstance(e, bytes) else str(e)
-        rules.table_epochs[rule.table_tag] = epochs[rule.table_tag]
+        epochs.set(rule.table_tag, client.execute_command("EVALSHA", _ENSURE.sha, 1, ks.tag(rule.table_tag)))
 
     report = WarmReport()
     conninfo = postgres_source(config, "cdcd warm").conninfo()
@@ -158,7 +164,7 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
             infos = _tables(conn, rules.source, wanted)
             for rule in wanted:
                 report.tables.append(_warm_table(conn, client, rule, infos[rule.relation], version,
-                                                 rules.snapshot(rule.table_tag), limiter, page, progress_stream,
+                                                 epochs.snapshot(rule.table_tag), limiter, page, progress_stream,
                                                  ks.entry))
     finally:
         repl.close()  # drops the temporary slot

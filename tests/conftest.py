@@ -21,6 +21,20 @@ from cdcd.devservers import PostgresServer, RedisServer
 from tests.helpers import EXAMPLE_SCHEMA, config_dict, unique
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``soak`` tests run only when an ``-m`` expression names them (``pytest -m soak tests/test_soak.py``).
+
+    Done here rather than with ``addopts = -m "not soak"``: a second ``-m`` on the command line (the
+    fast path ``-m "not slow"``) replaces the first, which would silently bring the soak back.
+    """
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak") is not None]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if item.get_closest_marker("soak") is None]
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     server = PostgresServer()

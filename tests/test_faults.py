@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 
 from cdcd.devservers import RedisServer
@@ -58,6 +59,7 @@ class Writer(threading.Thread):
             self.error = exc
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stream_loses_nothing(cfg: dict[str, Any], r: redis.Redis, app_db: str, workdir: Path) -> None:
     p = cfg["keyspace"]["prefix"]
     daemon = DaemonProcess(cfg, workdir).start()
@@ -87,6 +89,7 @@ def test_sigkill_mid_stream_loses_nothing(cfg: dict[str, Any], r: redis.Redis, a
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_acks_and_exits_zero(cfg: dict[str, Any], r: redis.Redis, sql: Any, workdir: Path) -> None:
     p = cfg["keyspace"]["prefix"]
     daemon = DaemonProcess(cfg, workdir).start()
@@ -132,11 +135,13 @@ def _redis_outage(cfg: dict[str, Any], app_db: str, server: RedisServer, restart
         d.stop()
 
 
+@pytest.mark.slow
 def test_redis_restart_during_writes_loses_nothing(cfg: dict[str, Any], app_db: str,
                                                    private_redis: RedisServer) -> None:
     _redis_outage(cfg, app_db, private_redis, restart=True)
 
 
+@pytest.mark.slow
 def test_redis_partition_during_writes_loses_nothing(cfg: dict[str, Any], app_db: str,
                                                      private_redis: RedisServer) -> None:
     _redis_outage(cfg, app_db, private_redis, restart=False)

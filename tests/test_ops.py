@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from cdcd.devservers import RedisServer, free_port
@@ -132,6 +133,7 @@ def test_secrets_never_reach_the_log(cfg: dict[str, Any], workdir: Path) -> None
         server.stop()
 
 
+@pytest.mark.slow
 def test_standby_takes_over_after_kill_9(cfg: dict[str, Any], r: redis.Redis, app_db: str, workdir: Path) -> None:
     """Two daemons on one slot: one streams, one waits; kill -9 the active one and changes keep flowing."""
     p = cfg["keyspace"]["prefix"]

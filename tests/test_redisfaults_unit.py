@@ -1,11 +1,14 @@
-"""Pure logic of cdcd.redisfaults: which errors are retried, which are refusals of one key."""
+"""Pure logic of cdcd.redisfaults (which errors are retried, which are refusals of one key) and of the
+daemon's retry delays."""
 
 from __future__ import annotations
 
 import hiredis
 import redis
+from redis.backoff import EqualJitterBackoff
 
-from cdcd.redisfaults import Backoff, RedisFault, refusal_reason, translate
+from cdcd.daemon import retry_delay
+from cdcd.redisfaults import RedisFault, refusal_reason, translate
 
 
 def test_refusals_are_only_errors_retrying_cannot_fix() -> None:
@@ -37,9 +40,9 @@ def test_every_connection_level_error_becomes_one_retryable_fault() -> None:
 
 
 def test_backoff_grows_with_equal_jitter_and_caps() -> None:
-    b = Backoff(0.1, 2.0)
-    delays = [b.next() for _ in range(2000)]
+    """The daemon's retry delays: redis-py's EqualJitterBackoff, safe after any number of failures."""
+    b = EqualJitterBackoff(cap=2.0, base=0.1)
+    delays = [retry_delay(b, n) for n in range(2000)]
     assert 0.05 <= delays[0] <= 0.1
     assert all(1.0 <= d <= 2.0 for d in delays[10:])
-    b.reset()
-    assert b.next() <= 0.1
+    assert retry_delay(b, 0) <= 0.1  # a success resets the count

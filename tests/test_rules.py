@@ -11,6 +11,7 @@ import pytest
 from cdcd.change import UNAVAILABLE, Change, Invalidation, Op, Transaction
 from cdcd.config import ConfigError, parse_config
 from cdcd.rules import Template, render_value
+from cdcd.sinks.epochs import TableEpochs
 
 BASE = """
 source: {dsn: "postgresql://x"}
@@ -27,9 +28,7 @@ tables:
 
 
 def rules():  # type: ignore[no-untyped-def]
-    r = parse_config(BASE).rules()
-    r.table_epochs["#table:public.users"] = "100"
-    return r
+    return parse_config(BASE).rules()
 
 
 def txn(*changes: Change, version: int = 10) -> Transaction:
@@ -60,7 +59,14 @@ def test_insert_writes_projection_with_table_snapshot() -> None:
     assert w.version == 10 and w.table_tag == "#table:public.users"
     assert json.loads(w.data or b"") == {"id": 1, "email": "a@x", "tenant_id": 7}  # projection: no "name"
     assert b.tags == {"tenant:7"}
-    assert r.snapshot("#table:public.users") == '{"#table:public.users":"100"}'
+    # the value records its table's counter, which the sink (not the rules) knows at run time
+    epochs = TableEpochs()
+    epochs.set("#table:public.users", b"100")
+    assert epochs.snapshot("#table:public.users") == '{"#table:public.users":"100"}'
+    epochs.moved("#table:public.users", 101)
+    epochs.moved("#table:public.other", 5)  # not a tracked table tag: ignored
+    assert epochs.snapshot("#table:public.users") == '{"#table:public.users":"101"}'
+    assert "#table:public.other" not in epochs and epochs.snapshot("#table:public.other") == ""
 
 
 def test_key_column_update_tombstones_the_old_key_and_bumps_both_tags() -> None:

@@ -1,16 +1,16 @@
 """Short fault-injection soak (the long one is ``bench/soak.py``): >= 20 SIGKILLs of the daemon, a Redis
 restart, a Redis pause, a Postgres restart and malformed messages, while a writer and a guarded reader
-keep going. Afterwards: nothing stale, nothing lost, every malformed message dead-lettered, daemon alive."""
+keep going. Afterwards: nothing stale, nothing lost, every malformed message dead-lettered, daemon alive.
+
+Marked ``soak``: deselected unless asked for, ``pytest -m soak tests/test_soak.py`` (see tests/conftest.py)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from soak import MALFORMED, run_soak
+from bench.soak import MALFORMED, run_soak
 
 
 @pytest.mark.soak

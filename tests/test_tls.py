@@ -34,6 +34,7 @@ def certs(tmp_path: Path) -> dict[str, Path]:
     return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
 
 
+@pytest.mark.slow
 def test_daemon_over_tls_to_postgres_and_redis(certs: dict[str, Path], tmp_path: Path) -> None:
     pg = PostgresServer()
     pg.init()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 import yaml
 
@@ -16,6 +17,7 @@ from cdcd.warm import warm
 from tests.helpers import ROOT, DaemonThread, entry, make_config, wait_until
 
 
+@pytest.mark.slow
 def test_warm_100k_rows_without_overwriting_a_concurrent_change(cfg: dict[str, Any], r: redis.Redis,
                                                                  sql: Any) -> None:
     n = 100_000

@@ -40,6 +40,7 @@ from cdcd.change import Rejected
 from cdcd.keyspace import SCRIPTS, Keyspace
 from cdcd.redisfaults import REDIS_FAULTS, refusal_reason, translate
 from cdcd.rules import Batch, Rules
+from cdcd.sinks.epochs import TableEpochs
 
 log = structlog.get_logger("cdcd.sinks.redis")
 
@@ -93,6 +94,7 @@ class RedisSink:
         self._conn: Any = None
         # table tag -> floor version: values at or below it are refused (sent as tombstones)
         self.floors: dict[str, int] = {}
+        self.epochs = TableEpochs()  # table tag -> counter: runtime state, read from and moved in Redis
         self._tag_relation = {r.table_tag: rel for rel, r in rules.by_relation.items()}
 
     def load_scripts(self) -> None:
@@ -116,7 +118,7 @@ class RedisSink:
         pipe.hgetall(self.ks.floors)
         res = pipe.execute()
         for rule, epoch in zip(rels, res, strict=False):
-            self.rules.table_epochs[rule.table_tag] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+            self.epochs.set(rule.table_tag, epoch)
         for rel, version in res[-1].items():
             self._note_floor(rel.decode() if isinstance(rel, bytes) else str(rel), int(version))
 
@@ -137,7 +139,7 @@ class RedisSink:
         self.load_scripts()
         pipe: Any = self.client.pipeline(transaction=False)
         self._registry(pipe)
-        for tag, epoch in self.rules.table_epochs.items():
+        for tag, epoch in self.epochs.items():
             pipe.set(self.ks.tag(tag), epoch, nx=True)
         for tag, floor in self.floors.items():
             rel = self._tag_relation.get(tag)
@@ -205,7 +207,7 @@ class RedisSink:
         # daemon writes table tags, so restoring its known value when missing is exact.
         restored = 0
         for tag in snaps:
-            epoch = self.rules.table_epochs.get(tag)
+            epoch = self.epochs.get(tag)
             if epoch is not None:
                 cmds.append(("SET", ks.tag(tag), epoch, "NX"))
                 restored += 1
@@ -218,7 +220,8 @@ class RedisSink:
         version = str(batch.version)
         messages = list(self.sequencer.messages(batch.writes.keys(), tags, version, batch.commit_ts or time.time()))
         cmds.append(("HSET", ks.applied, "run", self.sequencer.run, "seq", self.sequencer.seq, "version", version,
-                     "ts", repr(time.time()), "source", self.source_name))
+                     "ts", repr(time.time()), "source", self.source_name,
+                     "watermark", self.sequencer.watermark or "0"))
         channel = ks.channel
         for m in messages:
             cmds.append(("PUBLISH", channel, m.encode()))
@@ -262,8 +265,8 @@ class RedisSink:
         # table epochs moved by TRUNCATE: later values of that table must record the new counter
         first_tag = n + restored
         for tag, new in zip(tags, results[first_tag:first_tag + len(tags)], strict=True):
-            if tag in self.rules.table_epochs and new is not None:
-                self.rules.table_epochs[tag] = new.decode() if isinstance(new, bytes) else str(new)
+            if new is not None:
+                self.epochs.moved(tag, new)
         marker_lost = results[-1] == 0
         if marker_lost:
             self.restore()  # Redis restarted empty (and somebody else may have reloaded the scripts)
@@ -293,8 +296,7 @@ class RedisSink:
                           detail="the key was deleted but not tombstoned: readers miss, a fill may land")
             elif r.kind == "tag":
                 tag = r.key[len(self.ks.tag("")):]
-                if tag in self.rules.table_epochs:
-                    self.rules.table_epochs[tag] = done.decode() if isinstance(done, bytes) else str(done)
+                self.epochs.moved(tag, done)
 
     def _send_packed(self, batch: Batch) -> PendingApply:
         """The batch as raw RESP on the sink's connection: the same commands, in the same order, as the
@@ -309,7 +311,7 @@ class RedisSink:
         apply_head = _APPLY_HEAD
         snaps: dict[str, bytes] = {}
         ttls: dict[int, bytes] = {}
-        rules = self.rules
+        epochs = self.epochs
         parts: list[bytes] = []
         tombstones = 0
         floored = 0
@@ -348,7 +350,7 @@ class RedisSink:
                     if w.table_tag is not None:
                         got = snaps.get(w.table_tag)
                         if got is None:
-                            got = snaps[w.table_tag] = rules.snapshot(w.table_tag).encode()
+                            got = snaps[w.table_tag] = epochs.snapshot(w.table_tag).encode()
                         snap = got
                     parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\nv\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
                                  % (apply_head, len(key), key, len(ver), ver, ttl, len(data), data, len(snap), snap))
@@ -394,7 +396,7 @@ class RedisSink:
             if w.table_tag is not None:
                 got = snaps.get(w.table_tag)
                 if got is None:
-                    got = snaps[w.table_tag] = self.rules.snapshot(w.table_tag).encode()
+                    got = snaps[w.table_tag] = self.epochs.snapshot(w.table_tag).encode()
                 snap = got
             cmd("EVALSHA", apply_sha, 1, w.key, w.version, "v", w.ttl_ms, w.data, snap)
         tail, tags, restored, messages = self._tail(batch, {t: s for t, s in snaps.items() if s})
@@ -404,6 +406,38 @@ class RedisSink:
         results = pipe.execute(raise_on_error=False)
         rtt = time.perf_counter() - t0
         return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored)
+
+
+    # ------------------------------------------------------------------ writes outside a batch
+    # Every Redis write the daemon makes goes through this sink (dead letters through their own
+    # destination); these two are the daemon's writes that are not part of applying a batch.
+
+    def idle_heartbeat(self, version: int) -> bool:
+        """Number and publish an idle heartbeat (see :meth:`cdcd.backplane.Sequencer.heartbeat`) and check
+        the run marker; True when Redis had lost it (and it was restored). Raises RedisFault/RedisError
+        when Redis cannot be reached (the sequence number is spent anyway)."""
+        return self.heartbeat(self.sequencer.heartbeat(str(version), time.time()).encode())
+
+    def announce_watermark(self, version: int) -> None:
+        """While idle, the applied watermark (already on the sequencer) moved: record it in the applied state
+        and announce it in a numbered message of its own (read-your-writes waiters). Raises
+        RedisFault/RedisError when Redis cannot be reached (the sequence number is spent anyway)."""
+        message = self.sequencer.heartbeat(str(version), time.time())
+        try:
+            pipe: Any = self.client.pipeline(transaction=False)
+            pipe.hset(self.ks.applied, "watermark", message.watermark)
+            pipe.publish(self.ks.channel, message.encode())
+            pipe.execute()
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc
+
+    def forget_source(self) -> None:
+        """Clear the applied state's source after the daemon invalidated everything a lost slot's changes
+        could have touched, so the next start does not see the loss again. Raises like :meth:`apply`."""
+        try:
+            self.client.hset(self.ks.applied, "source", "")
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc
 
 
 class PendingApply:
@@ -474,3 +508,6 @@ class RedisDeadLetters:
             self.client.xadd(self.stream, fields, maxlen=DLQ_MAXLEN, approximate=True)  # type: ignore[arg-type]
         except REDIS_FAULTS as exc:
             raise translate(exc) from exc
+
+    def close(self) -> None:
+        """Nothing to release: the client is the daemon's, shared with the sink."""

@@ -47,6 +47,43 @@ log = structlog.get_logger("cdcd.source.kafka")
 # kafka-python is imported where it is used, so the settings model (and with it the daemon's
 # configuration) loads without the kafka extra installed.
 
+_crc_warned = False
+
+
+def crc32c_is_native() -> bool:
+    """Does kafka-python check record CRCs with the C ``crc32c`` package (the ``kafka`` extra)?
+
+    kafka-python picks the package up by itself when it can import it, and silently falls
+    back to a pure-Python CRC-32C otherwise, which made the daemon spend ~7x the CPU per change
+    (BENCHMARKS.md, issue 9). What counts is the function ``calc_crc32c`` was bound to at
+    import, so a package installed after kafka-python was imported still reads as pure.
+    """
+    try:
+        from kafka.record import util
+    except ImportError:
+        return False
+    pure = getattr(util, "crc32c_py", None)
+    defaults = getattr(util.calc_crc32c, "__defaults__", None) or ()
+    used = defaults[0] if defaults else getattr(util, "_crc32c", None)
+    if pure is None or used is None:  # kafka-python's internals moved: whether the package imports
+        import importlib.util
+
+        return importlib.util.find_spec("crc32c") is not None
+    return used is not pure
+
+
+def warn_if_crc32c_pure_python() -> bool:
+    """Log ``kafka_crc32c_pure_python`` once per process when the CRC is pure Python; True if native."""
+    global _crc_warned
+    native = crc32c_is_native()
+    if not native and not _crc_warned:
+        _crc_warned = True
+        log.warning("kafka_crc32c_pure_python",
+                    detail="kafka-python checks record CRCs in pure Python, which multiplied the daemon's CPU per "
+                           "change by ~7 in cdcd's benchmark; install the C package: pip install 'crc32c>=2.3' "
+                           "(part of cdcd[kafka])")
+    return native
+
 
 class KafkaPosition(NamedTuple):
     """Where a record came from; what ``ack`` gets back. A plain tuple: (topic, partition, offset)."""
@@ -173,6 +210,7 @@ class KafkaSource:
         if self._consumer is not None:
             return
         s = self.settings
+        warn_if_crc32c_pure_python()
         self._probe()
         kwargs = {
             **s.client_kwargs(),
@@ -183,6 +221,7 @@ class KafkaSource:
             "heartbeat_interval_ms": s.heartbeat_interval_ms,
             "max_poll_interval_ms": s.max_poll_interval_ms,
             "max_poll_records": s.max_poll_records,
+            **s.fetch_kwargs(),
             "bootstrap_timeout_ms": int(s.connect_timeout * 1000),
             "metadata_max_age_ms": s.metadata_max_age_ms,  # a topic_pattern picks up new tables' topics
         }
@@ -370,7 +409,7 @@ class KafkaSource:
         return {"source": self.name, "group": self.settings.group_id, "connected": self._consumer is not None,
                 "partitions": parts, "delivered": self.delivered, "skipped": self.skipped,
                 "rejected": self.rejected, "commits": self.commits, "rebalances": self.rebalances,
-                **self._lag}
+                "crc32c": "native" if crc32c_is_native() else "pure-python", **self._lag}
 
 
 def _fmt(offsets: dict[Any, int]) -> dict[str, int]:

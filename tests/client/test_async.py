@@ -88,9 +88,9 @@ def test_write_back_race_and_cross_instance_drop(redis_srv: RedisServer, ks: Key
             assert await b.get_or_load("order:1", lambda: pytest.fail("L2")) == {"status": "paid"}
             assert await a.get_or_load("order:1", lambda: pytest.fail("L2")) == {"status": "paid"}
             daemon.apply("order:1", b'{"status":"shipped"}')
-            took = max(await until(lambda: "order:1" not in a.l1.data, 1),
-                       await until(lambda: "order:1" not in b.l1.data, 1))
-            assert took < 0.1, took
+            took = max(await until(lambda: "order:1" not in a.l1.data, 2),
+                       await until(lambda: "order:1" not in b.l1.data, 2))
+            assert took < 1.0, took  # the backplane, not a TTL; latency is bench/e2e_latency.py's job
             assert await b.get("order:1") == {"status": "shipped"}
             # tags, and the app's own messages
             await a.get_or_load("r", lambda: "r1", tags=["tenant:1"])
@@ -118,9 +118,10 @@ def test_redis_down_l1_serves_and_the_breaker_recovers(own_redis: RedisServer, k
             await asyncio.sleep(0.35)
             t0 = time.monotonic()
             assert await cache.get_or_load("k", lambda: "unused") == "v"  # fail-safe, Redis unreachable
-            for i in range(4):
+            for i in range(10):
                 assert await cache.get_or_load(f"m{i}", lambda: "loaded") == "loaded"
-            assert time.monotonic() - t0 < 0.2 * 2 + 0.2
+            # at most breaker_failures (2) timeouts of 0.2 s; without the breaker 11 calls would cost >= 2.2 s
+            assert time.monotonic() - t0 < 0.2 * 2 + 1.0
             assert cache.breaker.state in ("open", "half-open") and cache.stats.fail_safe >= 1
 
             async def broken() -> str:

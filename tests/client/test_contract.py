@@ -101,16 +101,18 @@ def test_an_l2_read_overtaken_by_the_backplane_is_not_inserted(make_cache: MakeC
     assert a.get("user:1") == {"v": 2}
 
 
-def test_a_change_drops_the_other_process_l1_within_100ms(make_cache: MakeCache, daemon: FakeDaemon) -> None:
+def test_a_change_drops_the_other_process_l1_through_the_backplane(make_cache: MakeCache, daemon: FakeDaemon) -> None:
     a, b = make_cache(), make_cache()
     loads: list[str] = []
     assert b.get_or_load("user:7", lambda: loads.append("b") or {"name": "old"}) == {"name": "old"}
     assert a.get_or_load("user:7", lambda: loads.append("a") or {"name": "?"}) == {"name": "old"}  # L2 hit
     assert "user:7" in a.l1.data and "user:7" in b.l1.data and loads == ["b"]
     daemon.apply("user:7", b'{"name":"new"}')  # what the daemon does for an update rule
-    took = max(wait_for(lambda: "user:7" not in a.l1.data, timeout=1),
-               wait_for(lambda: "user:7" not in b.l1.data, timeout=1))
-    assert took < 0.1, f"L1 copies dropped after {took * 1000:.1f} ms"
+    took = max(wait_for(lambda: "user:7" not in a.l1.data, timeout=2),
+               wait_for(lambda: "user:7" not in b.l1.data, timeout=2))
+    # the entries live 300 s: only the backplane can drop them this soon. The latency itself (a few ms) is
+    # measured by bench/e2e_latency.py; the bound here leaves room for a busy machine.
+    assert took < 1.0, f"L1 copies dropped after {took * 1000:.1f} ms"
     assert a.get_or_load("user:7", lambda: pytest.fail("L2 has it")) == {"name": "new"}
     # an application's own set/delete propagate the same way
     a.set("user:7", {"name": "set by a"})
@@ -199,11 +201,12 @@ def test_an_entry_read_from_l2_keeps_its_age(make_cache: MakeCache) -> None:
 
     def reload() -> str:
         calls.append(1)
+        time.sleep(1.0)  # a slow database: the stale value must not wait for it
         return "v2"
 
     t0 = time.monotonic()
     assert b.get_or_load("k", reload) == "v1"  # served at once...
-    assert time.monotonic() - t0 < 0.1
+    assert time.monotonic() - t0 < 0.5  # ...without waiting for the 1 s reload (slack for a busy machine)
     wait_for(lambda: b.get("k") == "v2", what="...and refreshed once in the background")
     assert calls == [1] and b.stats.refreshes == 1
 
@@ -211,10 +214,20 @@ def test_an_entry_read_from_l2_keeps_its_age(make_cache: MakeCache) -> None:
 def test_cross_process_lock_one_load_and_a_dead_holder_blocks_at_most_its_ttl(make_cache: MakeCache,
                                                                               rds: redis.Redis,
                                                                               ks: Keyspace) -> None:
-    opts = EntryOptions(jitter=0.0, distributed_lock=True, lock_ttl=0.4)
+    # lock_ttl is generous so a busy machine cannot expire A's lock while B is still starting
+    opts = EntryOptions(jitter=0.0, distributed_lock=True, lock_ttl=2.0)
     a, b = make_cache(entry=opts, subscribe=False), make_cache(entry=opts, subscribe=False)
-    started, release = threading.Event(), threading.Event()
+    started, release, b_waits = threading.Event(), threading.Event(), threading.Event()
     calls: list[str] = []
+    real_call_checked = b.link.call_checked
+
+    def spy(cmds: Any) -> list[Any]:
+        out = real_call_checked(cmds)
+        if cmds and cmds[0][0] == "SET" and "NX" in cmds[0] and not out[0]:
+            b_waits.set()  # B tried to take the lock and found A holding it: B is now waiting
+        return out
+
+    b.link.call_checked = spy  # type: ignore[method-assign]
 
     def slow(who: str) -> Callable[[], str]:
         def load() -> str:
@@ -230,7 +243,7 @@ def test_cross_process_lock_one_load_and_a_dead_holder_blocks_at_most_its_ttl(ma
     assert started.wait(5)
     tb = threading.Thread(target=lambda: out.append(b.get_or_load("shared", slow("b"))))
     tb.start()
-    time.sleep(0.1)
+    assert b_waits.wait(5)
     release.set()
     t.join(5)
     tb.join(5)
@@ -239,7 +252,8 @@ def test_cross_process_lock_one_load_and_a_dead_holder_blocks_at_most_its_ttl(ma
     rds.set(f"{ks.prefix}#cdcd:lock:orphan", "dead-process", px=300)
     t0 = time.monotonic()
     assert b.get_or_load("orphan", lambda: "loaded") == "loaded"
-    assert 0.2 < time.monotonic() - t0 < 0.4 + 0.2
+    # waited for the orphan's 0.3 s, not for its own lock_ttl (2 s); the slack is for a busy machine
+    assert 0.2 < time.monotonic() - t0 < 0.3 + 1.0
 
 
 def test_negative_entries_and_decorators(make_cache: MakeCache, rds: redis.Redis, ks: Keyspace) -> None:

@@ -45,8 +45,9 @@ def test_soft_timeout_serves_stale_and_the_slow_load_still_fills(make_cache: Mak
     cache.get_or_load("k", lambda: "old")
     time.sleep(0.25)
     t0 = time.monotonic()
-    assert cache.get_or_load("k", lambda: time.sleep(0.3) or "new") == "old"
-    assert time.monotonic() - t0 < 0.2 and cache.stats.loader_timeouts == 1
+    assert cache.get_or_load("k", lambda: time.sleep(1.5) or "new") == "old"
+    # the soft timeout (0.05 s) answered, not the 1.5 s loader; the slack is for a busy machine
+    assert time.monotonic() - t0 < 1.0 and cache.stats.loader_timeouts == 1
     wait_for(lambda: cache.get("k") == "new", what="the slow loader finished and filled")
     # without a fallback, the hard timeout raises (and the load still completes in the background)
     with pytest.raises(TimeoutError):
@@ -79,7 +80,9 @@ def test_redis_killed_l1_serves_calls_stay_bounded_breaker_closes_after_restart(
     for i in range(4):  # nothing in L1: the loader answers without L2
         assert timed(lambda i=i: cache.get_or_load(f"miss{i}", lambda: loads.append("miss") or "loaded")) == "loaded"
     assert timed(lambda: cache.get("cooling")) == "c"
-    assert max(durations) < 0.2 + 0.15, durations  # never more than one socket timeout (plus scheduling)
+    # never more than one socket timeout (0.2 s), with slack for a busy machine: redis-py's default
+    # retries (with backoff) would cost seconds
+    assert max(durations) < 0.2 + 0.8, durations
     assert loads == ["miss"] * 4 and cache.stats.fail_safe >= 2
     assert cache.breaker.state in ("open", "half-open") and cache.stats.breaker_open >= 1
     assert cache.set("w", 1) is False and cache.delete("w") is False  # writes report that Redis did not take them
@@ -109,8 +112,8 @@ def test_frozen_redis_costs_one_timeout_per_call_then_nothing(own_redis: RedisSe
         for i in range(20):
             cache.get_or_load(f"c{i}", lambda: "C")
         after = time.monotonic() - t0
-        assert first < 0.15 * 2 + 0.1, first
-        assert after < 0.1, after  # breaker open: no Redis call at all
+        assert first < 0.15 * 2 + 0.5, first  # one or two timeouts, not redis-py's retries (seconds)
+        assert after < 1.0, after  # breaker open: no Redis call at all (20 timeouts would be 3 s)
         assert cache.get_or_load("k", lambda: "unused") == "v"
         wait_for(lambda: not cache.wait_subscribed(0), timeout=2, what="the listener noticed the silence")
     finally:

@@ -11,6 +11,8 @@ import pytest
 
 from bench.l1_memory import run_child
 
+pytestmark = pytest.mark.slow  # minutes: each case fills an L1 in a fresh interpreter
+
 
 @pytest.mark.parametrize("shape", ["row", "short-str", "int-list", "orders-20", "big-list-800", "not-found"])
 def test_counted_bytes_track_rss_growth(shape: str) -> None:

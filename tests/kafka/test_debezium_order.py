@@ -66,6 +66,7 @@ def source_of(rec: Produced) -> dict[str, Any]:
 
 
 @pytest.mark.debezium
+@pytest.mark.slow
 def test_interleaved_commits_through_real_debezium_and_a_restart(
         app_db: str, sql: Any, redis_server: RedisServer, r: redis.Redis, kafka_server: KafkaServer,
         make_topic: Callable[..., str]) -> None:

@@ -20,7 +20,7 @@ from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.debezium_bridge import DebeziumBridge
 from tests.test_faults import Writer, _expected_users, _mismatches
 
-pytestmark = pytest.mark.debezium
+pytestmark = [pytest.mark.debezium, pytest.mark.slow]  # a JVM and the Debezium engine per test
 
 
 def kafka_cfg(app_db: str, redis_url: str, kafka: KafkaServer, topic_prefix: str, prefix: str) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def test_debezium_changes_through_the_daemon(app_db: str, sql: Any, redis_server
         assert f"{p}user:email:a@x" in bp.all_keys() and "tenant:8" in bp.all_tags()
         wait_until(lambda: "#table:public.orders" in bp.all_tags(), 5, what="truncate message")
         assert "dashboard:1" in bp.all_tags()
-        seqs = [m["s"] for m in bp.messages]
+        seqs = bp.seqs()
         assert seqs == list(range(1, len(seqs) + 1))
         # a malformed record on a change topic is dead-lettered, and the next change still applies
         producer = KafkaProducer(bootstrap_servers=kafka_server.bootstrap)

