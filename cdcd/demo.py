@@ -42,10 +42,16 @@ def _show_entry(r: redis.Redis, key: str) -> str:
 
 
 def _next_message(sub: Any) -> dict[str, Any] | None:
+    """The next backplane message that names keys or tags: the daemon's idle heartbeats (empty messages,
+    ``daemon.heartbeat``) are skipped, or a step would print a heartbeat instead of its own change and
+    every later step would read one message behind."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         msg = sub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-        if msg is not None and msg["type"] == "message":
+        if msg is None or msg["type"] != "message":
+            continue
+        body = json.loads(msg["data"])
+        if body.get("k") or body.get("t"):
             return dict(msg)
     return None
 
