@@ -195,7 +195,7 @@ def run_naive(data: dict[str, Any], r: redis.Redis, n: int, budget: float) -> tu
     config = load(data)
     rules = config.rules()
     ks = rules.keyspace
-    source = PostgresSource(config.source, rules)
+    source = PostgresSource(config.source, rules.source)
     source.connect()
     done = 0
     t0 = time.perf_counter()
@@ -242,7 +242,7 @@ def main() -> int:
         data_b = config_dict(dsn, rs.url, slot_b, prefix_b, max_batch=args.max_batch)
         for data in (data_a, data_b):  # publication + slot before the changes
             cfg = load(data)
-            PostgresSource(cfg.source, cfg.rules()).setup()
+            PostgresSource(cfg.source, cfg.rules().source).setup()
         fill_s = fill(dsn, args.changes, args.txn_size)
         with psycopg.connect(dsn, autocommit=True) as conn:
             target = heartbeat(conn)  # the daemon passes this only after every filled change

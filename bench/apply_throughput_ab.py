@@ -94,7 +94,7 @@ def main() -> int:
                 if args.tenant_tag:
                     data = tagged(data)
                 cfg = load(data)
-                PostgresSource(cfg.source, cfg.rules()).setup()
+                PostgresSource(cfg.source, cfg.rules().source).setup()
                 runs.append((i, data, data["keyspace"]["prefix"]))
             fill_s = at.fill(dsn, args.changes, args.txn_size)
             with psycopg.connect(dsn, autocommit=True) as conn:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table
 
 from cdcd.change import Transaction
+from cdcd.pg.pgoutput import PgOutputDecoder
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
-from cdcd.sources.pgoutput import PgOutputDecoder
 
 TYPES = [(25, "some text value {i}"), (1700, "{i}.25"), (1184, "2024-01-02 03:04:05.{i:06d}+00"),
          (3802, '{{"k": {i}, "v": [1, 2]}}')]

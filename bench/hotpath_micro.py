@@ -34,8 +34,8 @@ from _common import config_dict, heartbeat, load, machine, make_db, servers, tab
 
 from cdcd.backplane import Sequencer
 from cdcd.change import Transaction
+from cdcd.pg.pgoutput import PgOutputDecoder
 from cdcd.sinks.redis import RedisSink
-from cdcd.sources.pgoutput import PgOutputDecoder
 
 
 def capture(dsn: str, slot: str) -> list[tuple[bytes, int]]:
@@ -72,7 +72,7 @@ def main() -> int:
         slot = unique("m")
         data = config_dict(dsn, rs.url, slot, unique("p") + ":")
         cfg = load(data)
-        PostgresSource(cfg.source, cfg.rules()).setup()
+        PostgresSource(cfg.source, cfg.rules().source).setup()
         fill(dsn, args.changes, 10)
         with psycopg.connect(dsn, autocommit=True) as conn:
             heartbeat(conn)

@@ -1,4 +1,4 @@
-"""``cdcd`` command line: run, check, explain, demo.
+"""``cdcd`` command line: run, check, explain, status, warm, inspect, demo.
 
 Exit codes: 0 success, 1 runtime failure, 2 configuration error (fix the file,
 restarting will not help; a supervisor should not crash-loop on it).
@@ -60,8 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cdcd.config import PostgresSourceSettings
     from cdcd.sources.base import SourceError, SourceUnavailable
+    from cdcd.sources.settings import PostgresSourceSettings
 
     config = _load(args.config)
     if config is None:
@@ -73,7 +73,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     from cdcd.sources.postgres import PostgresSource
 
-    source = PostgresSource(config.source, rules)
+    source = PostgresSource(config.source, rules.source)
     try:
         with source.sql() as conn:
             warnings = source.check_schema(conn)
@@ -172,6 +172,28 @@ def cmd_warm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import psycopg
+    import redis
+
+    from cdcd.inspect import EXIT_STALE, InspectError, run_inspect
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        report = run_inspect(config, None if args.all else args.sample, args.all, args.rate, args.threshold,
+                             args.settle_timeout, sys.stdout, json_output=args.json, heartbeat=not args.no_heartbeat,
+                             clock_margin=args.clock_margin)
+    except InspectError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    except (psycopg.Error, redis.RedisError) as exc:
+        _err(f"inspect failed: {str(exc).strip()}")
+        return EXIT_STALE
+    return report.exit_code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cdcd.demo import run_demo
 
@@ -215,14 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
     warm.set_defaults(fn=cmd_warm)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")
-    demo.add_argument("--config", help="rules file (default config/cdcd.example.yaml)")
-    demo.add_argument("--schema", help="SQL for the example schema (default config/example-schema.sql)")
+    demo.add_argument("--config", help="rules file (default ./config/cdcd.example.yaml, else the packaged example)")
+    demo.add_argument("--schema", help="schema SQL (default ./config/example-schema.sql, else the packaged one)")
     demo.add_argument("--keep-running", action="store_true", help="keep the daemon and servers up until Ctrl-C")
     demo.set_defaults(fn=cmd_demo)
 
-    from cdcd.inspect import add_parser as add_inspect  # import-light: psycopg/redis load only when it runs
-
-    add_inspect(sub)
+    inspect = sub.add_parser(
+        "inspect", help="check that cached entries agree with the database (read-only, rate-limited)",
+        description="Exit codes: 0 consistent, 1 stale ratio above --threshold (or a failure), 2 configuration "
+                    "error, 3 inconclusive (candidates did not settle within --settle-timeout).")
+    inspect.add_argument("--config", "-c", required=True)
+    inspect.add_argument("--sample", type=int, default=1000, help="rows sampled per table (default 1000)")
+    inspect.add_argument("--all", action="store_true", help="check every row (paged) and scan the whole keyspace")
+    inspect.add_argument("--rate", type=float, default=2000.0,
+                         help="rows (and scanned keys) per second at most (0 = unlimited)")
+    inspect.add_argument("--threshold", type=float, default=0.0, help="stale/checked ratio tolerated (default 0)")
+    inspect.add_argument("--settle-timeout", type=float, default=10.0,
+                         help="seconds to wait for the daemon to pass a candidate's position before re-checking")
+    inspect.add_argument("--no-heartbeat", action="store_true",
+                         help="never emit the empty cdcd message that moves an idle daemon's version forward")
+    inspect.add_argument("--clock-margin", type=float, default=0.05,
+                         help="seconds of clock uncertainty tolerated when dating application values")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(fn=cmd_inspect)
     return p
 
 

@@ -17,53 +17,12 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
-from cdcd.sources.kafka import KafkaSourceSettings  # the settings model only: no kafka-python import
+from cdcd.secret import ConfigError as ConfigError  # re-exported: the error every loader raises
+from cdcd.secret import read_secret
+from cdcd.sources.settings import KafkaSourceSettings
+from cdcd.sources.settings import PostgresSourceSettings as PostgresSourceSettings  # re-exported
 
 ENV_PREFIX = "CDCD_"
-
-
-class ConfigError(Exception):
-    """A configuration problem an operator must fix; the message says where and what."""
-
-
-class PostgresSourceSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["postgres"] = "postgres"
-    dsn: str = Field(description="libpq connection string or URL of the database whose changes are cached")
-    slot: str = Field(default="cdcd", pattern=r"^[a-z0-9_]{1,63}$")
-    publication: str = Field(default="cdcd", pattern=r"^[A-Za-z0-9_]{1,63}$")
-    create_slot: bool = Field(default=True, description="create the slot when missing (else refuse to start)")
-    create_publication: bool = Field(default=True, description="create/extend the publication for the rules' tables")
-    status_interval: float = Field(default=1.0, gt=0, description="seconds between standby status updates")
-    max_batch: int = Field(default=5000, ge=1, description="changes per Redis pipeline at most")
-    watermark_interval: float = Field(
-        default=1.0, ge=0, description="while idle, seconds between keepalive requests that move the applied "
-                                        "watermark (read-your-writes) to the server's WAL end; 0 = off")
-    max_transaction_changes: int = Field(
-        default=20_000, ge=1, description="row changes buffered per transaction; past it the transaction degrades "
-                                          "to one table-wide invalidation per table it touched")
-    max_transaction_bytes: int = Field(
-        default=8 * 1024 * 1024, ge=1, description="pgoutput row bytes buffered per transaction; past it the "
-                                                   "transaction degrades like max_transaction_changes")
-    password: SecretStr | None = Field(default=None, description="overrides a password in the DSN; never logged")
-    password_file: Path | None = Field(default=None, description="file holding the password (Docker/K8s secret)")
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
-    sslrootcert: str | None = Field(default=None, description="CA file for sslmode verify-ca / verify-full")
-
-    def conninfo(self) -> str:
-        """The DSN with password and TLS options merged in (libpq keywords; URLs are accepted too)."""
-        from psycopg.conninfo import make_conninfo
-
-        extra: dict[str, str] = {}
-        secret = _secret(self.password, self.password_file)
-        if secret is not None:
-            extra["password"] = secret
-        if self.sslmode:
-            extra["sslmode"] = self.sslmode
-        if self.sslrootcert:
-            extra["sslrootcert"] = self.sslrootcert
-        return make_conninfo(self.dsn, **extra) if extra else self.dsn
 
 
 class RedisSettings(BaseModel):
@@ -89,24 +48,13 @@ class RedisSettings(BaseModel):
         kw: dict[str, Any] = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
         if self.username:
             kw["username"] = self.username
-        secret = _secret(self.password, self.password_file)
+        secret = read_secret(self.password, self.password_file)
         if secret is not None:
             kw["password"] = secret
         for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
             if getattr(self, name):
                 kw[name] = getattr(self, name)
         return kw
-
-
-def _secret(value: SecretStr | None, path: Path | None) -> str | None:
-    if value is not None:
-        return value.get_secret_value()
-    if path is not None:
-        try:
-            return path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
-    return None
 
 
 def _bytes(v: Any) -> Any:

@@ -78,7 +78,7 @@ class Daemon:
         self.source: Source = source or self._make_source()
         # Postgres binds rules to OIDs in its own guard; other sources get the record field-list check.
         self.schema_guard: SchemaGuard = (self.source.schema_guard if isinstance(self.source, GuardsSchema)
-                                          else SchemaGuard(self.rules, check_rows=True))
+                                          else SchemaGuard(self.rules.source, check_rows=True))
         self.sequencer = Sequencer("cdcd")
         self.redis = config.redis.client()
         self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
@@ -114,7 +114,7 @@ class Daemon:
             return KafkaSource(self.config.source)
         from cdcd.sources.postgres import PostgresSource
 
-        return PostgresSource(self.config.source, self.rules)
+        return PostgresSource(self.config.source, self.rules.source, reads=self.rules.reads)
 
     def _make_dead_letters(self) -> DeadLetters:
         from cdcd.sources.kafka import KafkaSourceSettings

@@ -16,16 +16,17 @@ from typing import Any
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+# The example rules and schema ship inside the package (``config/`` in a checkout links to them), so the
+# demo runs from an installed wheel, not only from the repository.
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
 def _find(path: Path | None, default: str) -> Path:
+    """An explicit path; else ``config/<default>`` in the working directory; else the packaged example."""
     if path is not None:
         return path
-    for base in (Path.cwd(), ROOT):
-        if (base / default).exists():
-            return base / default
-    raise FileNotFoundError(f"{default} not found (run from the repository, or pass it explicitly)")
+    local = Path.cwd() / "config" / default
+    return local if local.exists() else EXAMPLES / default
 
 
 def _show_entry(r: redis.Redis, key: str) -> str:
@@ -41,29 +42,32 @@ def _show_entry(r: redis.Redis, key: str) -> str:
 
 
 def _next_message(sub: Any) -> dict[str, Any] | None:
-    """The next backplane message naming keys or tags (heartbeats and idle watermark announcements carry
-    neither)."""
+    """The next backplane message that names keys or tags: the daemon's idle heartbeats (empty messages,
+    ``daemon.heartbeat``) are skipped, or a step would print a heartbeat instead of its own change and
+    every later step would read one message behind."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         msg = sub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-        if msg is not None and msg["type"] == "message":
-            body = json.loads(msg["data"])
-            if body.get("k") or body.get("t"):
-                return dict(msg)
+        if msg is None or msg["type"] != "message":
+            continue
+        body = json.loads(msg["data"])
+        if body.get("k") or body.get("t"):
+            return dict(msg)
     return None
 
 
 def run_demo(config_path: Path | None, schema_path: Path | None, keep_running: bool = False) -> int:
     import psycopg
 
-    from cdcd.config import PostgresSourceSettings, load_config
+    from cdcd.config import load_config
     from cdcd.daemon import Daemon
     from cdcd.devservers import PostgresServer, RedisServer
     from cdcd.fillguard import FillGuard
     from cdcd.logs import configure
+    from cdcd.sources.settings import PostgresSourceSettings
 
-    cfg_file = _find(config_path, "config/cdcd.example.yaml")
-    schema_file = _find(schema_path, "config/example-schema.sql")
+    cfg_file = _find(config_path, "cdcd.example.yaml")
+    schema_file = _find(schema_path, "example-schema.sql")
     configure("console", "warning")
     print("== starting throwaway Postgres (wal_level=logical) and Redis on free ports")
     pg, rs = PostgresServer(), RedisServer()

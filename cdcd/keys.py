@@ -157,6 +157,21 @@ class Template:
             self._regex.append(re.compile("^" + "".join(parts) + "$", re.DOTALL))
         return self._regex[0]
 
+    @staticmethod
+    def loose_regex(text: str) -> re.Pattern[str]:
+        """The template ``text`` (parsed as the daemon parses it), each placeholder matching any non-empty text.
+
+        Looser than :meth:`regex` on purpose (the client's registry uses it to find the tables a name
+        derives from): a key an application formatted by hand (unescaped) still records the table tag,
+        so the cost of a doubtful match is one more invalidation. Text that is not a template cdcd
+        accepts is assumed to produce anything.
+        """
+        try:
+            lits = Template.parse(text).literals
+        except ValueError:
+            return re.compile(".+", re.DOTALL)
+        return re.compile("^" + "(.+)".join(re.escape(lit) for lit in lits) + "$", re.DOTALL)
+
     def match(self, key: str) -> dict[str, str] | None:
         """Reverse lookup: the column texts (unescaped) that render ``key``, or None.
 

@@ -299,12 +299,6 @@ class Keyspace:
         return self.system("dlq")
 
 
-def encode_version(version: int) -> str:
-    if version < 0:
-        raise ValueError(f"versions are non-negative, got {version}")
-    return str(version)
-
-
 def run_script(client: object, script: Script, keys: list[str], args: list[object]) -> object:
     """EVALSHA, loading the script on NOSCRIPT (after a Redis restart or failover)."""
     from redis.exceptions import NoScriptError

@@ -38,11 +38,12 @@ from psycopg.types.string import TextLoader
 
 from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
-from cdcd.pg import catalog, session
+from cdcd.pg import catalog, replication, session
+from cdcd.pg.lsn import lsn_to_str
+from cdcd.pg.pgtypes import convert
+from cdcd.ratelimit import TokenBucket
 from cdcd.rules import CompiledRule, TableRule, encode_projection
 from cdcd.sinks.epochs import TableEpochs
-from cdcd.sources.pgoutput import str_to_lsn
-from cdcd.sources.pgtypes import convert
 
 log = structlog.get_logger("cdcd.warm")
 
@@ -67,23 +68,6 @@ class WarmReport:
     @property
     def rows(self) -> int:
         return sum(t.rows for t in self.tables)
-
-
-class RateLimiter:
-    """Token bucket on rows per second (0 = unlimited), so warm-up never saturates the database."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.done = 0
-
-    def take(self, n: int) -> None:
-        self.done += n
-        if self.rate <= 0:
-            return
-        ahead = self.done / self.rate - (time.monotonic() - self.start)
-        if ahead > 0:
-            time.sleep(ahead)
 
 
 class Progress:
@@ -164,20 +148,14 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
     conninfo = postgres_source(config, "cdcd warm").conninfo()
     repl = psycopg2.connect(conninfo, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     try:
-        rcur = repl.cursor()
-        slot = f"cdcd_warm_{uuid.uuid4().hex[:12]}"
-        rcur.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
-        created = rcur.fetchone()
-        if created is None:
-            raise RuntimeError("CREATE_REPLICATION_SLOT returned no row")
-        _, consistent_point, snapshot_name, _ = created
-        version = str_to_lsn(consistent_point) - 1
+        point, snapshot_name = replication.create_temporary_slot(repl.cursor(), f"cdcd_warm_{uuid.uuid4().hex[:12]}")
+        version = point - 1
         report.version = version
-        log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=consistent_point, version=version,
+        log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=lsn_to_str(point), version=version,
                  tables=[r.relation for r in wanted])
         if on_snapshot is not None:
             on_snapshot(version)
-        limiter = RateLimiter(rate)
+        limiter = TokenBucket(rate)  # rows per second; 0 = unlimited
         # Same session settings as the replication stream: values must print (a timestamptz in UTC, ...)
         # exactly as the daemon receives them, or warm would write other keys and bytes.
         with psycopg.connect(session.conninfo(conninfo)) as conn:
@@ -211,7 +189,7 @@ def _tables(conn: psycopg.Connection[Any], source: Mapping[str, TableRule],
 
 
 def _warm_table(conn: psycopg.Connection[Any], client: Any, rule: CompiledRule, info: catalog.TableInfo,
-                version: int, snap: str, limiter: RateLimiter, page: int, progress_stream: Any,
+                version: int, snap: str, limiter: TokenBucket, page: int, progress_stream: Any,
                 entry: Callable[[str], str]) -> TableReport:
     t0 = time.monotonic()
     rep = TableReport(rule.relation)

@@ -115,7 +115,7 @@ def test_rolled_back_big_transaction_changes_nothing(cfg: dict[str, Any], r: red
 def test_transaction_buffer_is_bounded(cfg: dict[str, Any], sql: Any, app_db: str) -> None:
     """The decoder never holds more than the cap, whatever the transaction size (counted, not RSS)."""
     config = make_config({**cfg, "source": {**cfg["source"], "max_transaction_changes": 100}})
-    src = PostgresSource(config.source, config.rules())  # type: ignore[arg-type]
+    src = PostgresSource(config.source, config.rules().source)  # type: ignore[arg-type]
     src.connect()
     try:
         peak = 0

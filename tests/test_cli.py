@@ -111,6 +111,23 @@ def test_demo_runs_end_to_end() -> None:
     assert "valid now? no" in out
 
 
+def test_demo_finds_its_packaged_example_outside_a_checkout(tmp_path: Path, monkeypatch: Any) -> None:
+    """An installed wheel has no ``config/``: the demo's rules and schema ship inside the package."""
+    from cdcd.config import load_config
+    from cdcd.demo import EXAMPLES, _find
+
+    monkeypatch.chdir(tmp_path)
+    rules, schema = _find(None, "cdcd.example.yaml"), _find(None, "example-schema.sql")
+    assert rules == EXAMPLES / "cdcd.example.yaml" and schema == EXAMPLES / "example-schema.sql"
+    assert "CREATE TABLE IF NOT EXISTS users" in schema.read_text()
+    assert set(load_config(rules).tables) == {"users", "orders"}
+    # config/ in the checkout is the same file, not a copy that could drift
+    assert (ROOT / "config" / "cdcd.example.yaml").resolve() == rules.resolve()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "cdcd.example.yaml").write_text("x")
+    assert _find(None, "cdcd.example.yaml") == tmp_path / "config" / "cdcd.example.yaml"  # cwd first, as before
+
+
 def test_explain_offline_keeps_numbers_as_written() -> None:
     """Without a database, a number renders with the digits it was written with (12.50, not 12.5)."""
     res = cdcd("explain", str(EXAMPLE_RULES), "--offline", "--table", "orders",

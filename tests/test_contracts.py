@@ -23,7 +23,7 @@ from tests.helpers import DaemonThread, entry, make_config, unique, wait_until
 def _pg(cfg: dict[str, Any], **over: Any) -> PostgresSource:
     config = make_config(cfg)
     assert isinstance(config.source, PostgresSourceSettings)
-    return PostgresSource(config.source.model_copy(update=over), config.rules())
+    return PostgresSource(config.source.model_copy(update=over), config.rules().source)
 
 
 def test_sources_declare_their_capabilities(cfg: dict[str, Any]) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from cdcd.change import UNAVAILABLE, Reads, Transaction
+from cdcd.pg.pgoutput import DecodeError, PgOutputDecoder
 from cdcd.rules import Batch, Defaults, KeyspaceSettings, Rules, TableRule
-from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder
 
 INT8, INT4, TEXT, NUMERIC, TSTZ, JSONB, BOOL = 20, 23, 25, 1700, 1184, 3802, 16
 

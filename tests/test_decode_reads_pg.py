@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 
 from cdcd.change import Transaction
+from cdcd.pg.pgoutput import PgOutputDecoder
 from cdcd.rules import Batch, Defaults, KeyspaceSettings, Rules, TableRule
-from cdcd.sources.pgoutput import PgOutputDecoder
 from tests.helpers import unique
 
 SCHEMA = """

@@ -14,9 +14,9 @@ import redis
 from cdcd.backplane import Sequencer
 from cdcd.change import UNAVAILABLE, Change, Op, Transaction
 from cdcd.keyspace import SCRIPTS, Script
+from cdcd.pg.pgoutput import DecodeError, PgOutputDecoder
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule, Template, _json_default, encode_projection
 from cdcd.sinks.redis import RedisSink
-from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder
 from tests.helpers import unique
 
 

@@ -18,7 +18,7 @@ def test_replayed_and_shuffled_transactions_change_nothing(cfg: dict[str, Any], 
     config = make_config(cfg)
     rules = config.rules()
     p = rules.keyspace.prefix
-    source = PostgresSource(config.source, rules)
+    source = PostgresSource(config.source, rules.source)
     source.connect()
     try:
         for i in range(1, 21):

@@ -156,7 +156,7 @@ def test_lost_invalidation_of_a_daemon_value_is_stale_and_exits_1(icfg: dict[str
         # the command line says the same, with exit code 1 and the key named
         cfg_file = tmp_path / "cdcd.yaml"
         cfg_file.write_text(yaml.safe_dump(icfg))
-        res = subprocess.run([sys.executable, "-m", "cdcd.inspect", "--config", str(cfg_file), "--json"],
+        res = subprocess.run([sys.executable, "-m", "cdcd.cli", "inspect", "--config", str(cfg_file), "--json"],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert res.returncode == 1, res.stderr
         out = json.loads(res.stdout)

@@ -21,8 +21,8 @@ from cdcd.client import Cache, CacheOptions
 from cdcd.inspect import EXIT_OK, EXIT_STALE, run_inspect
 from cdcd.keys import Template, check_name, escape, render, unescape
 from cdcd.keyspace import Keyspace
+from cdcd.pg.pgoutput import parse_invalidation
 from cdcd.rules import KeyspaceSettings
-from cdcd.sources.pgoutput import parse_invalidation
 from cdcd.warm import warm
 from tests.helpers import DaemonThread, entry, make_config, unique, wait_until
 

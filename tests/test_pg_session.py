@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 from cdcd.inspect import InspectError, Inspector
 from cdcd.pg import session
 from cdcd.warm import warm
-from tests.helpers import ROOT, DaemonThread, make_config, wait_until
+from tests.helpers import ROOT, DaemonThread, config_dict, make_config, unique, wait_until
 
 _TABLE = """
 CREATE TABLE ev (
@@ -112,3 +112,42 @@ def test_session_options_merge_with_the_users_own() -> None:
     opts = conninfo_to_dict(dsn)["options"]
     assert opts.startswith("-c search_path=app ") and "-c TimeZone=UTC" in opts
     assert opts.endswith("-c default_transaction_read_only=on")
+
+
+def test_daemon_warm_and_inspect_agree_on_a_server_whose_time_zone_is_not_utc(redis_server: Any,
+                                                                              r: redis.Redis) -> None:
+    """The server's own ``timezone`` (postgresql.conf, not a database default) is not UTC: warm writes the
+    daemon's keys and bytes, and inspect, reading rows on the same session, finds every entry fresh."""
+    import psycopg
+
+    from cdcd.devservers import PostgresServer
+    from cdcd.inspect import EXIT_OK, run_inspect
+
+    server = PostgresServer(extra_conf={"timezone": "Pacific/Chatham"})  # UTC+12:45 or +13:45
+    server.start()
+    try:
+        dsn = server.create_database("app")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SHOW timezone").fetchone() == ("Pacific/Chatham",)
+            conn.execute(_TABLE)
+        cfg = config_dict(dsn, redis_server.url, unique("s"), unique("p") + ":")
+        cfg["tables"] = {"ev": {"keys": ["ev:{id}", "ev:at:{at}"], "action": "update"}}
+        config = make_config(cfg)
+        p = cfg["keyspace"]["prefix"]
+        d = DaemonThread(config).start()
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(_ROWS)
+            wait_until(lambda: len(_values(r, p)) == 6, what="daemon wrote 3 rows x 2 keys")
+            by_daemon = _values(r, p)
+            assert f"{p}ev:at:2026-03-01T23%3A30%3A00+00%3A00".encode() in by_daemon  # rendered in UTC
+            report = run_inspect(config, None, True, 0, 0.0, 10.0, None)
+            assert report.exit_code == EXIT_OK and report.stale == [] and report.fresh == 6
+        finally:
+            d.stop()
+        r.delete(*by_daemon)
+        assert warm(config, rate=0).tables[0].written == 6
+        by_warm = _values(r, p)
+        assert by_warm == by_daemon  # same keys, byte-identical values
+    finally:
+        server.destroy()

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from cdcd.change import UNAVAILABLE, Op, Rejected, Transaction
-from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder, lsn_to_str, parse_invalidation, str_to_lsn
+from cdcd.pg.pgoutput import DecodeError, PgOutputDecoder, lsn_to_str, parse_invalidation, str_to_lsn
 
 
 def s(text: str) -> bytes:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from cdcd.change import Change, Op, Transaction
 from cdcd.config import parse_config
+from cdcd.pg.pgoutput import Column, Relation
 from cdcd.rules import Rules
-from cdcd.sources.pgoutput import Column, Relation
 from cdcd.sources.schemaguard import PgSchemaGuard, SchemaGuard
 
 BASE = """
@@ -47,7 +47,7 @@ def txn(version: int, *changes: Change) -> Transaction:
 
 
 def test_lost_column_breaks_the_rule_and_rewrites_later_changes() -> None:
-    g = PgSchemaGuard(rules())
+    g = PgSchemaGuard(rules().source)
     g.bind("public.acct", 10)
     g.bind("public.users", 11)
     g.on_relation(rel(10, "acct", ["id", "email", "name"]))
@@ -64,12 +64,12 @@ def test_lost_column_breaks_the_rule_and_rewrites_later_changes() -> None:
     assert [b.kind for b in g.take_events()] == ["column_lost"] and g.take_events() == []
     assert not g.pending()
     # the planner turns the SCHEMA change into a table tag bump, and never a value for that table
-    batch = g.rules.plan(g.filter([txn(6, Change(Op.INSERT, "public", "acct", None, {"id": 9, "name": "z"}))]))
+    batch = rules().plan(g.filter([txn(6, Change(Op.INSERT, "public", "acct", None, {"id": 9, "name": "z"}))]))
     assert batch.tags == {"#table:public.acct"} and not batch.writes
 
 
 def test_replayed_old_shape_is_tag_bumps_but_no_break() -> None:
-    g = PgSchemaGuard(rules())
+    g = PgSchemaGuard(rules().source)
     g.bind("public.acct", 10)
     g.on_relation(rel(10, "acct", ["id", "email"]))  # WAL from before `name` was added (and used by the rule)
     g.check_catalog(FakeCatalog([(10, "public", "acct", ["id", "email", "name"])]))
@@ -84,7 +84,7 @@ def test_replayed_old_shape_is_tag_bumps_but_no_break() -> None:
 
 
 def test_break_without_changes_is_announced_in_a_transaction_of_its_own() -> None:
-    g = PgSchemaGuard(rules())
+    g = PgSchemaGuard(rules().source)
     g.bind("public.acct", 10)
     g.mark("public.acct", "dropped", "table public.acct was dropped", "remove it")
     assert g.pending()
@@ -94,7 +94,7 @@ def test_break_without_changes_is_announced_in_a_transaction_of_its_own() -> Non
 
 
 def test_a_rules_name_under_an_unknown_oid_asks_the_catalog() -> None:
-    g = PgSchemaGuard(rules())
+    g = PgSchemaGuard(rules().source)
     g.bind("public.acct", 10)
     g._recheck = False
     g.on_relation(rel(99, "acct", ["id", "email", "name"]))  # dropped and recreated, or renamed away
@@ -105,7 +105,7 @@ def test_a_rules_name_under_an_unknown_oid_asks_the_catalog() -> None:
 
 
 def test_identity_default_does_not_hide_a_lost_column_behind_wrong_advice() -> None:
-    g = PgSchemaGuard(rules())
+    g = PgSchemaGuard(rules().source)
     g.bind("public.acct", 10)
     g.on_relation(rel(10, "acct", ["id", "name"], ident="d"))
     g.check_catalog(FakeCatalog([(10, "public", "acct", ["id", "name"])]))
@@ -113,7 +113,7 @@ def test_identity_default_does_not_hide_a_lost_column_behind_wrong_advice() -> N
 
 
 def test_kafka_rows_without_a_needed_field_break_only_their_rule() -> None:
-    g = SchemaGuard(rules(), check_rows=True)
+    g = SchemaGuard(rules().source, check_rows=True)
     ok = Change(Op.INSERT, "public", "acct", None, {"id": 1, "email": "a", "name": "n"})
     assert g.filter([txn(1, ok)])[0].changes == [ok] and not g.broken
     out = g.filter([txn(2, Change(Op.UPDATE, "public", "acct", None, {"id": 1, "name": "n"}),
@@ -125,13 +125,13 @@ def test_kafka_rows_without_a_needed_field_break_only_their_rule() -> None:
 def test_a_degraded_transaction_touching_a_broken_table_still_bumps_its_tag() -> None:
     """A transaction past the row cap keeps only per-table counts; a renamed (broken) table in it must still
     bump the rule's table tag, never be dropped as unmapped."""
-    g = PgSchemaGuard(rules())
+    g = PgSchemaGuard(rules().source)
     g.bind("public.acct", 10)
     g.on_relation(rel(10, "acct_r", ["id", "name", "email"]))
     g.check_catalog(FakeCatalog([(10, "public", "acct_r", ["id", "name", "email"]), (11, "public", "users", ["id"])]))
     assert set(g.broken) == {"public.acct"}
     g.filter([])
     big = Transaction(version=7, changes=[], position=None, touched={("public", "acct_r"): 50_000})
-    batch = g.rules.plan(g.filter([big]))
+    batch = rules().plan(g.filter([big]))
     assert "#table:public.acct" in batch.tags and not batch.writes
     assert not [p for p in batch.problems if p.kind == "unmapped_table"]

@@ -80,7 +80,7 @@ def test_daemon_over_tls_to_postgres_and_redis(certs: dict[str, Path], tmp_path:
 
         with pytest.raises(SourceUnavailable, match=r"certificate verify failed|SSL error"):
             c = make_config(wrong)
-            PostgresSource(c.source, c.rules()).sql()
+            PostgresSource(c.source, c.rules().source).sql()
     finally:
         rs.stop()
         pg.destroy()

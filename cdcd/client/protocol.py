@@ -48,19 +48,6 @@ MISSING: Any = object()  # internal: "no value" where None is a value
 # ------------------------------------------------------------------------------------------ registry
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    """The daemon's template (parsed as it parses it), each placeholder matching any non-empty text.
-
-    Looser than :meth:`Template.regex` on purpose: a key an application formatted by hand (unescaped)
-    still records the table tag, so the cost of a doubtful match is one more invalidation.
-    """
-    try:
-        lits = Template.parse(template).literals
-    except ValueError:
-        return re.compile(".+", re.DOTALL)  # not a template cdcd accepts: assume it can produce anything
-    return re.compile("^" + "(.+)".join(re.escape(lit) for lit in lits) + "$", re.DOTALL)
-
-
 class Registry:
     """The daemon's rules (``<prefix>#cdcd:rules``): which table a key or tag name derives from.
 
@@ -83,7 +70,7 @@ class Registry:
             for rel, spec in doc.get("tables", {}).items():
                 tag = Keyspace.table_tag(rel)
                 for t in (*spec.get("keys", []), *spec.get("tags", [])):
-                    patterns.append((_template_regex(t), tag))
+                    patterns.append((Template.loose_regex(t), tag))
         self.patterns = patterns
         self._memo = {}
 
@@ -209,10 +196,6 @@ def fill_result(reply: Any) -> str | None:
 
 def snapshot_json(snap: Mapping[str, str]) -> str:
     return json.dumps(dict(snap), separators=(",", ":"), sort_keys=True) if snap else ""
-
-
-def parse_read(key: str, raw: Any) -> Entry:
-    return FillGuard.parse(key, list(raw))
 
 
 # ------------------------------------------------------------------------------------------ lifetimes

@@ -15,11 +15,12 @@ Queries take a psycopg 3 connection and only read ``pg_catalog``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from cdcd.rules import TableRule, Template
+
+if TYPE_CHECKING:  # annotations only: the Kafka source imports the schema guard without psycopg
+    import psycopg
 
 IDENTITY_NAMES = {"d": "DEFAULT", "f": "FULL", "n": "NOTHING", "i": "USING INDEX"}
 
@@ -114,6 +115,16 @@ def identity_columns(conn: psycopg.Connection[Any], table: TableInfo) -> set[str
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
         "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s AND "
         "(i.indisreplident OR (i.indisprimary AND %s = 'd'))", (table.oid, table.replident))}
+
+
+def live_columns(conn: psycopg.Connection[Any], oids: list[int]) -> dict[int, tuple[str, str, set[str]]]:
+    """OID -> (schema, table, live column names) for the relations that still exist (the schema guard's check)."""
+    rows = conn.execute(
+        "SELECT c.oid, n.nspname, c.relname, "
+        "array(SELECT attname::text FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 "
+        "AND NOT attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = ANY(%s)", (oids,)).fetchall()
+    return {int(r[0]): (str(r[1]), str(r[2]), set(r[3])) for r in rows}
 
 
 def rule_errors(relation: str, rule: TableRule, table: TableInfo) -> list[str]:

@@ -6,7 +6,7 @@ text depends on session settings: a ``timestamptz`` prints in the session's
 ``bytea_output``, intervals ``IntervalStyle``. The replication stream (the
 daemon), ``cdcd warm`` and ``cdcd inspect`` must therefore read with the same
 settings, or the same row renders two different keys (a non-UTC server once made
-warm write keys the daemon never touched). ``cdcd.sources.pgtypes`` parses
+warm write keys the daemon never touched). ``cdcd.pg.pgtypes`` parses
 exactly these formats.
 
 The settings are sent as libpq ``options`` at connection time (they are in force

@@ -6,7 +6,7 @@ envelope itself:
 
 * **The same Python values as the pgoutput source.** A row must render the same
   cache key whichever source delivered it, so every column is decoded to the
-  type :mod:`cdcd.sources.pgtypes` produces: int2/4/8 -> ``int``, numeric ->
+  type :mod:`cdcd.pg.pgtypes` produces: int2/4/8 -> ``int``, numeric ->
   ``Decimal`` with the column's scale (``12.50`` stays ``12.50``), float ->
   ``float``, uuid -> lower-case ``str``, timestamp -> naive ``datetime``,
   timestamptz -> aware ``datetime`` in UTC, date -> ``date``, time -> its
@@ -47,7 +47,7 @@ from decimal import Context, Decimal, InvalidOperation
 from typing import Any, Literal
 
 from cdcd.change import UNAVAILABLE, Change, Op, Rejected, Row, Transaction
-from cdcd.sources.pgoutput import MESSAGE_PREFIX, parse_invalidation
+from cdcd.pg.pgoutput import MESSAGE_PREFIX, parse_invalidation
 
 PLACEHOLDER = "__debezium_unavailable_value"
 """Debezium's default ``unavailable.value.placeholder`` (unchanged TOASTed column)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import select
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -26,38 +26,34 @@ import psycopg2.extensions
 import psycopg2.extras
 import structlog
 
-from cdcd.change import Rejected, Transaction
-from cdcd.config import PostgresSourceSettings
-from cdcd.pg import catalog, session
-from cdcd.rules import Rules
+from cdcd.change import Reads, Rejected, Transaction
+from cdcd.pg import replication, schema, session
+from cdcd.pg.lsn import lsn_to_str
+from cdcd.pg.pgoutput import DecodeError, PgOutputDecoder
+from cdcd.rules import TableRule
 from cdcd.sources.base import SourceError, SourceUnavailable
-from cdcd.sources.pgoutput import DecodeError, PgOutputDecoder, lsn_to_str
-from cdcd.sources.schemaguard import PgSchemaGuard, needed_columns
+from cdcd.sources.schemaguard import PgSchemaGuard
+from cdcd.sources.settings import PostgresSourceSettings
 
 log = structlog.get_logger("cdcd.source.postgres")
 
 _FORCE_FEEDBACK_EVERY = 0.05  # seconds: acks are forced out at most this often
 
 
-def _split(relation: str) -> tuple[str, str]:
-    schema, _, table = relation.partition(".")
-    return schema, table
-
-
-def _quote_rel(relation: str) -> str:
-    schema, table = _split(relation)
-    return f'"{schema}"."{table}"'
-
-
 class PostgresSource:
-    def __init__(self, settings: PostgresSourceSettings, rules: Rules) -> None:
+    def __init__(self, settings: PostgresSourceSettings, tables: Mapping[str, TableRule],
+                 reads: Callable[[str, str], Reads] | None = None) -> None:
+        """``tables``: the rules' table rules by ``schema.table`` (what the source publishes and guards).
+        ``reads``: which columns the planner reads per table (``Rules.reads``), so the decoder skips the
+        rest; None decodes every column."""
         self.settings = settings
-        self.rules = rules
+        self.tables = tables
+        self.reads = reads
         self.name = f"pg:{settings.slot}"
         self._conn: Any = None
         self._cur: Any = None
         self._decoder = PgOutputDecoder(self.name, settings.max_transaction_changes, settings.max_transaction_bytes)
-        self.schema_guard = PgSchemaGuard(rules)
+        self.schema_guard = PgSchemaGuard(tables)
         self._catalog: psycopg.Connection[Any] | None = None  # the guard's catalog checks
         self._acked = 0
         self._received = 0
@@ -77,100 +73,23 @@ class PostgresSource:
             raise SourceUnavailable(f"cannot connect to Postgres: {str(exc).strip()}") from exc
 
     def check_schema(self, conn: psycopg.Connection[Any]) -> list[str]:
-        """Validate the rules against the live schema and bind each table to its OID. Errors raise; returns warnings.
-
-        The same checks as the schema guard's at run time: at startup a mismatch is a configuration error
-        (fix the rules, nothing is served yet); on a reconnect, rules the guard already marked broken are
-        skipped (they stay broken, tag-bump only) so one broken table never stops the others.
-        """
-        errors: list[str] = []
-        warnings: list[str] = []
-        guard = self.schema_guard
-        for rel, rule in self.rules.source.items():
-            if rel in guard.broken:
-                continue
-            table = catalog.table_by_name(conn, rel)
-            if table is None:
-                if rel in guard.bound:  # a reconnect: renamed or dropped while we were away; the OID tells which
-                    guard.request_check()
-                    continue
-                errors.append(f"tables.{rel}: table {rel} does not exist")
-                continue
-            reconnect = rel in guard.bound
-            guard.bind(rel, table.oid)
-            if rel in guard.broken:
-                continue
-            cols = {c.name for c in table.columns}
-            if reconnect and needed_columns(rule) - cols:
-                guard.request_check()  # lost a column while we were away: the guard breaks the rule, no exit
-                continue
-            errors.extend(catalog.rule_errors(rel, rule, table))
-            if needed_columns(rule) - cols:
-                continue  # reported above
-            ident_cols = catalog.identity_columns(conn, table)
-            needed = rule.template_columns()
-            if ident_cols is not None and not needed <= ident_cols:
-                extra = sorted(needed - ident_cols)
-                warnings.append(
-                    f"{rel} has REPLICA IDENTITY {table.identity_name}: the old values of {extra} are not sent, so an "
-                    f"update that changes them cannot drop the old keys/tags and a delete cannot compute them. "
-                    f"Run: ALTER TABLE {_quote_rel(rel)} REPLICA IDENTITY FULL;")
-        if errors:
-            raise SourceError("rules do not match the database schema:\n  " + "\n  ".join(errors))
-        return warnings
-
-    def _gone_by_name(self, conn: psycopg.Connection[Any], rels: set[str]) -> set[str]:
-        if not self.schema_guard.bound:
-            return set()  # first start: check_schema already refused missing tables
-        return {rel for rel in rels if conn.execute("SELECT to_regclass(%s)", (_quote_rel(rel),)).fetchone()
-                in (None, (None,))}
+        """The rules against the live schema (:func:`cdcd.pg.schema.check_schema`); errors raise, returns warnings."""
+        return schema.check_schema(conn, self.tables, self.schema_guard)
 
     def setup(self) -> None:
         """wal_level, publication, slot: check, create when allowed, refuse clearly otherwise."""
         s = self.settings
         with self.sql() as conn:
-            wal_level = conn.execute("SHOW wal_level").fetchone()
-            if wal_level is None or wal_level[0] != "logical":
-                raise SourceError(f"Postgres has wal_level={wal_level[0] if wal_level else '?'}; logical replication "
-                                  "needs wal_level=logical (postgresql.conf, then restart the server)")
+            replication.check_wal_level(conn)
             self.warnings = self.check_schema(conn)
             for w in self.warnings:
                 log.warning("replica_identity", detail=w)
             # tables the guard found broken (or gone by name at a reconnect) are not the publication's business
-            wanted = {rel for rel in self.rules.source if rel not in self.schema_guard.broken}
-            wanted -= self._gone_by_name(conn, wanted)
-            pub = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s",
-                               (s.publication,)).fetchone()
-            if pub is None:
-                if not s.create_publication:
-                    raise SourceError(f"publication {s.publication!r} does not exist and create_publication is off; "
-                                      f"create it: CREATE PUBLICATION {s.publication} FOR TABLE "
-                                      f"{', '.join(_quote_rel(r) for r in sorted(wanted))};")
-                conn.execute(f'CREATE PUBLICATION "{s.publication}" FOR TABLE '
-                             f"{', '.join(_quote_rel(r) for r in sorted(wanted))}")
-                log.info("publication_created", publication=s.publication, tables=sorted(wanted))
-            elif not pub[0]:
-                have = {f"{r[0]}.{r[1]}" for r in conn.execute(
-                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (s.publication,))}
-                missing = sorted(wanted - have)
-                if missing:
-                    if not s.create_publication:
-                        raise SourceError(f"publication {s.publication!r} lacks tables {missing}; add them: ALTER "
-                                          f"PUBLICATION {s.publication} ADD TABLE "
-                                          f"{', '.join(_quote_rel(r) for r in missing)};")
-                    conn.execute(f'ALTER PUBLICATION "{s.publication}" ADD TABLE '
-                                 f"{', '.join(_quote_rel(r) for r in missing)}")
-                    log.info("publication_extended", publication=s.publication, added=missing)
-            slot = conn.execute("SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s",
-                                (s.slot,)).fetchone()
-            if slot is None:
-                if not s.create_slot:
-                    raise SourceError(f"replication slot {s.slot!r} does not exist and create_slot is off; "
-                                      f"create it: SELECT pg_create_logical_replication_slot('{s.slot}', 'pgoutput');")
-                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s.slot,))
-                log.info("slot_created", slot=s.slot)
-            elif slot[0] != "pgoutput":
-                raise SourceError(f"replication slot {s.slot!r} uses plugin {slot[0]!r}; cdcd needs pgoutput")
+            wanted = {rel for rel in self.tables if rel not in self.schema_guard.broken}
+            if self.schema_guard.bound:  # at first start check_schema already refused missing tables
+                wanted -= replication.gone_by_name(conn, wanted)
+            replication.ensure_publication(conn, s.publication, wanted, s.create_publication)
+            replication.ensure_slot(conn, s.slot, s.create_slot)
 
     @property
     def creates_slot(self) -> bool:
@@ -178,8 +97,7 @@ class PostgresSource:
 
     def slot_exists(self) -> bool:
         with self.sql() as conn:
-            return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                                (self.settings.slot,)).fetchone() is not None
+            return replication.slot_exists(conn, self.settings.slot)
 
     # ------------------------------------------------------------------ streaming
 
@@ -214,7 +132,7 @@ class PostgresSource:
         self._decoder = PgOutputDecoder(self.name, self.settings.max_transaction_changes,
                                         self.settings.max_transaction_bytes)
         self._decoder.on_relation = self.schema_guard.on_relation
-        self._decoder.reads = self.rules.reads  # decode only the columns the rules read
+        self._decoder.reads = self.reads  # decode only the columns the rules read
         log.info("replication_started", slot=self.settings.slot, publication=self.settings.publication,
                  options=options)
 
@@ -370,13 +288,6 @@ class PostgresSource:
                 "received_lsn": lsn_to_str(self._received)}
 
     def lag_stats(self) -> dict[str, Any] | None:
-        """Lag and retained WAL of the slot, from pg_replication_slots (None when the slot is gone)."""
+        """Lag and retained WAL of the slot (None when the slot is gone)."""
         with self.sql() as conn:
-            row = conn.execute(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
-                "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-                "pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint "
-                "FROM pg_replication_slots WHERE slot_name = %s", (self.settings.slot,)).fetchone()
-        if row is None:
-            return None
-        return {"lag_bytes": int(row[0] or 0), "retained_bytes": int(row[1] or 0), "confirmed_lsn": int(row[2] or 0)}
+            return replication.slot_stats(conn, self.settings.slot)

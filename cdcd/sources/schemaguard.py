@@ -24,20 +24,20 @@ runs one catalog query on a connection the Postgres source hands it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from cdcd.change import Change, Op, Transaction
-from cdcd.rules import Rules, TableRule, Template
-from cdcd.sources.pgoutput import Relation
+from cdcd.pg import catalog
+from cdcd.pg.pgoutput import Relation
+from cdcd.rules import TableRule, Template
 
 log = structlog.get_logger("cdcd.schema")
 
 CATALOG_CHECK_EVERY = 1.0  # seconds between catalog checks when no Relation message asked for one
-_IDENT_NAMES = {"d": "DEFAULT", "f": "FULL", "n": "NOTHING", "i": "USING INDEX"}
 
 
 def needed_columns(rule: TableRule) -> set[str]:
@@ -74,10 +74,11 @@ class SchemaGuard:
     record with the old schema breaks the rule again (and bumps the tag again, the safe direction).
     """
 
-    def __init__(self, rules: Rules, check_rows: bool = False) -> None:
-        self.rules = rules
+    def __init__(self, tables: Mapping[str, TableRule], check_rows: bool = False) -> None:
+        """``tables``: the rules' table rules by ``schema.table``."""
+        self.tables = tables
         self.check_rows = check_rows
-        self.needed: dict[str, set[str]] = {rel: needed_columns(rule) for rel, rule in rules.source.items()}
+        self.needed: dict[str, set[str]] = {rel: needed_columns(rule) for rel, rule in tables.items()}
         self.broken: dict[str, Breakage] = {}
         self.aliases: dict[tuple[str, str], str] = {}  # a broken table's names (old and new) -> rules relation
         # names whose current stream shape lacks a needed column, not (yet) known broken: tag bumps only
@@ -130,7 +131,7 @@ class SchemaGuard:
                       f"the change record at {txn.origin or 'the source'} offset {offset} (version {txn.version}) "
                       f"has no field {missing} in its row schema (fields: {', '.join(sorted(row))}): the column "
                       f"was dropped or renamed (ALTER TABLE ... DROP COLUMN or RENAME COLUMN)",
-                      _column_fix(self.rules.source[rel], rel, missing))
+                      _column_fix(self.tables[rel], rel, missing))
 
     def filter(self, txns: list[Transaction], version: int = 0) -> list[Transaction]:
         """Rewrite changes of broken tables into one SCHEMA change per transaction; announce new breaks.
@@ -177,8 +178,8 @@ class SchemaGuard:
 class PgSchemaGuard(SchemaGuard):
     """Postgres: rules bound to relation OIDs, checked on Relation messages and against the catalog."""
 
-    def __init__(self, rules: Rules) -> None:
-        super().__init__(rules, check_rows=False)
+    def __init__(self, tables: Mapping[str, TableRule]) -> None:
+        super().__init__(tables, check_rows=False)
         self.oids: dict[int, str] = {}  # relation OID -> rules relation
         self.bound: dict[str, int] = {}
         self._recheck = True
@@ -225,13 +226,14 @@ class PgSchemaGuard(SchemaGuard):
         if rel.replica_identity == "f":
             return
         keys = {c for c, k in zip(rel.names, rel.keyflags, strict=True) if k}
-        extra = sorted(self.rules.source[relation].template_columns() - keys)
+        extra = sorted(self.tables[relation].template_columns() - keys)
         if not extra or (rel.oid, rel.replica_identity) in self._ident_warned:
             return
         self._ident_warned.add((rel.oid, rel.replica_identity))
         schema, table = _split(relation)
+        ident = catalog.IDENTITY_NAMES.get(rel.replica_identity, "?")
         log.warning("replica_identity", table=relation,
-                    detail=f"{relation} has REPLICA IDENTITY {_IDENT_NAMES.get(rel.replica_identity, '?')}: the "
+                    detail=f"{relation} has REPLICA IDENTITY {ident}: the "
                            f"old values of {extra} are not sent, so an update that changes them cannot drop the old "
                            f"keys/tags. Run: ALTER TABLE \"{schema}\".\"{table}\" REPLICA IDENTITY FULL;")
 
@@ -248,12 +250,7 @@ class PgSchemaGuard(SchemaGuard):
         live = {rel: oid for rel, oid in self.bound.items() if rel not in self.broken}
         if not live:
             return
-        rows = conn.execute(
-            "SELECT c.oid, n.nspname, c.relname, "
-            "array(SELECT attname::text FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 "
-            "AND NOT attisdropped) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.oid = ANY(%s)", (list(live.values()),)).fetchall()
-        found = {int(r[0]): (str(r[1]), str(r[2]), set(r[3])) for r in rows}
+        found = catalog.live_columns(conn, list(live.values()))
         for relation, oid in live.items():
             cur = found.get(oid)
             if cur is None:
@@ -275,7 +272,7 @@ class PgSchemaGuard(SchemaGuard):
                 self.mark(relation, "column_lost",
                           f"the columns {missing} of {relation} are gone (ALTER TABLE ... DROP COLUMN or RENAME "
                           f"COLUMN; columns now: {', '.join(sorted(columns))})",
-                          _column_fix(self.rules.source[relation], relation, missing))
+                          _column_fix(self.tables[relation], relation, missing))
 
 
 def _column_fix(rule: TableRule, relation: str, missing: list[str]) -> str:

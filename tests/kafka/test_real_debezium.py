@@ -27,9 +27,9 @@ import pytest
 
 from cdcd.change import UNAVAILABLE, Change, Op, Rejected, Row, Transaction
 from cdcd.devservers import KafkaServer, PostgresServer
+from cdcd.pg.pgoutput import PgOutputDecoder
 from cdcd.rules import render_value
 from cdcd.sources.kafka import KafkaSource, KafkaSourceSettings
-from cdcd.sources.pgoutput import PgOutputDecoder
 from tests.helpers import unique
 from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.debezium_bridge import DebeziumBridge, Produced

@@ -30,7 +30,9 @@ import structlog
 
 from cdcd.change import ALL_COLUMNS, UNAVAILABLE, Change, Invalidation, Op, Reads, Rejected, Transaction
 from cdcd.keys import check_name
-from cdcd.sources.pgtypes import converter
+from cdcd.pg.lsn import lsn_to_str as lsn_to_str  # re-exported: LSN helpers live in cdcd.pg.lsn
+from cdcd.pg.lsn import str_to_lsn as str_to_lsn
+from cdcd.pg.pgtypes import converter
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 MESSAGE_PREFIX = "cdcd"
@@ -54,15 +56,6 @@ _U32_FROM = _U32.unpack_from
 
 class DecodeError(ValueError):
     """The byte stream is not valid pgoutput: the replication session must be restarted."""
-
-
-def lsn_to_str(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def str_to_lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 @dataclass(slots=True)
