@@ -27,7 +27,17 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DaemonProcess, applied_version, config_dict, load, machine, table, unique, wait_until
+from _common import (
+    DaemonProcess,
+    applied_version,
+    config_dict,
+    load,
+    machine,
+    steady_rate,
+    table,
+    unique,
+    wait_until,
+)
 
 from cdcd.devservers import KafkaServer, RedisServer
 
@@ -85,7 +95,6 @@ def source_settings(bootstrap: str, group: str) -> Any:
 
 def run_daemon(data: dict[str, Any], r: redis.Redis, prefix: str, target: int) -> tuple[float, float, int]:
     """``cdcd run`` with the Kafka source in its own process: (steady changes/s, daemon CPU s, batches)."""
-    from datetime import datetime
 
     d = DaemonProcess(data)
     d.start()
@@ -96,11 +105,8 @@ def run_daemon(data: dict[str, Any], r: redis.Redis, prefix: str, target: int) -
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     finally:
         d.stop()
-    batches = [e for e in d.events() if e.get("event") == "batch"]
-    times = [datetime.fromisoformat(e["timestamp"]).timestamp() for e in batches]
-    changes = [int(e["changes"]) for e in batches]
-    steady = sum(changes[1:]) / (times[-1] - times[0]) if len(batches) > 1 and times[-1] > times[0] else 0.0
-    return steady, cpu, len(batches)
+    steady, batches = steady_rate(d.events())
+    return steady, cpu, batches
 
 
 def run_naive(data: dict[str, Any], bootstrap: str, r: redis.Redis, n: int, budget: float) -> tuple[int, float]:
