@@ -61,7 +61,7 @@ class HttpBindError(OSError):
 class _InFlight:
     """A batch sent to Redis, not yet settled: neither its replies read nor its positions acknowledged."""
 
-    items: Sequence[Any]
+    positions: list[Any]  # only these, not the decoded transactions: those are freed once planned
     batch: Batch
     pending: PendingApply | None
     error: BaseException | None = None  # sending failed: settle applies it again, with retries
@@ -340,10 +340,11 @@ class Daemon:
     def _send(self, items: Sequence[Any], batch: Batch) -> None:
         """Send the batch; its replies are read by :meth:`_settle`. If sending fails, settle at once
         (applying it again with retries): nothing newer may go out before it is applied."""
+        positions = [it.position for it in items]
         try:
-            self._inflight = _InFlight(items, batch, self.sink.begin(batch))
+            self._inflight = _InFlight(positions, batch, self.sink.begin(batch))
         except REDIS_ERRORS as exc:
-            self._inflight = _InFlight(items, batch, None, exc)
+            self._inflight = _InFlight(positions, batch, None, exc)
             self._settle()
 
     def _settle(self, source_lost: bool = False) -> None:
@@ -357,15 +358,15 @@ class Daemon:
         result: ApplyResult = self._retry_redis("apply", lambda: self.sink.apply(batch), flight.first_attempt)
         self._refused(result)
         try:
-            self.source.ack([it.position for it in flight.items])
+            self.source.ack(flight.positions)
         except SourceUnavailable:
             if not source_lost:
                 raise
             log.debug("ack_dropped", detail="the source session is gone; the batch is delivered again")
             return
-        self._account(flight.items, batch, result)
+        self._account(flight.positions, batch, result)
 
-    def _account(self, items: Sequence[Any], batch: Batch, result: ApplyResult) -> None:
+    def _account(self, positions: Sequence[Any], batch: Batch, result: ApplyResult) -> None:
         """Counters, metrics and the batch log of an applied and acknowledged batch."""
         m = self.metrics
         now = time.time()
@@ -396,9 +397,9 @@ class Daemon:
             m.commit_to_apply.observe(max(0.0, now - batch.commit_ts))
         if batch.version:
             m.version.set(batch.version)
-        positions = [p for p in (it.position for it in items) if isinstance(p, int)]
-        if positions:
-            m.position.set(max(positions))
+        lsns = [p for p in positions if isinstance(p, int)]
+        if lsns:
+            m.position.set(max(lsns))
         self.batch_log.add(batch.transactions, sum(batch.counts.values()), len(batch.writes), result.refused,
                            result.tags, batch.version, result.rtt,
                            (now - batch.oldest_commit_ts) * 1000 if batch.oldest_commit_ts else None)
