@@ -43,7 +43,7 @@ class Recorder:
         self.cut_wait_of = cut_wait_of
         self.cut_done = False
         sink, source = d.daemon.sink, d.daemon.source
-        begin, apply, ack = sink.begin, sink.apply, source.ack
+        begin, apply, ack, poll = sink.begin, sink.apply, source.ack, source.poll
 
         def seq(batch: Batch) -> int:
             if id(batch) not in self.ids:
@@ -81,7 +81,14 @@ class Recorder:
             ack(positions)
             self.events.append(("ack", max((p for p in positions if isinstance(p, int)), default=-1)))
 
+        def wrapped_poll(timeout: float) -> Any:
+            items = poll(timeout)
+            if items:
+                self.events.append(("polled", len(items)))
+            return items
+
         sink.begin = wrapped_begin  # type: ignore[method-assign]
+        source.poll = wrapped_poll  # type: ignore[method-assign]
         sink.apply = wrapped_apply  # type: ignore[method-assign]
         source.ack = wrapped_ack  # type: ignore[method-assign]
 
@@ -128,6 +135,10 @@ def test_overlapped_loop_keeps_order_and_acks_only_applied_batches(cfg: dict[str
     _check_order(rec.events)
     assert d.daemon.applied_batches == len(begins)
     assert [n for k, n in rec.events if k == "waited"] == begins  # every batch settled by reading its replies
+    # the point of the loop: the next batch was read (and planned) while one was in flight
+    overlapped = [n for i, (k, n) in enumerate(rec.events) if k == "begin"
+                  and i + 1 < len(rec.events) and rec.events[i + 1][0] == "polled"]
+    assert overlapped, rec.events
 
 
 def test_replies_lost_mid_flight_batch_applied_again_before_the_next_is_sent(
