@@ -95,7 +95,6 @@ def source_settings(bootstrap: str, group: str) -> Any:
 
 def run_daemon(data: dict[str, Any], r: redis.Redis, prefix: str, target: int) -> tuple[float, float, int]:
     """``cdcd run`` with the Kafka source in its own process: (steady changes/s, daemon CPU s, batches)."""
-
     d = DaemonProcess(data)
     d.start()
     assert d.proc is not None
