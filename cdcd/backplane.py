@@ -40,13 +40,17 @@ class Message:
     keys: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     ts: float = 0.0
+    # The applied watermark (read-your-writes, docs/read-your-writes.md): every transaction whose commit
+    # ended at or before this source position was applied to Redis and announced *before* this message.
+    # Empty when the source has none (Kafka) or none is known yet.
+    watermark: str = ""
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {"o": self.origin, "r": self.run, "s": self.seq, "v": self.version, "k": self.keys,
-             "t": self.tags, "ts": self.ts},
-            separators=(",", ":"),
-        ).encode()
+        obj: dict[str, object] = {"o": self.origin, "r": self.run, "s": self.seq, "v": self.version, "k": self.keys,
+                                  "t": self.tags, "ts": self.ts}
+        if self.watermark:
+            obj["w"] = self.watermark
+        return json.dumps(obj, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes | str) -> Message:
@@ -56,7 +60,7 @@ class Message:
             msg = cls(
                 origin=str(obj["o"]), run=str(obj["r"]), seq=int(obj["s"]), version=str(obj.get("v", "")),
                 keys=[str(k) for k in obj.get("k", [])], tags=[str(t) for t in obj.get("t", [])],
-                ts=float(obj.get("ts", 0.0)),
+                ts=float(obj.get("ts", 0.0)), watermark=str(obj.get("w", "")),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed backplane message: {exc!r}") from exc
@@ -74,6 +78,7 @@ class Sequencer:
         self.origin = origin
         self.run = run or new_run_id()
         self.seq = 0
+        self.watermark = ""  # stamped on every message: the daemon sets it once Redis confirmed a position
 
     def messages(self, keys: Iterable[str], tags: Iterable[str], version: str, ts: float) -> Iterator[Message]:
         items = [(True, k) for k in keys] + [(False, t) for t in tags]
@@ -85,4 +90,5 @@ class Sequencer:
             yield Message(
                 origin=self.origin, run=self.run, seq=self.seq, version=version,
                 keys=[k for is_key, k in chunk if is_key], tags=[t for is_key, t in chunk if not is_key], ts=ts,
+                watermark=self.watermark,
             )

@@ -42,7 +42,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     configure(args.log_format or config.log.format, args.log_level or config.log.level)
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)  # refuses settings that cannot work together (daemon.dead_letters: kafka)
+    except SourceError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
     daemon.install_signal_handlers()
     try:
         daemon.run()
@@ -86,24 +90,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from cdcd.config import ConfigError, PostgresSourceSettings
+    from cdcd.explain import ExplainError, explain
 
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    # With a Postgres source the database renders the row's values, so the keys are the daemon's.
+    source = config.source
     try:
-        row = json.loads(args.row)
-    except json.JSONDecodeError as exc:
-        _err(f"--row is not JSON: {exc}")
+        dsn = source.conninfo() if isinstance(source, PostgresSourceSettings) and not args.offline else None
+        out = explain(config.rules(), args.table, args.row, dsn)
+    except (ExplainError, ConfigError) as exc:
+        _err(str(exc))
         return EXIT_CONFIG
-    if not isinstance(row, dict):
-        _err("--row must be a JSON object of column: value")
-        return EXIT_CONFIG
-    try:
-        out = config.rules().explain(args.table, row)
-    except KeyError as exc:
-        _err(str(exc.args[0]))
-        return EXIT_CONFIG
-    print(json.dumps(out, indent=2))
+    for note in out.notes:
+        _err(note)
+    print(json.dumps(out.as_dict(), indent=2))
     return 0
 
 
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("config")
     explain.add_argument("--table", required=True)
     explain.add_argument("--row", required=True, help='JSON object, e.g. \'{"id": 42, "email": "a@b.c"}\'')
+    explain.add_argument("--offline", action="store_true",
+                         help="render the JSON values as given instead of asking the database how the daemon "
+                              "sees them")
     explain.set_defaults(fn=cmd_explain)
 
     status = sub.add_parser("status", help="position, lag, rates and last error of a running daemon")

@@ -37,6 +37,9 @@ class PostgresSourceSettings(BaseModel):
     create_publication: bool = Field(default=True, description="create/extend the publication for the rules' tables")
     status_interval: float = Field(default=1.0, gt=0, description="seconds between standby status updates")
     max_batch: int = Field(default=5000, ge=1, description="changes per Redis pipeline at most")
+    watermark_interval: float = Field(
+        default=1.0, ge=0, description="while idle, seconds between keepalive requests that move the applied "
+                                        "watermark (read-your-writes) to the server's WAL end; 0 = off")
     max_transaction_changes: int = Field(
         default=20_000, ge=1, description="row changes buffered per transaction; past it the transaction degrades "
                                           "to one table-wide invalidation per table it touched")

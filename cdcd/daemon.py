@@ -98,6 +98,7 @@ class Daemon:
         self.last_loop = time.monotonic()
         self.last_batch_at: float | None = None
         self.last_version = 0
+        self._watermark_announced = 0
         self.redis_ok = False
         self.source_ok = False
         self.source_stats: dict[str, Any] | None = None  # from the monitor: slot lag / retained WAL
@@ -275,6 +276,9 @@ class Daemon:
                         self.batch_log.idle()
                         if cfg.daemon.heartbeat and time.monotonic() - self._last_publish >= cfg.daemon.heartbeat:
                             self._heartbeat()
+                    # announced on its own only with nothing in flight (as the heartbeat): its message must not
+                    # overtake a sent batch's; with a batch in flight the next batch's messages carry it
+                    self._watermark(idle=not items and self._inflight is None)
                     backoff.reset()
                 except SourceUnavailable as exc:
                     self.metrics.connected.labels("source").set(0)
@@ -439,12 +443,40 @@ class Daemon:
         self._last_publish = time.monotonic()
         self.sequencer.seq += 1
         msg = Message(origin="cdcd", run=self.sequencer.run, seq=self.sequencer.seq, version=str(self.last_version),
-                      ts=time.time())
+                      ts=time.time(), watermark=self.sequencer.watermark)
         try:
             if self.sink.heartbeat(msg.encode()):
                 self._restored()
         except REDIS_ERRORS as exc:
             log.debug("heartbeat_failed", error=str(exc))
+
+    def _watermark(self, idle: bool) -> None:
+        """Move the applied watermark (docs/read-your-writes.md). Once Redis acknowledged a position it is
+        stamped on every later backplane message; while the stream is idle it is announced on its own, so a
+        read-your-writes waiter never waits for the next change."""
+        watermark = getattr(self.source, "watermark", None)
+        if watermark is None:
+            return  # a source without one (Kafka): messages carry none, waiters time out (documented)
+        w = watermark()
+        if w <= self._watermark_announced:
+            return
+        self.sequencer.watermark = str(w)
+        if not idle:
+            return  # the next batch's messages carry it; if none comes, poll() returns early for it
+        self._last_publish = time.monotonic()
+        self.sequencer.seq += 1
+        msg = Message(origin="cdcd", run=self.sequencer.run, seq=self.sequencer.seq, version=str(self.last_version),
+                      ts=time.time(), watermark=str(w))
+        try:
+            self.sink.announce_watermark(str(w), msg.encode())
+        except REDIS_ERRORS as exc:
+            # The number is spent (subscribers see a gap, the safe direction); retried on the next loop,
+            # not in a spin: poll() waits normally again. Later batches carry the watermark anyway.
+            log.debug("watermark_announce_failed", error=str(exc))
+        else:
+            self._watermark_announced = w
+            self.metrics.watermark.set(w)
+        self.source.watermark_published(w)  # type: ignore[attr-defined]
 
     def _dead_letter(self, rejected: Rejected) -> None:
         self.metrics.errors.labels("rejected").inc()

@@ -81,7 +81,7 @@ def run_demo(config_path: Path | None, schema_path: Path | None, keep_running: b
         rules = config.rules()
         ks = rules.keyspace
         r = redis.Redis.from_url(rs.url)
-        sub: Any = r.pubsub()  # type: ignore[no-untyped-call]
+        sub: Any = r.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8
         sub.subscribe(ks.channel)
         sub.get_message(timeout=5)  # the subscription confirmation
         daemon = Daemon(config, rules=rules)

@@ -60,6 +60,8 @@ class Metrics:
         self.position = Gauge("cdcd_source_position", "Last acknowledged source position (LSN or offset)",
                               registry=r)
         self.version = Gauge("cdcd_applied_version", "Version of the newest change applied", registry=r)
+        self.watermark = Gauge("cdcd_applied_watermark", "Source position up to which every committed transaction "
+                                                         "is applied and announced (read-your-writes)", registry=r)
         self.connected = Gauge("cdcd_connected", "1 when connected, by target", ["target"], registry=r)
         self.slot_lag = Gauge("cdcd_slot_lag_bytes", "WAL between the server's insert position and the slot's "
                               "confirmed flush position", registry=r)

@@ -34,6 +34,7 @@ import psycopg2
 import psycopg2.extras
 import structlog
 from psycopg import sql
+from psycopg.types.string import TextLoader
 
 from cdcd.config import Config, postgres_source
 from cdcd.keyspace import SCRIPTS
@@ -109,12 +110,18 @@ class Progress:
 
 def _rows(conn: psycopg.Connection[Any], relation: str, cols: Sequence[catalog.Column],
           page: int) -> Iterator[dict[str, Any]]:
-    """Rows as the replication stream carries them: replicated columns only, text converted by pgtypes."""
+    """Rows as the replication stream carries them: replicated columns only, text converted by pgtypes.
+
+    The text is each type's output function, as pgoutput sends it: psycopg is told to hand it over
+    unparsed. Not a ``::text`` cast, which differs for some types (``true::text`` is ``true``, not ``t``;
+    ``char(n)::text`` drops the padding).
+    """
     schema, _, table = relation.partition(".")
     query = sql.SQL("SELECT {} FROM {}").format(
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in cols),
-        sql.Identifier(schema, table))
+        sql.SQL(", ").join(sql.Identifier(c.name) for c in cols), sql.Identifier(schema, table))
     with conn.cursor(name=f"cdcd_warm_{uuid.uuid4().hex[:8]}") as cur:
+        for oid in {c.type_oid for c in cols}:
+            cur.adapters.register_loader(oid, TextLoader)  # this cursor only: the output text, as a str
         cur.itersize = page
         cur.execute(query)
         for rec in cur:

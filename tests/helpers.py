@@ -148,13 +148,20 @@ class Backplane:
     """Collects backplane messages in a thread."""
 
     def __init__(self, r: redis.Redis, channel: str) -> None:
-        self.messages: list[dict[str, Any]] = []
+        self.messages: list[dict[str, Any]] = []  # messages naming keys or tags: the changes
+        self.received: list[dict[str, Any]] = []  # everything, with heartbeats and watermark announcements
         self.pubsub = r.pubsub()
         self.pubsub.subscribe(**{channel: self._on})
         self.thread = self.pubsub.run_in_thread(sleep_time=0.01, daemon=True)
 
     def _on(self, msg: dict[str, Any]) -> None:
-        self.messages.append(json.loads(msg["data"]))
+        m = json.loads(msg["data"])
+        self.received.append(m)
+        if m["k"] or m["t"]:
+            self.messages.append(m)
+
+    def seqs(self) -> list[int]:
+        return [m["s"] for m in self.received]
 
     def all_keys(self) -> set[str]:
         return {k for m in self.messages for k in m["k"]}

@@ -26,7 +26,7 @@ def test_insert_update_delete_truncate(cfg: dict[str, Any], r: redis.Redis, sql:
         v_insert = int(entry(r, f"{p}user:1")["v"])
         wait_until(lambda: bp.messages, what="backplane message")
         m = bp.messages[0]
-        assert m["o"] == "cdcd" and m["s"] == 1 and int(m["v"]) == v_insert
+        assert m["o"] == "cdcd" and m["s"] >= 1 and int(m["v"]) == v_insert
         assert set(m["k"]) == {f"{p}user:1", f"{p}user:email:ada@example.com"}
         assert m["t"] == ["tenant:7"]
         tag_before = r.get(f"{p}#tag:tenant:7")
@@ -43,7 +43,7 @@ def test_insert_update_delete_truncate(cfg: dict[str, Any], r: redis.Redis, sql:
         new = json.loads(entry(r, f"{p}user:email:ada@lovelace.dev")["d"])
         assert new["email"] == "ada@lovelace.dev" and new["tenant_id"] == 8
         m = bp.messages[1]
-        assert m["s"] == 2
+        assert m["s"] > bp.messages[0]["s"]
         assert set(m["k"]) == {f"{p}user:1", f"{p}user:email:ada@example.com", f"{p}user:email:ada@lovelace.dev"}
         assert set(m["t"]) == {"tenant:7", "tenant:8"}  # old and new tag both bumped
         assert int(r.get(f"{p}#tag:tenant:7")) > int(tag_before)
@@ -70,7 +70,10 @@ def test_insert_update_delete_truncate(cfg: dict[str, Any], r: redis.Redis, sql:
         wait_until(lambda: len(bp.messages) >= 5, what="truncate message")
         assert bp.messages[4]["t"] == ["#table:public.orders"] and bp.messages[4]["k"] == []
         assert int(r.get(table_tag)) > before
-        assert [m["s"] for m in bp.messages] == [1, 2, 3, 4, 5]  # no gaps, one run
+        seqs = bp.seqs()  # with the idle watermark announcements between the changes
+        assert seqs == list(range(1, len(seqs) + 1))  # no gaps, one run
+        changes = [m["s"] for m in bp.messages]
+        assert len(changes) == 5 and changes == sorted(changes)
         assert len({m["r"] for m in bp.messages}) == 1
         assert d.daemon.metrics.changes.labels("public.users", "c")._value.get() == 1
     finally:

@@ -14,6 +14,14 @@ present)::
 from .aio import AsyncCache
 from .breaker import CircuitBreaker
 from .cache import Cache
+from .consistency import (
+    NotApplied,
+    acommit_position,
+    commit_position,
+    format_position,
+    parse_position,
+    read_your_writes,
+)
 from .link import L2Unavailable
 from .options import CacheOptions, EntryOptions
 from .protocol import NOT_FOUND
@@ -21,4 +29,5 @@ from .serializers import JsonSerializer, MsgpackSerializer, RawSerializer, Seria
 from .stats import Stats
 
 __all__ = ["NOT_FOUND", "AsyncCache", "Cache", "CacheOptions", "CircuitBreaker", "EntryOptions", "JsonSerializer",
-           "L2Unavailable", "MsgpackSerializer", "RawSerializer", "Serializer", "Stats"]
+           "L2Unavailable", "MsgpackSerializer", "NotApplied", "RawSerializer", "Serializer", "Stats",
+           "acommit_position", "commit_position", "format_position", "parse_position", "read_your_writes"]

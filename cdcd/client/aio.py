@@ -35,6 +35,17 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
+from .consistency import (
+    ACTIVE,
+    REDIS_CHECK_EVERY,
+    NotApplied,
+    Position,
+    Satisfied,
+    Watermark,
+    ambient_position,
+    parse_position,
+    read_your_writes,
+)
 from .l1 import L1, L1Entry
 from .link import UNLOCK, AsyncLink, Command, L2Unavailable
 from .options import CacheOptions, EntryOptions
@@ -94,6 +105,7 @@ class AsyncCache:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.sequencer = Sequencer("app")
         self._publish_lock: asyncio.Lock | None = None
+        self.watermark = Watermark()
         self._subscriber = AsyncSubscriber(self) if opts.subscribe else None
         self.connected = self._subscriber.connected if self._subscriber is not None else asyncio.Event()
 
@@ -196,7 +208,9 @@ class AsyncCache:
 
     # ---------------------------------------------------------------- reads
 
-    async def get(self, key: str, default: Any = None) -> Any:
+    async def get(self, key: str, default: Any = None, *, min_position: Position | None = None) -> Any:
+        if (min_position is not None or ACTIVE[0]) and not await self._read_your_writes(key, min_position):
+            return default
         e = self._l1data.get(key)
         if e is not None and monotonic() < e.hard:
             e.ref = True
@@ -225,7 +239,10 @@ class AsyncCache:
         return default if value is NOT_FOUND else value
 
     async def get_or_load(self, key: str, loader: Loader, *, ttl: float | None = None, tags: Iterable[str] = (),
-                          options: EntryOptions | None = None) -> Any:
+                          options: EntryOptions | None = None, min_position: Position | None = None) -> Any:
+        if (min_position is not None or ACTIVE[0]) and not await self._read_your_writes(key, min_position):
+            value = await loader()
+            return None if value is NOT_FOUND else value
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -556,6 +573,56 @@ class AsyncCache:
             self.l1.remove_tags(msg.tags)
             if any(Keyspace.is_table_tag(t) for t in msg.tags):
                 self._registry_at = -math.inf
+        if msg.watermark:
+            self.watermark.observe(msg.watermark)
+
+    # ---------------------------------------------------------------- read-your-writes
+
+    @staticmethod
+    def read_your_writes(position: Position | None) -> contextlib.AbstractContextManager[int]:
+        """``with cache.read_your_writes(pos):`` every read in the scope (this task and the tasks it starts)
+        is at least as new as the commit at ``pos``; see :meth:`cdcd.client.Cache.read_your_writes`."""
+        return read_your_writes(position)
+
+    async def wait_applied(self, position: Position, timeout: float | None = None) -> bool:
+        """See :meth:`cdcd.client.Cache.wait_applied`."""
+        pos = parse_position(position)
+        return await self._await_position(pos, self.options.ryw_timeout if timeout is None else timeout) is not None
+
+    async def _read_your_writes(self, key: str, min_position: Position | None) -> bool:
+        pos = max(parse_position(min_position) if min_position is not None else 0, ambient_position())
+        if not pos or self.watermark.value >= pos:
+            return True
+        self.stats.ryw_waits += 1
+        timeout = self.options.ryw_timeout
+        how = await self._await_position(pos, timeout)
+        if how is None:
+            self.stats.ryw_timeouts += 1
+            if self.options.ryw_on_timeout == "raise":
+                raise NotApplied(pos, self.watermark.value, timeout)
+            return False
+        if how == "redis":
+            self.l1.remove(key)  # the backplane has not caught up: this L1 may still hold the old value
+        return True
+
+    async def _await_position(self, pos: int, timeout: float) -> Satisfied:
+        self._ensure_started()
+        deadline = monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - monotonic())
+            listening = self._subscriber is not None and self.connected.is_set()
+            if listening and await self.watermark.wait_async(pos, min(remaining, REDIS_CHECK_EVERY)):
+                return "backplane"
+            try:
+                w = (await self.link.call_checked([("HGET", self.keyspace.applied, "watermark")]))[0]
+            except L2Unavailable:
+                w = None
+            if w and int(w) >= pos:
+                return "redis"
+            if monotonic() >= deadline:
+                return None
+            if not listening:
+                await asyncio.sleep(min(REDIS_CHECK_EVERY, max(0.0, deadline - monotonic())))
 
     def reset_l1(self, why: str) -> None:
         self.stats.l1_resets += 1

@@ -42,6 +42,17 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
+from .consistency import (
+    ACTIVE,
+    REDIS_CHECK_EVERY,
+    NotApplied,
+    Position,
+    Satisfied,
+    Watermark,
+    ambient_position,
+    parse_position,
+    read_your_writes,
+)
 from .l1 import L1, L1Entry
 from .link import UNLOCK, Command, L2Unavailable, Link
 from .options import CacheOptions, EntryOptions
@@ -124,6 +135,7 @@ class Cache:
         self._pool = concurrent.futures.ThreadPoolExecutor(opts.background_workers, thread_name_prefix="cdcd-cache")
         self.sequencer = Sequencer("app")
         self._publish_lock = threading.Lock()
+        self.watermark = Watermark()
         self._subscriber: Any = None
         if opts.subscribe:
             from .subscriber import Subscriber
@@ -212,8 +224,13 @@ class Cache:
 
     # ---------------------------------------------------------------- reads
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """L1, then L2; never calls a loader. A cached "not found" returns ``default``."""
+    def get(self, key: str, default: Any = None, *, min_position: Position | None = None) -> Any:
+        """L1, then L2; never calls a loader. A cached "not found" returns ``default``.
+
+        ``min_position`` (or a :meth:`read_your_writes` scope): nothing older than that commit; when the
+        daemon has not applied it within ``ryw_timeout``, ``default`` (a miss) or ``NotApplied``."""
+        if (min_position is not None or ACTIVE[0]) and not self._read_your_writes(key, min_position):
+            return default
         e = self._l1data.get(key)
         if e is not None and monotonic() < e.hard:
             e.ref = True
@@ -241,12 +258,19 @@ class Cache:
         return default if value is NOT_FOUND else value
 
     def get_or_load(self, key: str, loader: Callable[[], Any], *, ttl: float | None = None,
-                    tags: Iterable[str] = (), options: EntryOptions | None = None) -> Any:
+                    tags: Iterable[str] = (), options: EntryOptions | None = None,
+                    min_position: Position | None = None) -> Any:
         """The value of ``key``, loading it with ``loader()`` on a miss (see the module docstring).
 
         ``loader`` returns the value, or ``NOT_FOUND`` (or ``None``) for "no such row", which is
         cached for ``negative_ttl`` and returned as ``None``. Its exceptions are never cached.
+        ``min_position`` (or a :meth:`read_your_writes` scope): nothing older than that commit
+        (docs/read-your-writes.md); not applied within ``ryw_timeout``: the loader's value, uncached
+        (``ryw_on_timeout="bypass"``), or ``NotApplied``.
         """
+        if (min_position is not None or ACTIVE[0]) and not self._read_your_writes(key, min_position):
+            value = loader()
+            return None if value is NOT_FOUND else value
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -622,7 +646,8 @@ class Cache:
     # ---------------------------------------------------------------- backplane (called by the listener)
 
     def apply_message(self, msg: Message) -> None:
-        """Drop what a backplane message names: its keys and every entry carrying one of its tags."""
+        """Drop what a backplane message names: its keys and every entry carrying one of its tags; then
+        (never before) let read-your-writes waiters see the watermark it carries."""
         prefix = self.keyspace.prefix
         n = len(prefix)
         if msg.keys:
@@ -631,6 +656,59 @@ class Cache:
             self.l1.remove_tags(msg.tags)
             if any(Keyspace.is_table_tag(t) for t in msg.tags):
                 self._registry_at = -math.inf  # a truncate is a good moment to re-read the rules
+        if msg.watermark:
+            self.watermark.observe(msg.watermark)
+
+    # ---------------------------------------------------------------- read-your-writes
+
+    @staticmethod
+    def read_your_writes(position: Position | None) -> contextlib.AbstractContextManager[int]:
+        """``with cache.read_your_writes(pos):`` every read in the scope (this thread) is at least as new
+        as the commit at ``pos`` (see :func:`cdcd.client.commit_position`)."""
+        return read_your_writes(position)
+
+    def wait_applied(self, position: Position, timeout: float | None = None) -> bool:
+        """Wait until the daemon applied every commit up to ``position`` (and announced it, so this
+        process's L1 dropped what it changed); False after ``timeout`` (default ``ryw_timeout``)."""
+        pos = parse_position(position)
+        return self._await_position(pos, self.options.ryw_timeout if timeout is None else timeout) is not None
+
+    def _read_your_writes(self, key: str, min_position: Position | None) -> bool:
+        """True: read on (L1 dropped for ``key`` when only Redis vouched for the position). False: bypass."""
+        pos = max(parse_position(min_position) if min_position is not None else 0, ambient_position())
+        if not pos or self.watermark.value >= pos:
+            return True
+        self.stats.ryw_waits += 1
+        timeout = self.options.ryw_timeout
+        how = self._await_position(pos, timeout)
+        if how is None:
+            self.stats.ryw_timeouts += 1
+            if self.options.ryw_on_timeout == "raise":
+                raise NotApplied(pos, self.watermark.value, timeout)
+            return False
+        if how == "redis":
+            self.l1.remove(key)  # the backplane has not caught up: this L1 may still hold the old value
+        return True
+
+    def _await_position(self, pos: int, timeout: float) -> Satisfied:
+        """The backplane first (no Redis traffic in the common case); Redis's applied state when it is
+        slow or not subscribed."""
+        deadline = monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - monotonic())
+            listening = self._subscriber is not None and self._subscriber.connected.is_set()
+            if listening and self.watermark.wait(pos, min(remaining, REDIS_CHECK_EVERY)):
+                return "backplane"
+            try:
+                w = self.link.call_checked([("HGET", self.keyspace.applied, "watermark")])[0]
+            except L2Unavailable:
+                w = None
+            if w and int(w) >= pos:
+                return "redis"
+            if monotonic() >= deadline:
+                return None
+            if not listening:
+                time.sleep(min(REDIS_CHECK_EVERY, max(0.0, deadline - monotonic())))
 
     def reset_l1(self, why: str) -> None:
         """The backplane may have lost messages: nothing in L1 can be trusted to be current."""

@@ -8,6 +8,7 @@ how big L1 may grow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,7 @@ class EntryOptions:
     """Seconds a value lives in L2 (Redis, jittered): its hard TTL."""
     l1_ttl: float | None = None
     """Seconds L1 may serve a copy before re-reading L2 (default: ``ttl``). The backplane normally
-    drops a changed key within milliseconds; this bounds L1 staleness when it cannot (see the README)."""
+    drops a changed key within milliseconds; this bounds L1 staleness when it cannot (docs/client.md)."""
     soft_ttl: float | None = None
     """Seconds after which a value is served stale while one background refresh runs (default:
     ``ttl``, i.e. no stale-while-revalidate)."""
@@ -89,7 +90,8 @@ class CacheOptions:
     l1_max_entries: int = 100_000
     """0 turns L1 off (every read goes to Redis)."""
     l1_max_bytes: int = 256 * 1024 * 1024
-    """Approximate: each entry counts its serialized size plus a fixed overhead."""
+    """Bound on the memory L1 holds: entries are sized by their object graph (``cdcd.client.sizing``), within
+    about 1.2x of real RSS growth (docs/l1-memory.md)."""
     redis_timeout: float = 0.5
     """Socket timeout of every Redis call (the cache's connections never retry on their own): a dead
     Redis costs at most this per call until the breaker opens, then nothing."""
@@ -118,6 +120,13 @@ class CacheOptions:
     when no daemon serves this prefix (the cache is then filled and invalidated by the application alone)."""
     lock_poll: float = 0.02
     """Seconds between L2 checks while another process holds the load lock."""
+    ryw_timeout: float = 1.0
+    """Read-your-writes: how long a read with a position waits for the daemon to apply it
+    (docs/read-your-writes.md)."""
+    ryw_on_timeout: Literal["bypass", "raise"] = "bypass"
+    """Read-your-writes, when the position was not applied in time: ``bypass`` calls the loader (the
+    database) without caching its result (``get`` returns its default: a miss); ``raise`` raises
+    ``NotApplied``. Never an older value."""
     background_workers: int = 4
     """Threads for background refreshes and timed loaders (sync cache)."""
     entry: EntryOptions = field(default_factory=EntryOptions)

@@ -39,6 +39,8 @@ TIERS: dict[str, tuple[str, str]] = {
     "backplane_gaps": ("backplane", "gap"),
     "backplane_reconnects": ("backplane", "reconnect"),
     "published": ("backplane", "published"),
+    "ryw_waits": ("consistency", "ryw_wait"),
+    "ryw_timeouts": ("consistency", "ryw_timeout"),
 }
 
 
@@ -71,6 +73,10 @@ class Stats:
     loader_calls: int = 0
     loader_errors: int = 0
     loader_timeouts: int = 0
+    ryw_waits: int = 0
+    """Reads with a position that had to wait for the daemon's watermark (read-your-writes)."""
+    ryw_timeouts: int = 0
+    """Reads whose position was not applied within ``ryw_timeout`` (bypassed or raised)."""
     coalesced: int = 0
     """Callers that waited for another caller's load instead of calling the loader (single flight)."""
     refreshes: int = 0

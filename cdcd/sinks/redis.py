@@ -164,6 +164,18 @@ class RedisSink:
         except REDIS_FAULTS as exc:
             raise translate(exc) from exc
 
+    def announce_watermark(self, watermark: str, message: bytes) -> None:
+        """While idle, the applied watermark moved (a keepalive, or the last batch's own position): record it
+        in the applied state and tell the subscribers (read-your-writes waiters). Raises RedisFault/RedisError
+        when Redis cannot be reached."""
+        try:
+            pipe: Any = self.client.pipeline(transaction=False)
+            pipe.hset(self.ks.applied, "watermark", watermark)
+            pipe.publish(self.ks.channel, message)
+            pipe.execute()
+        except REDIS_FAULTS as exc:
+            raise translate(exc) from exc
+
     def applied_state(self) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.client.hgetall(self.ks.applied)  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
@@ -223,7 +235,8 @@ class RedisSink:
         version = str(batch.version)
         messages = list(self.sequencer.messages(batch.writes.keys(), tags, version, batch.commit_ts or time.time()))
         cmds.append(("HSET", ks.applied, "run", self.sequencer.run, "seq", self.sequencer.seq, "version", version,
-                     "ts", repr(time.time()), "source", self.source_name))
+                     "ts", repr(time.time()), "source", self.source_name,
+                     "watermark", self.sequencer.watermark or "0"))
         channel = ks.channel
         for m in messages:
             cmds.append(("PUBLISH", channel, m.encode()))

@@ -61,6 +61,10 @@ class PostgresSource:
         self._catalog: psycopg.Connection[Any] | None = None  # the guard's catalog checks
         self._acked = 0
         self._received = 0
+        self._handed = 0  # highest position poll() returned: the watermark never passes an unacked one
+        self._watermark = 0
+        self._watermark_reported = 0
+        self._last_reply_request = 0.0
         self._last_forced = 0.0
         self.warnings: list[str] = []
 
@@ -255,13 +259,60 @@ class PostgresSource:
                     continue
                 if out and not decoder.in_transaction:
                     break  # drained what the server had: hand it on now (latency over batch size)
+                if not out and self.watermark() > self._watermark_reported:
+                    break  # idle and the watermark moved: let the daemon announce it now
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                select.select([self._conn], [], [], min(remaining, 0.5))
+                wait = min(remaining, 0.5)
+                interval = self.settings.watermark_interval
+                if interval and not out:
+                    wait = min(wait, self._request_reply(interval))
+                select.select([self._conn], [], [], wait)
         except psycopg2.Error as exc:
             raise SourceUnavailable(f"replication stream broken: {str(exc).strip()}") from exc
+        for item in out:
+            if isinstance(item.position, int) and item.position > self._handed:
+                self._handed = item.position
         return out
+
+    # ------------------------------------------------------------------ applied watermark
+
+    def watermark(self) -> int:
+        """The applied watermark: every transaction whose commit ended at or before it has been acked,
+        i.e. applied to Redis (docs/read-your-writes.md).
+
+        Transactions arrive in commit order and a position is acked only after Redis applied it, so the
+        highest ack is one. While nothing is pending (every position handed out acked, no transaction
+        half-read), the server's WAL end from its last keepalive is one too: the walsender reports as its
+        end the WAL it has decoded, and sends every published commit before it (psycopg2 keeps it in
+        ``cursor.wal_end``; XLogData headers carry their own position, never a later one).
+        """
+        w = self._acked
+        cur = self._cur
+        if cur is not None and self._acked >= self._handed and not self._decoder.in_transaction:
+            w = max(w, int(cur.wal_end or 0))
+        if w > self._watermark:
+            self._watermark = w
+        return self._watermark
+
+    def watermark_published(self, position: int) -> None:
+        """The daemon announced ``position``: poll() stops waking up early for it."""
+        self._watermark_reported = max(self._watermark_reported, position)
+
+    def _request_reply(self, interval: float) -> float:
+        """Ask the server for a keepalive (it carries its WAL end) at most every ``interval`` seconds while
+        idle; returns how long until the next request is due."""
+        now = time.monotonic()
+        due = self._last_reply_request + interval - now
+        if due > 0:
+            return due
+        self._last_reply_request = now
+        if self._acked:
+            self._cur.send_feedback(write_lsn=self._acked, flush_lsn=self._acked, reply=True, force=True)
+        else:
+            self._cur.send_feedback(reply=True, force=True)
+        return interval
 
     def ack(self, positions: Sequence[Any]) -> None:
         lsns = [p for p in positions if isinstance(p, int)]

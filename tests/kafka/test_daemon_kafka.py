@@ -102,3 +102,48 @@ def test_daemon_applies_kafka_changes_and_commits_after_redis(
         runner.stop()
         daemon.dead_letters.close()
     assert runner.error is None, runner.error
+
+
+def test_kafka_source_announces_no_watermark_and_positioned_reads_never_serve_old_values(
+        make_topic: Callable[..., str], producer: KafkaProducer, kafka_server: KafkaServer,
+        redis_server: RedisServer) -> None:
+    """Read-your-writes is a Postgres-source feature (docs/read-your-writes.md): with Debezium topics there
+    is no single position covering every partition, so the daemon announces none, and a read with a
+    position bypasses the cache (or raises) instead of serving what may be older than the commit."""
+    import pytest
+
+    from cdcd.client import Cache, CacheOptions, NotApplied
+    from tests.helpers import Backplane
+
+    prefix = unique("kw") + ":"
+    topic = make_topic(name=f"{unique('dbserver')}.public.users")
+    settings = KafkaSourceSettings.model_validate({
+        "bootstrap_servers": [kafka_server.bootstrap], "group_id": unique("g"), "topics": [topic], **FAST_GROUP})
+    runner = DaemonThread(make_config(config_dict("postgresql://unused/none", redis_server.url, "unused", prefix)),
+                          KafkaSource(settings))
+    r = redis.Redis.from_url(redis_server.url)
+    bp = Backplane(r, f"{prefix}#cdcd:bp")
+    runner.start(wait=False)
+    cache = Cache(redis_server.url, CacheOptions(prefix=prefix, ryw_timeout=0.3))
+    try:
+        producer.send(topic, key=json.dumps({"id": 1}).encode(), value=user_event("c", 100, None, user(1, "a@x")))
+        producer.flush()
+        wait_until(lambda: entry(r, f"{prefix}user:1").get("d"), 30, what="the change applied")
+        wait_until(lambda: bp.received, 5, what="its backplane message")
+        assert all("w" not in m for m in bp.received)
+        assert r.hget(f"{prefix}#cdcd:applied", "watermark") in (None, b"0")
+        calls = []
+        value = cache.get_or_load("user:1", lambda: calls.append(1) or {"from": "database"}, min_position="0/1")
+        assert value == {"from": "database"} and calls == [1], "bypassed: the loader's value, not the cache's"
+        assert cache.stats.ryw_timeouts == 1
+        assert '"a@x"' in entry(r, f"{prefix}user:1")["d"], "and not cached"
+        strict = Cache(redis_server.url, CacheOptions(prefix=prefix, ryw_timeout=0.2, ryw_on_timeout="raise"))
+        try:
+            with pytest.raises(NotApplied):
+                strict.get("user:1", min_position="0/1")
+        finally:
+            strict.close()
+    finally:
+        cache.close()
+        bp.close()
+        runner.stop()

@@ -103,7 +103,7 @@ def test_debezium_changes_through_the_daemon(app_db: str, sql: Any, redis_server
         assert f"{p}user:email:a@x" in bp.all_keys() and "tenant:8" in bp.all_tags()
         wait_until(lambda: "#table:public.orders" in bp.all_tags(), 5, what="truncate message")
         assert "dashboard:1" in bp.all_tags()
-        seqs = [m["s"] for m in bp.messages]
+        seqs = bp.seqs()
         assert seqs == list(range(1, len(seqs) + 1))
         # a malformed record on a change topic is dead-lettered, and the next change still applies
         producer = KafkaProducer(bootstrap_servers=kafka_server.bootstrap)

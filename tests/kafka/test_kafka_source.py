@@ -228,11 +228,11 @@ def test_rebalance_hands_unacked_records_to_the_survivor(
     never acknowledged. Every record must end up acknowledged by someone: the survivor gets the orphans,
     and at the end the group's committed offsets are the partitions' ends."""
     topic = make_topic(partitions=4)
-    total = 400
     group = unique("g")
     a = make_source(topics=[topic], group_id=group, max_poll_records=20)
     b = Member(how, kafka_server, topic, group, make_source)
-    produce(producer, topic, range(total // 2))
+    produced = 200
+    produce(producer, topic, range(produced))
     seen_a: set[int] = set()
 
     def step() -> None:
@@ -245,11 +245,17 @@ def test_rebalance_hands_unacked_records_to_the_survivor(
         while not b.unacked or not seen_a:
             assert time.monotonic() < deadline, f"group never shared the partitions: a={len(seen_a)} b={b.acked}"
             step()
+            if len(seen_a) + len(b.acked) >= produced:
+                # on a busy machine b may join after a drained everything: keep records coming until b
+                # holds some it never acknowledged
+                produce(producer, topic, range(produced, produced + 20))
+                produced += 20
     finally:
         b.stop()
     orphans = set(b.unacked)
     assert orphans, "the test needs b to leave records unacknowledged"
-    produce(producer, topic, range(total // 2, total))  # more arrives while the group rebalances
+    total = produced + 200
+    produce(producer, topic, range(produced, total))  # more arrives while the group rebalances
     deadline = time.monotonic() + 90
     while not (set(range(total)) <= seen_a | b.acked and orphans <= seen_a):
         assert time.monotonic() < deadline, (
