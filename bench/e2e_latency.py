@@ -268,6 +268,7 @@ def main() -> int:
     ap.add_argument("--nice-load", type=int, default=0,
                     help="nice value for the generator backends (default 0: they compete equally with the "
                          "daemon, walsender and Redis for the 2 cores)")
+    ap.add_argument("--root", type=Path, help="run the cdcd of another checkout (e.g. a worktree of main)")
     ap.add_argument("--py-spy", type=Path, help="sample the daemon with py-spy for the whole run (collapsed stacks)")
     args = ap.parse_args()
     rates = [None if r == "max" else float(r) for r in args.rates.split(",")]
@@ -282,7 +283,7 @@ def main() -> int:
             conn.execute("VACUUM ANALYZE users")
         prefix = unique("e2e") + ":"
         data = config_dict(dsn, rs.url, unique("s"), prefix)
-        daemon = DaemonProcess(data).start()
+        daemon = (DaemonProcess(data, root=args.root) if args.root else DaemonProcess(data)).start()
         daemon.wait_ready()
         sub = Subscriber(rs.url, prefix)
         spy = None
@@ -294,8 +295,9 @@ def main() -> int:
                                     "-r", "250", "--format", "raw", "-o", str(args.py_spy), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"machine: {machine()}")
-        print(f"daemon: cdcd run in a subprocess; load: {args.writers} server-side generator backends (nice "
-              f"{args.nice_load}); synchronous_commit={args.synchronous_commit}; {args.seconds:.0f}s per step")
+        print(f"daemon: cdcd run ({args.root or 'this checkout'}) in a subprocess; load: {args.writers} "
+              f"server-side generator backends (nice {args.nice_load}); "
+              f"synchronous_commit={args.synchronous_commit}; {args.seconds:.0f}s per step")
         assert daemon.proc is not None and rs.proc is not None
         meter = CpuMeter(dsn, {"daemon": daemon.proc.pid, "redis": rs.proc.pid, "bench (subscribers)": os.getpid()})
         rows, lag, cores = [], [], []
