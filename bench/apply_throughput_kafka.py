@@ -1,124 +1,265 @@
-"""Drain rate from a Kafka topic of Debezium events (the Kafka source), vs the same naive baseline.
+"""Drain rate of ``cdcd run`` from Kafka topics of Debezium JSON (the Kafka source), per CRC and fetch setting.
 
 Usage::
 
-    .venv/bin/python bench/apply_throughput_kafka.py [--changes 200000] [--partitions 1] [--naive-seconds 15]
+    .venv/bin/python bench/apply_throughput_kafka.py [--changes 200000] [--partitions 1] [--repeats 3] \\
+        [--crc pure,native] [--fetch-max-wait-ms 500,30] [--max-poll-records 500,5000] [--no-schemas] \\
+        [--profile DIR] [--naive-seconds 0]
 
-A tansu broker (in memory) and Redis are started; ``--changes`` schemaless Debezium envelopes are
-produced first (the same rotating mix as ``apply_throughput.py``: insert user, insert order, update
-user, update order; ``source.sequence`` increasing; one event per transaction, as Debezium emits them)
-to ``bench.public.users`` / ``bench.public.orders``. Then ``cdcd run`` with ``source: {type: kafka}``,
-in its own process, drains them in a fresh consumer group; the rate is measured between the first
-and the last applied batch (from the daemon's batch log lines). The naive baseline reads the same topics with its
-own group and the same parsing and rules, and sends one unpipelined ``DEL`` per key and ``INCR``
-per tag.
+A tansu broker (in memory) and Redis are started; ``--changes`` Debezium envelopes are produced once
+(the rotating mix of ``apply_throughput.py``: insert user, insert order, update user, update order; one
+event per transaction as Debezium emits them, ``source.sequence`` increasing). By default they carry
+their schema (``value.converter.schemas.enable=true``, the format cdcd wants), built from records the
+real connector wrote (``tests/kafka/debezium_interleaved.json``). Then, for every combination of
+``--crc``, ``--fetch-max-wait-ms`` and ``--max-poll-records``, ``cdcd run`` (its own process) drains
+the *same* topics in a fresh consumer group under a fresh keyspace; the combinations run interleaved
+``--repeats`` times and the table gives medians.
+
+``--crc pure`` runs the daemon with the ``crc32c`` package hidden (``sys.modules["crc32c"] = None``),
+which is what kafka-python sees on a machine without it; the bench checks the daemon then logged
+``kafka_crc32c_pure_python`` (and did not with ``native``).
+
+Drain detection reads the group's committed offsets (the daemon commits only what Redis acknowledged),
+so it does not depend on versions or on the daemon's log lines. The rate is taken from the first
+commit seen to the last (the group join and the first batch are not counted); daemon CPU is
+measured over the same window from ``/proc``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    DaemonProcess,
-    applied_version,
-    config_dict,
-    load,
-    machine,
-    steady_rate,
-    table,
-    unique,
-    wait_until,
-)
+from _common import DaemonProcess, config_dict, load, machine, table, unique, wait_until
 
 from cdcd.devservers import KafkaServer, RedisServer
 
+ROOT = Path(__file__).resolve().parent.parent
+CAPTURED = ROOT / "tests" / "kafka" / "debezium_interleaved.json"
+TOPICS = ["bench.public.users", "bench.public.orders"]
 
-def envelope(i: int) -> tuple[str, bytes, bytes]:
-    k = i // 4
-    step = i % 4
-    lsn = 10_000 + i * 100
-    src = {"connector": "postgresql", "schema": "public", "lsn": lsn, "sequence": f'["{lsn - 1}","{lsn}"]',
-           "txId": 1000 + i,
-           "ts_ms": int(time.time() * 1000)}
-    user = {"id": k, "email": f"u{k}@example.com", "name": f"name {k}", "tenant_id": k % 100,
-            "updated_at": "2026-01-01T00:00:00Z"}
-    order = {"id": k, "user_id": k, "tenant_id": k % 100, "total": "1.25", "status": "new"}
-    if step == 0:
-        body = {"before": None, "after": user, "op": "c", "source": {**src, "table": "users"}}
-    elif step == 1:
-        body = {"before": None, "after": order, "op": "c", "source": {**src, "table": "orders"}}
-    elif step == 2:
-        body = {"before": user, "after": {**user, "name": f"renamed {k}"}, "op": "u",
-                "source": {**src, "table": "users"}}
-    else:
-        body = {"before": order, "after": {**order, "status": "paid"}, "op": "u", "source": {**src, "table": "orders"}}
-    topic = f"bench.public.{body['source']['table']}"  # type: ignore[index]
-    return topic, json.dumps({"id": k}).encode(), json.dumps(body).encode()
+BOOT = """# written by bench/apply_throughput_kafka.py: ``cdcd run`` with or without the C crc32c
+import sys
+if {pure!r}:
+    sys.modules["crc32c"] = None  # kafka-python falls back to its pure-Python CRC, as without the package
+from cdcd.cli import main
+main(sys.argv[1:])
+"""
 
 
-def produce(bootstrap: str, n: int, partitions: int) -> float:
+# ------------------------------------------------------------------------------ the events
+
+
+def _schemas() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """table -> (value schema, key schema) as the real Postgres connector wrote them."""
+    out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for rec in json.loads(CAPTURED.read_text()):
+        table_ = rec["topic"].rsplit(".", 1)[1]
+        if rec["value"] and table_ not in out:
+            out[table_] = (json.loads(rec["value"])["schema"], json.loads(rec["key"])["schema"])
+    return out
+
+
+def _decimal(text: str, scale: int) -> str:
+    """``decimal.handling.mode=precise``: base64 of the unscaled big-endian two's complement integer."""
+    unscaled = int(text.replace(".", "")) if "." in text else int(text) * 10**scale
+    return base64.b64encode(unscaled.to_bytes((unscaled.bit_length() + 8) // 8 or 1, "big", signed=True)).decode()
+
+
+class Events:
+    """The i-th event of the mix, with or without schemas."""
+
+    def __init__(self, schemas: bool) -> None:
+        self.schemas = _schemas() if schemas else None
+
+    def __call__(self, i: int) -> tuple[str, bytes, bytes]:
+        k = i // 4
+        step = i % 4
+        lsn = 10_000 + i * 100
+        now = int(time.time() * 1000)
+        src = {"version": "3.6.3.Final", "connector": "postgresql", "name": "bench", "ts_ms": now,
+               "snapshot": "false", "db": "bench", "sequence": f'["{lsn - 1}","{lsn}"]', "ts_us": now * 1000,
+               "ts_ns": now * 1_000_000, "schema": "public", "txId": 1000 + i, "lsn": lsn, "xmin": None,
+               "origin": None, "origin_lsn": None}
+        user = {"id": k, "email": f"u{k}@example.com", "name": f"name {k}", "tenant_id": k % 100,
+                "updated_at": "2026-01-01T00:00:00.000000Z"}
+        total = _decimal("1.25", 2) if self.schemas else "1.25"
+        order = {"id": k, "user_id": k, "tenant_id": k % 100, "total": total, "status": "new"}
+        if step == 0:
+            table_, before, after, op = "users", None, user, "c"
+        elif step == 1:
+            table_, before, after, op = "orders", None, order, "c"
+        elif step == 2:
+            table_, before, after, op = "users", user, {**user, "name": f"renamed {k}"}, "u"
+        else:
+            table_, before, after, op = "orders", order, {**order, "status": "paid"}, "u"
+        payload = {"before": before, "after": after, "source": {**src, "table": table_}, "transaction": None,
+                   "op": op, "ts_ms": now, "ts_us": now * 1000, "ts_ns": now * 1_000_000}
+        key: dict[str, Any] = {"id": k}
+        if self.schemas is not None:
+            value_schema, key_schema = self.schemas[table_]
+            payload = {"schema": value_schema, "payload": payload}
+            key = {"schema": key_schema, "payload": key}
+        return f"bench.public.{table_}", json.dumps(key).encode(), json.dumps(payload).encode()
+
+
+def produce(bootstrap: str, n: int, partitions: int, events: Events) -> tuple[float, int]:
+    """(seconds, mean value bytes)."""
     from kafka import KafkaAdminClient, KafkaProducer
     from kafka.admin import NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic("bench.public.users", partitions, 1), NewTopic("bench.public.orders", partitions, 1)])
+    admin.create_topics([NewTopic(t, partitions, 1) for t in TOPICS])
     admin.close()
     p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=512 * 1024,
                       max_request_size=8 * 1024 * 1024)
     t0 = time.perf_counter()
+    size = 0
     for i in range(n):
-        topic, key, value = envelope(i)
+        topic, key, value = events(i)
+        size += len(value)
         p.send(topic, key=key, value=value)
     p.flush()
     p.close(10)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, size // max(1, n)
 
 
-def source_settings(bootstrap: str, group: str) -> Any:
-    from cdcd.sources.kafka import KafkaSourceSettings
-
-    return KafkaSourceSettings.model_validate({
-        "bootstrap_servers": bootstrap, "group_id": group, "topics": ["bench.public.users", "bench.public.orders"],
-        "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_poll_records": 5000,
-        "topic_options": {"bench.public.*": {"columns": {"updated_at": "timestamptz", "total": "decimal"}}},
-    })
+# ------------------------------------------------------------------------------ one daemon run
 
 
-def run_daemon(data: dict[str, Any], r: redis.Redis, prefix: str, target: int) -> tuple[float, float, int]:
-    """``cdcd run`` with the Kafka source in its own process: (steady changes/s, daemon CPU s, batches)."""
-    d = DaemonProcess(data)
+def source_settings(bootstrap: str, group: str, schemas: bool, wait_ms: int, max_poll: int) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "type": "kafka", "bootstrap_servers": [bootstrap], "group_id": group, "topics": TOPICS,
+        "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_poll_records": max_poll,
+        "fetch_max_wait_ms": wait_ms}
+    if not schemas:
+        data["topic_options"] = {"bench.public.*": {"columns": {"updated_at": "timestamptz", "total": "decimal"}}}
+    return data
+
+
+def committed_total(admin: Any, group: str) -> int:
+    # kafka-python 3 renamed list_consumer_group_offsets to list_group_offsets
+    call = getattr(admin, "list_group_offsets", None) or admin.list_consumer_group_offsets
+    try:
+        offsets = call(group)
+    except Exception:
+        return 0  # the group does not exist yet
+    if group in offsets:  # kafka-python 3: {group: {tp: OffsetAndMetadata}}
+        offsets = offsets[group]
+    return sum(max(0, o.offset) for o in offsets.values())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class KafkaDaemon(DaemonProcess):
+    """``cdcd run`` started through a boot file that can hide ``crc32c``, optionally under pyinstrument."""
+
+    def __init__(self, data: dict[str, Any], pure: bool, profile: Path | None, code: Path = ROOT) -> None:
+        super().__init__(data)
+        self.boot = self.workdir / "boot.py"
+        self.boot.write_text(BOOT.format(pure=pure))
+        self.profile = profile
+        self.code = code
+
+    def start(self) -> KafkaDaemon:
+        prof = ["-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(self.profile)] if self.profile else []
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, *prof, str(self.boot), "run", "--config", str(self.config_path)],
+                stdout=log, stderr=log, cwd=self.code,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(self.code)})
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60 if self.profile else 15)  # pyinstrument writes its report at exit
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Variant(NamedTuple):
+    crc: str  # pure, native, or baseline (the --baseline code, pure CRC, its own fetch defaults)
+    wait_ms: int
+    max_poll: int
+
+    def label(self) -> str:
+        if self.crc == "baseline":
+            return f"before: --baseline code, pure CRC, fetch_max_wait_ms 500, max_poll_records {self.max_poll}"
+        return f"crc={self.crc}, fetch_max_wait_ms={self.wait_ms}, max_poll_records={self.max_poll}"
+
+
+def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: str, wait_ms: int, max_poll: int,
+               profile: Path | None, baseline: bool = False) -> dict[str, float]:
+    """One drain; ``baseline``: the code in ``--baseline`` with its own fetch defaults (it may not know them)."""
+    from kafka import KafkaAdminClient
+
+    group = unique("g")
+    data = config_dict("postgresql://unused", redis_url, "unused", unique("k") + ":")
+    data["source"] = source_settings(bootstrap, group, args.schemas, wait_ms, max_poll)
+    if baseline:
+        del data["source"]["fetch_max_wait_ms"]
+    data["daemon"]["dead_letters"] = "redis"
+    d = KafkaDaemon(data, crc == "pure", profile, args.baseline if baseline else ROOT)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     d.start()
     assert d.proc is not None
+    pid = d.proc.pid
     try:
-        wait_until(lambda: applied_version(r, prefix) >= target, 900, interval=0.01, what="topics drained")
-        fields = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        first = wait_until(lambda: committed_total(admin, group), 120, interval=0.02, what="first commit")
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
+        n = first
+        deadline = time.monotonic() + 900
+        while n < args.changes:
+            if time.monotonic() > deadline or d.proc.poll() is not None:
+                raise RuntimeError(f"drain stopped at {n} of {args.changes} ({d.log_path})")
+            time.sleep(0.02)
+            n = committed_total(admin, group)
+        t1, cpu1 = time.perf_counter(), cpu_seconds(pid)
     finally:
         d.stop()
-    steady, batches = steady_rate(d.events())
-    return steady, cpu, batches
+        admin.close()
+    warned = any(e.get("event") == "kafka_crc32c_pure_python" for e in d.events())
+    if not baseline and warned != (crc == "pure"):
+        raise RuntimeError(f"crc {crc}: daemon warned={warned} ({d.log_path})")
+    span = t1 - t0
+    return {"rate": (args.changes - first) / span, "cores": (cpu1 - cpu0) / span,
+            "cpu_us": (cpu1 - cpu0) / max(1, args.changes - first) * 1e6}
 
 
-def run_naive(data: dict[str, Any], bootstrap: str, r: redis.Redis, n: int, budget: float) -> tuple[int, float]:
+# ------------------------------------------------------------------------------ the naive baseline
+
+
+def run_naive(args: argparse.Namespace, bootstrap: str, redis_url: str) -> float:
+    """One unpipelined DEL per key and INCR per tag, same parsing and rules (a floor, not a target)."""
     from cdcd.change import Transaction
     from cdcd.sources.kafka import KafkaSource
 
+    data = config_dict("postgresql://unused", redis_url, "unused", unique("kn") + ":")
     rules = load(data).rules()
-    source = KafkaSource(source_settings(bootstrap, unique("naive")))
+    r = redis.Redis.from_url(redis_url)
+    settings = source_settings(bootstrap, unique("naive"), args.schemas, 30, 5000)
+    source = KafkaSource.from_settings(settings)
     source.connect()
     done = 0
     t0 = 0.0
     try:
-        while done < n and (not t0 or time.perf_counter() - t0 < budget):
+        while done < args.changes and (not t0 or time.perf_counter() - t0 < args.naive_seconds):
             items = source.poll(0.5)
             if items and not t0:
                 t0 = time.perf_counter()  # after the group join, which is not the baseline's fault
@@ -133,41 +274,78 @@ def run_naive(data: dict[str, Any], bootstrap: str, r: redis.Redis, n: int, budg
             source.ack([it.position for it in items])
     finally:
         source.close()
-    return done, time.perf_counter() - t0
+    return done / (time.perf_counter() - t0) if t0 else 0.0
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--changes", type=int, default=200_000)
     ap.add_argument("--partitions", type=int, default=1)
-    ap.add_argument("--naive-seconds", type=float, default=15.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--crc", default="native", help="comma list of pure, native")
+    ap.add_argument("--fetch-max-wait-ms", default="30", help="comma list of fetch_max_wait_ms values")
+    ap.add_argument("--max-poll-records", default="5000", help="comma list of max_poll_records values")
+    ap.add_argument("--no-schemas", dest="schemas", action="store_false",
+                    help="schemaless envelopes (schemas.enable=false) with column hints")
+    ap.add_argument("--profile", type=Path, help="directory: one extra pyinstrument run per variant, reports there")
+    ap.add_argument("--baseline", type=Path,
+                    help="a checkout of the code before (e.g. git archive main); adds its variant, pure CRC, run "
+                         "with its own defaults (kafka-python's fetch_max_wait_ms 500)")
+    ap.add_argument("--naive-seconds", type=float, default=0.0, help="also run the naive baseline this long")
     args = ap.parse_args()
+    crcs = [c.strip() for c in args.crc.split(",") if c.strip()]
+    if not set(crcs) <= {"pure", "native"}:
+        ap.error("--crc takes pure and/or native")
+    waits = [int(w) for w in args.fetch_max_wait_ms.split(",")]
+    polls = [int(m) for m in args.max_poll_records.split(",")]
+    variants = [Variant("baseline", 500, polls[0])] if args.baseline else []
+    variants += [Variant(c, w, m) for c in crcs for w in waits for m in polls]
     kafka = KafkaServer()
     kafka.start()
     rs = RedisServer()
     rs.start()
     try:
-        r = redis.Redis.from_url(rs.url)
-        secs = produce(kafka.bootstrap, args.changes, args.partitions)
+        secs, size = produce(kafka.bootstrap, args.changes, args.partitions, Events(args.schemas))
         print(f"machine: {machine()}")
-        print(f"produced {args.changes} Debezium events to 2 topics x {args.partitions} partition(s) in {secs:.1f}s")
-        prefix = unique("k") + ":"
-        data = config_dict("postgresql://unused", rs.url, "unused", prefix)
-        data["source"] = {"type": "kafka", **source_settings(kafka.bootstrap, unique("g")).model_dump(
-            mode="json", include={"bootstrap_servers", "group_id", "topics", "session_timeout_ms",
-                                  "heartbeat_interval_ms", "max_poll_records", "topic_options"})}
-        data["daemon"]["dead_letters"] = "redis"
-        target = 10_000 + (args.changes - 1) * 100
-        rate, cpu, batches = run_daemon(data, r, prefix, target)
-        done, nsecs = run_naive(config_dict("postgresql://unused", rs.url, "unused", unique("kn") + ":"),
-                                kafka.bootstrap, r, args.changes, args.naive_seconds)
-        naive = done / nsecs if nsecs else 0.0
-        print(table(["variant", "changes", "batches", "changes/s"], [
-            ["cdcd run, Kafka source (subprocess)", args.changes, batches, f"{rate:,.0f}"],
-            ["naive DEL/INCR per key, Kafka source", done, "-", f"{naive:,.0f}"]]))
-        if naive:
-            print(f"speed-up over naive: {rate / naive:.1f}x")
-        print(f"daemon CPU seconds for the run (start-up and group join included): {cpu:.2f}")
+        print(f"uptime before: {uptime()}")
+        print(f"produced {args.changes} Debezium events ({'with' if args.schemas else 'without'} schemas, "
+              f"{size} bytes each on average) to 2 topics x {args.partitions} partition(s) in {secs:.1f}s")
+        results: dict[Variant, list[dict[str, float]]] = {v: [] for v in variants}
+        for rep in range(args.repeats):
+            order = variants[rep % len(variants):] + variants[:rep % len(variants)]  # rotate: no fixed first slot
+            for v in order:
+                base_ = v.crc == "baseline"
+                res = run_daemon(args, kafka.bootstrap, rs.url, "pure" if base_ else v.crc, v.wait_ms, v.max_poll,
+                                 None, baseline=base_)
+                results[v].append(res)
+                print(f"  run {rep + 1}: {v.label()}: {res['rate']:,.0f} changes/s, {res['cores']:.2f} cores, "
+                      f"{res['cpu_us']:.1f} CPU µs/change", flush=True)
+        rows = []
+        base = statistics.median(r["rate"] for r in results[variants[0]])
+        for v in variants:
+            rates = [r["rate"] for r in results[v]]
+            med = statistics.median(rates)
+            rows.append([v.label(), len(rates), f"{med:,.0f}",
+                         f"{min(rates):,.0f}-{max(rates):,.0f}",
+                         f"{statistics.median(r['cores'] for r in results[v]):.2f}",
+                         f"{statistics.median(r['cpu_us'] for r in results[v]):.1f}", f"{med / base:.2f}x"])
+        print(table(["cdcd run, Kafka source", "runs", "median changes/s", "range", "daemon cores",
+                     "CPU µs/change", "vs first"], rows))
+        if args.naive_seconds:
+            print(f"naive DEL/INCR per key: {run_naive(args, kafka.bootstrap, rs.url):,.0f} changes/s")
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for v in variants:
+                if v.crc == "baseline":
+                    continue
+                out = args.profile / f"kafka-{v.crc}-{v.wait_ms}-{v.max_poll}.txt"
+                run_daemon(args, kafka.bootstrap, rs.url, v.crc, v.wait_ms, v.max_poll, out)
+                print(f"profile: {out}")
+        print(f"uptime after: {uptime()}")
     finally:
         rs.stop()
         kafka.stop()

@@ -49,6 +49,43 @@ log = structlog.get_logger("cdcd.source.kafka")
 # kafka-python is imported where it is used, so the settings model (and with it the daemon's
 # configuration) loads without the kafka extra installed.
 
+_crc_warned = False
+
+
+def crc32c_is_native() -> bool:
+    """Does kafka-python check record CRCs with the C ``crc32c`` package (the ``kafka`` extra)?
+
+    kafka-python picks the package up by itself when it can import it, and silently falls
+    back to a pure-Python CRC-32C otherwise, which made the daemon spend ~7x the CPU per change
+    (BENCHMARKS.md, issue 9). What counts is the function ``calc_crc32c`` was bound to at
+    import, so a package installed after kafka-python was imported still reads as pure.
+    """
+    try:
+        from kafka.record import util
+    except ImportError:
+        return False
+    pure = getattr(util, "crc32c_py", None)
+    defaults = getattr(util.calc_crc32c, "__defaults__", None) or ()
+    used = defaults[0] if defaults else getattr(util, "_crc32c", None)
+    if pure is None or used is None:  # kafka-python's internals moved: whether the package imports
+        import importlib.util
+
+        return importlib.util.find_spec("crc32c") is not None
+    return used is not pure
+
+
+def warn_if_crc32c_pure_python() -> bool:
+    """Log ``kafka_crc32c_pure_python`` once per process when the CRC is pure Python; True if native."""
+    global _crc_warned
+    native = crc32c_is_native()
+    if not native and not _crc_warned:
+        _crc_warned = True
+        log.warning("kafka_crc32c_pure_python",
+                    detail="kafka-python checks record CRCs in pure Python, which multiplied the daemon's CPU per "
+                           "change by ~7 in cdcd's benchmark; install the C package: pip install 'crc32c>=2.3' "
+                           "(part of cdcd[kafka])")
+    return native
+
 
 class KafkaPosition(NamedTuple):
     """Where a record came from; what ``ack`` gets back. A plain tuple: (topic, partition, offset)."""
@@ -106,7 +143,26 @@ class KafkaSourceSettings(BaseModel):
     heartbeat_interval_ms: int = Field(default=3000, ge=100)
     max_poll_interval_ms: int = Field(default=300000, ge=1000,
                                       description="longer without poll (e.g. Redis down) and the group moves on")
-    max_poll_records: int = Field(default=500, ge=1, description="records per poll() at most")
+    max_poll_records: int = Field(
+        default=5000, ge=1, le=1_000_000,
+        description="records per poll() at most, i.e. per daemon batch (one Redis round trip, one offset "
+                    "commit); kafka-python's 500 was ~10% slower than 5000 on a quiet machine (issue 9)")
+    fetch_max_wait_ms: int = Field(
+        default=30, ge=0, le=10_000,
+        description="how long the broker may hold a fetch waiting for fetch_min_bytes; the floor of "
+                    "commit-to-invalidation latency at low rates (kafka-python's 500 gave p50 126-173 ms "
+                    "at 100 changes/s, 30 gives ~50 ms; BENCHMARKS.md)")
+    fetch_min_bytes: int = Field(
+        default=1, ge=1, le=64 * 1024 * 1024,
+        description="bytes the broker waits for (at most fetch_max_wait_ms) before answering a fetch; "
+                    "1 answers as soon as anything arrived")
+    max_partition_fetch_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        description="bytes per partition per fetch; at least the largest record (a bigger one still "
+                    "comes through, alone)")
+    fetch_max_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="bytes per fetch response over all partitions (a soft cap the broker applies)")
     request_timeout_ms: int = Field(default=30000, ge=1000)
     metadata_max_age_ms: int = Field(default=30000, ge=500,
                                      description="how soon a topic_pattern picks up a new table's topic")
@@ -147,6 +203,15 @@ class KafkaSourceSettings(BaseModel):
             raise ValueError("set exactly one of topics (a list) or topic_pattern (a regex)")
         if not self.bootstrap_servers:
             raise ValueError("bootstrap_servers is empty")
+        if self.fetch_max_wait_ms >= self.request_timeout_ms:
+            raise ValueError(f"fetch_max_wait_ms ({self.fetch_max_wait_ms}) must be below request_timeout_ms "
+                             f"({self.request_timeout_ms}): a fetch the broker holds that long would time out")
+        if self.max_partition_fetch_bytes > self.fetch_max_bytes:
+            raise ValueError(f"max_partition_fetch_bytes ({self.max_partition_fetch_bytes}) must not exceed "
+                             f"fetch_max_bytes ({self.fetch_max_bytes})")
+        if self.fetch_min_bytes > self.fetch_max_bytes:
+            raise ValueError(f"fetch_min_bytes ({self.fetch_min_bytes}) must not exceed fetch_max_bytes "
+                             f"({self.fetch_max_bytes}): the broker would always wait fetch_max_wait_ms")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below session_timeout_ms (a third of it is usual)")
         if self.sasl_mechanism and not self.security_protocol.startswith("SASL"):
@@ -159,6 +224,12 @@ class KafkaSourceSettings(BaseModel):
                 return ParseOptions(version=opts.version or self.version, hints=dict(opts.columns),
                                     placeholder=opts.unavailable_placeholder)
         return ParseOptions(version=self.version)
+
+    def fetch_kwargs(self) -> dict[str, int]:
+        """The consumer's fetch settings, under kafka-python's names (which are the same)."""
+        return {"fetch_max_wait_ms": self.fetch_max_wait_ms, "fetch_min_bytes": self.fetch_min_bytes,
+                "max_partition_fetch_bytes": self.max_partition_fetch_bytes,
+                "fetch_max_bytes": self.fetch_max_bytes}
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection and security options shared by the consumer and the dead-letter producer."""
@@ -311,6 +382,7 @@ class KafkaSource:
         if self._consumer is not None:
             return
         s = self.settings
+        warn_if_crc32c_pure_python()
         self._probe()
         kwargs = {
             **s.client_kwargs(),
@@ -321,6 +393,7 @@ class KafkaSource:
             "heartbeat_interval_ms": s.heartbeat_interval_ms,
             "max_poll_interval_ms": s.max_poll_interval_ms,
             "max_poll_records": s.max_poll_records,
+            **s.fetch_kwargs(),
             "bootstrap_timeout_ms": int(s.connect_timeout * 1000),
             "metadata_max_age_ms": s.metadata_max_age_ms,  # a topic_pattern picks up new tables' topics
         }
@@ -508,7 +581,7 @@ class KafkaSource:
         return {"source": self.name, "group": self.settings.group_id, "connected": self._consumer is not None,
                 "partitions": parts, "delivered": self.delivered, "skipped": self.skipped,
                 "rejected": self.rejected, "commits": self.commits, "rebalances": self.rebalances,
-                **self._lag}
+                "crc32c": "native" if crc32c_is_native() else "pure-python", **self._lag}
 
 
 def _fmt(offsets: dict[Any, int]) -> dict[str, int]:
