@@ -78,8 +78,8 @@ def load(data: dict[str, Any]) -> Any:
 class DaemonProcess:
     """``cdcd run`` in its own process: the honest setup on a 2-core machine (no GIL shared with the load)."""
 
-    def __init__(self, data: dict[str, Any], workdir: Path | None = None, pipelined: bool = False) -> None:
-        self.pipelined = pipelined  # the prototype loop of bench/_pipelined.py instead of ``cdcd run``
+    def __init__(self, data: dict[str, Any], workdir: Path | None = None, root: Path = ROOT) -> None:
+        self.root = root  # the checkout whose cdcd runs (another worktree for before/after comparisons)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="cdcd-bench-"))
         self.config_path = self.workdir / f"cdcd-{uuid.uuid4().hex[:6]}.yaml"
         self.config_path.write_text(yaml.safe_dump(data))
@@ -88,10 +88,9 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        cmd = ([sys.executable, str(ROOT / "bench" / "_pipelined.py")] if self.pipelined
-               else [sys.executable, "-m", "cdcd.cli", "run"])
-        self.proc = subprocess.Popen([*cmd, "--config", str(self.config_path)],
-                                     stdout=log, stderr=log, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(self.root)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "cdcd.cli", "run", "--config", str(self.config_path)],
+                                     stdout=log, stderr=log, cwd=self.root, env=env)
         log.close()
         return self
 
@@ -123,6 +122,30 @@ class DaemonProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def batch_lines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The daemon's ``batch`` log lines (one per batch, or one per ``log.batch_interval`` summing several:
+    ``batches`` says how many, ``last_at`` when the newest was applied; see cdcd.batchlog)."""
+    return [e for e in events if e.get("event") == "batch"]
+
+
+def _line_time(e: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(e.get("last_at") or e["timestamp"]).timestamp()
+
+
+def steady_rate(events: list[dict[str, Any]]) -> tuple[float, int]:
+    """(changes/s, batches) from the batch lines: the changes after the first line over the time from its batch
+    to the newest batch of the last line. The first line is the first batch alone (nothing before it to sum)."""
+    lines = batch_lines(events)
+    batches = sum(int(e.get("batches", 1)) for e in lines)
+    if len(lines) < 2:
+        return 0.0, batches
+    span = _line_time(lines[-1]) - _line_time(lines[0])
+    changes = sum(int(e["changes"]) for e in lines[1:])
+    return (changes / span if span > 0 else 0.0), batches
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> Any:

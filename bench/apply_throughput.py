@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from _common import (
     machine,
     make_db,
     servers,
+    steady_rate,
     table,
     unique,
     wait_until,
@@ -117,9 +117,11 @@ def summarize_collapsed(path: Path, top: int = 25) -> str:
 
 def run_daemon_process(data: dict[str, Any], r: redis.Redis, prefix: str, target: int, timeout: float,
                        redis_pid: int, spy: Path | None = None,
-                       pipelined: bool = False) -> tuple[float, float, int, dict[str, float]]:
-    """(steady changes/s from the batch log, wall seconds from process start, batches, CPU seconds by process)."""
-    d = DaemonProcess(data, pipelined=pipelined)
+                       root: Path | None = None) -> tuple[float, float, int, dict[str, float]]:
+    """(steady changes/s from the batch log, wall seconds from process start, batches, CPU seconds by process).
+
+    ``root``: run the cdcd of another checkout (before/after comparisons)."""
+    d = DaemonProcess(data) if root is None else DaemonProcess(data, root=root)
     t0 = time.monotonic()
     d.start()
     assert d.proc is not None
@@ -144,11 +146,8 @@ def run_daemon_process(data: dict[str, Any], r: redis.Redis, prefix: str, target
             spy_proc.send_signal(signal.SIGINT)
             spy_proc.wait(30)
         d.stop()
-    batches = [e for e in d.events() if e.get("event") == "batch"]
-    times = [datetime.fromisoformat(e["timestamp"]).timestamp() for e in batches]
-    changes = [int(e["changes"]) for e in batches]
-    steady = sum(changes[1:]) / (times[-1] - times[0]) if len(batches) > 1 and times[-1] > times[0] else 0.0
-    return steady, wall, len(batches), cpu
+    steady, batches = steady_rate(d.events())
+    return steady, wall, batches, cpu
 
 
 def run_daemon_profiled(data: dict[str, Any], r: redis.Redis, prefix: str, target: int, out: Path,
@@ -227,8 +226,6 @@ def main() -> int:
     ap.add_argument("--naive-seconds", type=float, default=15.0)
     ap.add_argument("--profile", type=Path, help="run the daemon in-process under pyinstrument; write text here")
     ap.add_argument("--py-spy", type=Path, help="sample the daemon subprocess with py-spy; collapsed stacks here")
-    ap.add_argument("--pipelined", action="store_true",
-                    help="run the prototype loop of bench/_pipelined.py (Redis overlapped) instead of cdcd run")
     args = ap.parse_args()
 
     from cdcd.sources.postgres import PostgresSource
@@ -258,12 +255,10 @@ def main() -> int:
             print(f"profile written to {args.profile}")
         else:
             assert rs.proc is not None
-            rate, wall, batches, cpu = run_daemon_process(data_a, r, prefix_a, target, 600, rs.proc.pid, args.py_spy,
-                                                          args.pipelined)
+            rate, wall, batches, cpu = run_daemon_process(data_a, r, prefix_a, target, 600, rs.proc.pid, args.py_spy)
             if args.py_spy:
                 print(summarize_collapsed(args.py_spy))
-            name = "cdcd, PROTOTYPE overlapped loop (subprocess)" if args.pipelined else "cdcd (subprocess)"
-            rows.append([name, args.changes, batches, f"{wall:.2f}", f"{rate:,.0f}"])
+            rows.append(["cdcd (subprocess)", args.changes, batches, f"{wall:.2f}", f"{rate:,.0f}"])
             spent = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
             print(f"CPU seconds during the drain (wall {wall:.2f}s, daemon start-up included): {spent}")
         done, secs = run_naive(data_b, r, args.changes, args.naive_seconds)

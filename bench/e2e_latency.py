@@ -48,6 +48,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     DaemonProcess,
+    batch_lines,
     config_dict,
     machine,
     make_db,
@@ -267,8 +268,7 @@ def main() -> int:
     ap.add_argument("--nice-load", type=int, default=0,
                     help="nice value for the generator backends (default 0: they compete equally with the "
                          "daemon, walsender and Redis for the 2 cores)")
-    ap.add_argument("--pipelined", action="store_true",
-                    help="run the prototype loop of bench/_pipelined.py (Redis overlapped) instead of cdcd run")
+    ap.add_argument("--root", type=Path, help="run the cdcd of another checkout (e.g. a worktree of main)")
     ap.add_argument("--py-spy", type=Path, help="sample the daemon with py-spy for the whole run (collapsed stacks)")
     args = ap.parse_args()
     rates = [None if r == "max" else float(r) for r in args.rates.split(",")]
@@ -283,7 +283,7 @@ def main() -> int:
             conn.execute("VACUUM ANALYZE users")
         prefix = unique("e2e") + ":"
         data = config_dict(dsn, rs.url, unique("s"), prefix)
-        daemon = DaemonProcess(data, pipelined=args.pipelined).start()
+        daemon = (DaemonProcess(data, root=args.root) if args.root else DaemonProcess(data)).start()
         daemon.wait_ready()
         sub = Subscriber(rs.url, prefix)
         spy = None
@@ -295,9 +295,9 @@ def main() -> int:
                                     "-r", "250", "--format", "raw", "-o", str(args.py_spy), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"machine: {machine()}")
-        loop = "PROTOTYPE overlapped loop" if args.pipelined else "cdcd run"
-        print(f"daemon: {loop} in a subprocess; load: {args.writers} server-side generator backends (nice "
-              f"{args.nice_load}); synchronous_commit={args.synchronous_commit}; {args.seconds:.0f}s per step")
+        print(f"daemon: cdcd run ({args.root or 'this checkout'}) in a subprocess; load: {args.writers} "
+              f"server-side generator backends (nice {args.nice_load}); "
+              f"synchronous_commit={args.synchronous_commit}; {args.seconds:.0f}s per step")
         assert daemon.proc is not None and rs.proc is not None
         meter = CpuMeter(dsn, {"daemon": daemon.proc.pid, "redis": rs.proc.pid, "bench (subscribers)": os.getpid()})
         rows, lag, cores = [], [], []
@@ -321,12 +321,14 @@ def main() -> int:
                 spy.wait(30)
             sub.close()
             daemon.stop()
-            batches = [e for e in daemon.events() if e.get("event") == "batch"]
-            if batches:
-                sizes = [int(e["changes"]) for e in batches]
-                print(f"daemon: {len(batches)} batches, changes per batch p50 {pct(sizes, 50):.0f} "
-                      f"p99 {pct(sizes, 99):.0f}; redis round trip p50 "
-                      f"{pct([float(e['redis_ms']) for e in batches], 50):.2f} ms")
+            lines = batch_lines(daemon.events())
+            if lines:
+                n = sum(int(e.get("batches", 1)) for e in lines)
+                changes = sum(int(e["changes"]) for e in lines)
+                redis_ms = sum(float(e["redis_ms"]) * int(e.get("batches", 1)) for e in lines) / n
+                print(f"daemon: {n} batches, {changes / n:.1f} changes per batch on average; Redis time per batch "
+                      f"(send + wait for replies) mean {redis_ms:.2f} ms, max "
+                      f"{max(float(e.get('redis_ms_max', e['redis_ms'])) for e in lines):.2f} ms")
         print(table(["target", "achieved/s", "stage", "p50 ms", "p95 ms", "p99 ms", "max ms", "missing",
                      "sustained"], rows))
         print("\nCPU used during each step, in cores (2 available)")

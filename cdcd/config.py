@@ -95,6 +95,8 @@ class LogSettings(BaseModel):
 
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    batch_interval: float = Field(default=1.0, ge=0, description="at most one `batch` line per this many seconds "
+                                  "at info, summing the batches in between (0: one line per batch; cdcd.batchlog)")
 
 
 class DaemonSettings(BaseModel):

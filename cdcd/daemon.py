@@ -1,11 +1,19 @@
 """The daemon loop: source -> change -> rules -> writes -> backplane -> checkpoint.
 
-One batch at a time, strictly in order::
+Batches reach Redis strictly in order, and Redis executes one while the daemon reads and plans the
+next (the two used to take turns, each idle half the time)::
 
-    items = source.poll()          # committed transactions only
-    batch = rules.plan(items)      # keys, values, tombstones, tag bumps
-    sink.apply(batch)              # one Redis pipeline; retried until Redis says yes
-    source.ack(positions)          # only now may the checkpoint move
+    items = source.poll()          # committed transactions only (no wait while a batch is in flight)
+    batch = rules.plan(items)      # keys, values, tombstones, tag bumps: overlaps Redis executing N-1
+    settle(N-1)                    # read N-1's replies (or apply it again until Redis says yes), then
+                                   # source.ack(N-1's positions): only now may the checkpoint move
+    pending = sink.begin(batch)    # send N on the sink's connection; its replies are read by settle
+
+When the source has nothing more, the batch in flight is settled before the loop waits, and on stop
+it is settled before the source closes. A batch is acknowledged only after all its replies were read,
+and batch N is sent only after N-1 was settled: if Redis fails mid-reply, N-1 is applied again (writes
+are versioned, a repeat is harmless) before anything newer goes out, so no later batch can be
+acknowledged before an earlier one is applied.
 
 Failures never lose a change: Redis down -> back off and retry the same batch
 (the position does not move); source down -> reconnect and let it re-deliver
@@ -21,7 +29,8 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -29,6 +38,7 @@ import structlog
 from redis.backoff import AbstractBackoff, EqualJitterBackoff
 
 from cdcd.backplane import Sequencer
+from cdcd.batchlog import BatchLog
 from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.metrics import Metrics
@@ -36,7 +46,7 @@ from cdcd.ops import OpsServer
 from cdcd.redisfaults import REDIS_FAULTS
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.base import DeadLetters
-from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink
+from cdcd.sinks.redis import ApplyResult, PendingApply, RedisDeadLetters, RedisSink
 from cdcd.sources.base import (
     GuardsSchema,
     HasWatermark,
@@ -67,6 +77,22 @@ def retry_delay(policy: AbstractBackoff, failures: int) -> float:
 
 class HttpBindError(OSError):
     """The ops HTTP server could not bind its address: a configuration problem (``http.port``)."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A batch sent to Redis, not yet settled: neither its replies read nor its positions acknowledged."""
+
+    positions: list[Any]  # only these, not the decoded transactions: those are freed once planned
+    batch: Batch
+    pending: PendingApply | None
+    error: BaseException | None = None  # sending failed: settle applies it again, with retries
+
+    def first_attempt(self) -> ApplyResult:
+        if self.pending is None:
+            assert self.error is not None
+            raise self.error
+        return self.pending.wait()
 
 
 class Daemon:
@@ -106,6 +132,8 @@ class Daemon:
         self.http: OpsServer | None = None
         self.debug = config.log.level == "debug"
         self._last_publish = time.monotonic()
+        self._inflight: _InFlight | None = None
+        self.batch_log = BatchLog(log.info, 0.0 if self.debug else config.log.batch_interval)
 
     def _make_source(self) -> Source:
         from cdcd.sources.kafka import KafkaSource, KafkaSourceSettings
@@ -146,15 +174,19 @@ class Daemon:
         """Sleep unless asked to stop; True when stopping."""
         return self.stop_event.wait(seconds)
 
-    def _retry_redis(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _retry_redis(self, what: str, fn: Callable[[], Any], first: Callable[[], Any] | None = None) -> Any:
+        """``fn()`` until it succeeds (``first()`` instead for the first attempt); raises RedisError only
+        when asked to stop meanwhile."""
         failures = 0
+        attempt = first or fn
         while True:
             try:
-                result = fn()
+                result = attempt()
                 self.metrics.connected.labels("redis").set(1)
                 self.redis_ok = True
                 return result
             except REDIS_ERRORS as exc:
+                attempt = fn
                 self.metrics.connected.labels("redis").set(0)
                 self.metrics.retries.labels("redis").inc()
                 self.redis_ok = False
@@ -256,13 +288,21 @@ class Daemon:
             while not self.stop_event.is_set():
                 self.last_loop = time.monotonic()
                 try:
-                    items = self.source.poll(0.5)
+                    # With a batch in flight, take only what the source already has: planning it
+                    # overlaps Redis executing the batch. With nothing there, settle the batch first.
+                    items = self.source.poll(0 if self._inflight is not None else 0.5)
                     if items or self.schema_guard.pending():
                         self._process(items)
                         self._last_publish = time.monotonic()
-                    elif cfg.daemon.heartbeat and time.monotonic() - self._last_publish >= cfg.daemon.heartbeat:
-                        self._heartbeat()
-                    self._watermark(idle=not items)
+                    elif self._inflight is not None:
+                        self._settle()
+                    else:
+                        self.batch_log.idle()
+                        if cfg.daemon.heartbeat and time.monotonic() - self._last_publish >= cfg.daemon.heartbeat:
+                            self._heartbeat()
+                    # announced on its own only with nothing in flight (as the heartbeat): its message must not
+                    # overtake a sent batch's; with a batch in flight the next batch's messages carry it
+                    self._watermark(idle=not items and self._inflight is None)
                     failures = 0
                 except SourceUnavailable as exc:
                     self.metrics.connected.labels("source").set(0)
@@ -272,6 +312,11 @@ class Daemon:
                     delay = retry_delay(self.backoff, failures)
                     failures += 1
                     log.warning("source_lost", error=str(exc), retry_in=round(delay, 3))
+                    try:
+                        # read from the lost session: applied, and acked if the source still can
+                        self._settle(source_lost=True)
+                    except redis.RedisError:
+                        break  # stopping while Redis is down: not acked, re-delivered
                     self.source.close()
                     if self._wait(delay):
                         break
@@ -279,7 +324,17 @@ class Daemon:
                 except redis.RedisError:
                     break  # only raised out of _retry_redis when stopping: the batch was not acked
         finally:
-            self.source.close()
+            # Stopping (or failing): the batch in flight is applied and acked before the source closes. Set
+            # first so that Redis being down ends the retries at once instead of holding the exit forever.
+            self.stop_event.set()
+            try:
+                self._settle(source_lost=True)
+            except redis.RedisError:
+                log.warning("stopped_unacked", detail="Redis was down while stopping: the batch in flight was "
+                                                      "not acknowledged and will be delivered again")
+            finally:
+                self.batch_log.flush()
+                self.source.close()
             self.dead_letters.close()
             log.info("stopped", batches=self.applied_batches)
 
@@ -293,7 +348,10 @@ class Daemon:
                 self._dead_letter(item)
             else:
                 txns.append(item)
-        txns = self.schema_guard.filter(txns, self.last_version)
+        version = self.last_version  # what a schema-guard transaction of its own is versioned at
+        if self._inflight is not None and self._inflight.batch.version:
+            version = max(version, self._inflight.batch.version)
+        txns = self.schema_guard.filter(txns, version)
         self._schema_events()
         batch = self.rules.plan(txns)
         if self.debug:
@@ -303,9 +361,41 @@ class Daemon:
         for p in batch.problems:
             m.problems.labels(p.kind, p.relation).inc()
             log.warning(p.kind, table=p.relation, detail=p.detail, position=str(p.position))
-        result = self._retry_redis("apply", lambda: self.sink.apply(batch))
+        self._settle()  # the previous batch: applied and acked before this one may go out
+        self._send(items, batch)
+
+    def _send(self, items: Sequence[Any], batch: Batch) -> None:
+        """Send the batch; its replies are read by :meth:`_settle`. If sending fails, settle at once
+        (applying it again with retries): nothing newer may go out before it is applied."""
+        positions = [it.position for it in items]
+        try:
+            self._inflight = _InFlight(positions, batch, self.sink.begin(batch))
+        except REDIS_ERRORS as exc:
+            self._inflight = _InFlight(positions, batch, None, exc)
+            self._settle()
+
+    def _settle(self, source_lost: bool = False) -> None:
+        """The batch in flight: read its replies (on failure apply it again until Redis says yes), then
+        dead-letter refused writes and acknowledge its positions. ``source_lost``: the source it came
+        from may be gone; an ack it cannot take is dropped (the batch is re-delivered, harmlessly)."""
+        flight, self._inflight = self._inflight, None
+        if flight is None:
+            return
+        batch = flight.batch
+        result: ApplyResult = self._retry_redis("apply", lambda: self.sink.apply(batch), flight.first_attempt)
         self._refused(result)
-        self.source.ack([it.position for it in items])
+        try:
+            self.source.ack(flight.positions)
+        except SourceUnavailable:
+            if not source_lost:
+                raise
+            log.debug("ack_dropped", detail="the source session is gone; the batch is delivered again")
+            return
+        self._account(flight.positions, batch, result)
+
+    def _account(self, positions: Sequence[Any], batch: Batch, result: ApplyResult) -> None:
+        """Counters, metrics and the batch log of an applied and acknowledged batch."""
+        m = self.metrics
         now = time.time()
         self.applied_batches += 1
         self.applied_changes += sum(batch.counts.values())
@@ -334,13 +424,12 @@ class Daemon:
             m.commit_to_apply.observe(max(0.0, now - batch.commit_ts))
         if batch.version:
             m.version.set(batch.version)
-        positions = [p for p in (it.position for it in items) if isinstance(p, int)]
-        if positions:
-            m.position.set(max(positions))
-        log.info("batch", txns=batch.transactions, changes=sum(batch.counts.values()), writes=len(batch.writes),
-                 refused=result.refused, tags=result.tags, version=batch.version,
-                 redis_ms=round(result.rtt * 1000, 2),
-                 lag_ms=round((now - batch.oldest_commit_ts) * 1000, 1) if batch.oldest_commit_ts else None)
+        lsns = [p for p in positions if isinstance(p, int)]
+        if lsns:
+            m.position.set(max(lsns))
+        self.batch_log.add(batch.transactions, sum(batch.counts.values()), len(batch.writes), result.refused,
+                           result.tags, batch.version, result.rtt,
+                           (now - batch.oldest_commit_ts) * 1000 if batch.oldest_commit_ts else None)
         if self.on_batch is not None:
             self.on_batch(batch, result)
 

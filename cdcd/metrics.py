@@ -50,7 +50,9 @@ class Metrics:
                                      "cannot fix (dead-lettered, key made safe), by reason", ["reason"], registry=r)
         self.redis_restores = Counter("cdcd_redis_restores_total", "Registry and table counters restored after "
                                       "Redis lost them (restart, flush, failover)", registry=r)
-        self.redis_rtt = Histogram("cdcd_redis_roundtrip_seconds", "Redis pipeline round trip per batch",
+        self.redis_rtt = Histogram("cdcd_redis_roundtrip_seconds", "Time the loop spent on each batch's Redis "
+                                   "round trip: sending it plus blocking for its replies (Redis work overlapped "
+                                   "with planning the next batch is not counted; cdcd.sinks.redis.PendingApply)",
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.commit_to_apply = Histogram("cdcd_commit_to_apply_seconds",
                                          "Commit timestamp to Redis acknowledgement, per batch (newest commit)",

@@ -574,7 +574,15 @@ def _many(call: list[int], keys: list[bytes], args: list[bytes]) -> bytes:
 
 
 class PendingApply:
-    """A batch sent to Redis whose replies have not been read yet (see :meth:`RedisSink.begin`)."""
+    """A batch sent to Redis whose replies have not been read yet (see :meth:`RedisSink.begin`).
+
+    ``ApplyResult.rtt`` of a packed batch is the time the caller spent on Redis for it: formatting and
+    sending the commands (``begin``) plus blocking in ``wait()`` until the last reply was read. Time
+    between the two (a loop polling and planning the next batch while Redis executes this one) is not
+    in it: Redis work hidden behind other work costs the loop nothing. Called back to back
+    (``apply()``) it is the whole round trip. So a large figure means the loop waited for Redis; a
+    small one under load means the overlap hid Redis. ``wait_s`` is the blocking part alone.
+    """
 
     def __init__(self, sink: RedisSink, batch: Batch, conn: Any, tags: list[str], restored: int, tombstones: int,
                  messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None,
@@ -583,6 +591,9 @@ class PendingApply:
         self.floored = floored
         self.calls = calls  # entry calls when some were grouped by hash slot (RedisSink._finish)
         self.restored, self.tombstones, self.messages, self.t0 = restored, tombstones, messages, t0
+        # created right after the last byte was handed to the socket (or after the whole pipeline ran: done)
+        self.send_s = time.perf_counter() - t0 if done is None else done.rtt
+        self.wait_s = 0.0
         self.replies = replies
         self.done = done
 
@@ -590,6 +601,7 @@ class PendingApply:
         """Read every reply; raises RedisError (NoScriptError after a Redis restart) like ``apply``."""
         if self.done is not None:
             return self.done
+        t_wait = time.perf_counter()
         try:
             results = _read_replies(self.conn, self.replies)
         except BaseException as exc:
@@ -598,7 +610,8 @@ class PendingApply:
             if fault is exc:
                 raise
             raise fault from exc
-        rtt = time.perf_counter() - self.t0
+        self.wait_s = time.perf_counter() - t_wait
+        rtt = self.send_s + self.wait_s
         self.done = self.sink._finish(self.batch, results, self.tags, self.restored, self.tombstones,
                                       self.messages, rtt, self.floored, self.calls)
         return self.done
