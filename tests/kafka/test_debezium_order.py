@@ -145,6 +145,8 @@ def test_interleaved_commits_through_real_debezium_and_a_restart(
             # B as a value (ordered) or a tombstone (if it was the fence): never A2 again
             wait_until(lambda: json.loads(entry(r, f"{p}user:1").get("d", '{"name": "B"}'))["name"] == "B", 30,
                        what="the change after the restart")
+            # the orders topic is consumed independently of users: wait for T3's order itself
+            wait_until(lambda: entry(r, f"{p}order:3"), 30, what="the order after the restart applied")
             assert guard.fill(tokens[7], b"[1, 2]", ttl=300) is False
             sql("UPDATE users SET name = 'C' WHERE id = 1")  # ordered by commit again: a value
             wait_until(lambda: json.loads(entry(r, f"{p}user:1").get("d", "{}")).get("name") == "C", 30,
