@@ -117,7 +117,7 @@ def main() -> int:
             daemons = {name: config_dict(dsn, rs.url, unique("c"), unique("pc") + ":") for name, _ in roots}
             for data in (bare, *daemons.values()):  # publication + slot before the changes
                 cfg = load(data)
-                PostgresSource(cfg.source, cfg.rules()).setup()
+                PostgresSource(cfg.source, cfg.rules().source).setup()
             plans.append({"bare": bare, "daemons": daemons})
         fill_s = fill(dsn, args.changes, args.txn_size)
         with psycopg.connect(dsn, autocommit=True) as conn:
