@@ -61,7 +61,7 @@ def worker(tagged: bool, entries: int, reps: int) -> None:
     sink = RedisSink(redis.Redis(), rules, Sequencer("cdcd"))
     sink._conn = Discard()
     tag = next(iter(rules.by_relation.values())).table_tag
-    rules.table_epochs[tag] = "1733380000000000"
+    sink.epochs.set(tag, "1733380000000000")
     batch = Batch()
     for i in range(entries):
         key = f"{{t{i % 100}}}:user:{i}" if tagged else f"user:{i}"
