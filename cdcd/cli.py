@@ -181,8 +181,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    if args.watch:
+        return _watch(args, config)
+    rate = 2000.0 if args.rate is None else args.rate
     try:
-        report = run_inspect(config, None if args.all else args.sample, args.all, args.rate, args.threshold,
+        report = run_inspect(config, None if args.all else args.sample, args.all, rate, args.threshold,
                              args.settle_timeout, sys.stdout, json_output=args.json, heartbeat=not args.no_heartbeat,
                              clock_margin=args.clock_margin)
     except InspectError as exc:
@@ -191,6 +194,71 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except (psycopg.Error, redis.RedisError) as exc:
         _err(f"inspect failed: {str(exc).strip()}")
         return EXIT_STALE
+    return report.exit_code
+
+
+def _bounds(text: str) -> tuple[float, ...]:
+    from cdcd.durations import parse_duration
+
+    try:
+        bounds = tuple(parse_duration(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not bounds:
+        raise argparse.ArgumentTypeError("at least one bound, e.g. 10ms,100ms,1s")
+    return bounds
+
+
+def _duration(text: str) -> float:
+    from cdcd.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _watch(args: argparse.Namespace, config: Config) -> int:
+    import signal
+    import threading
+
+    import psycopg
+    import redis
+
+    from cdcd.inspect import EXIT_STALE, InspectError
+    from cdcd.inspect.watch import run_watch
+    from cdcd.inspect.watchmetrics import WatchMetrics
+    from cdcd.logs import configure
+
+    configure(config.log.format, config.log.level)
+    bounds = args.bounds
+    check_bound = args.nines_bound if args.nines_bound is not None else max(bounds)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())  # finish the round, print the table, exit with the verdict
+    metrics = None
+    try:
+        if args.metrics_port is not None:
+            metrics = WatchMetrics()
+            port = metrics.serve(args.metrics_port, args.metrics_host)
+            print(f"metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
+        report = run_watch(config, bounds=bounds, rate=100.0 if args.rate is None else args.rate, batch=args.batch,
+                           settle_timeout=args.settle_timeout, duration=args.duration, check_bound=check_bound,
+                           min_nines=args.min_nines, out=sys.stdout, json_output=args.json,
+                           heartbeat=not args.no_heartbeat, clock_margin=args.clock_margin, metrics=metrics,
+                           log_interval=args.log_interval, stop=stop)
+    except InspectError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    except OSError as exc:
+        _err(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}")
+        return EXIT_CONFIG
+    except (psycopg.Error, redis.RedisError) as exc:  # at start; errors during the watch are retried
+        _err(f"inspect --watch failed: {str(exc).strip()}")
+        return EXIT_STALE
+    finally:
+        if metrics is not None:
+            metrics.close()
     return report.exit_code
 
 
@@ -249,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", "-c", required=True)
     inspect.add_argument("--sample", type=int, default=1000, help="rows sampled per table (default 1000)")
     inspect.add_argument("--all", action="store_true", help="check every row (paged) and scan the whole keyspace")
-    inspect.add_argument("--rate", type=float, default=2000.0,
-                         help="rows (and scanned keys) per second at most (0 = unlimited)")
+    inspect.add_argument("--rate", type=float, default=None,
+                         help="rows (and scanned keys) per second at most (0 = unlimited; default 2000, "
+                              "100 with --watch)")
     inspect.add_argument("--threshold", type=float, default=0.0, help="stale/checked ratio tolerated (default 0)")
     inspect.add_argument("--settle-timeout", type=float, default=10.0,
                          help="seconds to wait for the daemon to pass a candidate's position before re-checking")
@@ -259,6 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--clock-margin", type=float, default=0.05,
                          help="seconds of clock uncertainty tolerated when dating application values")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    watch = inspect.add_argument_group(
+        "--watch", "sample reads continuously and report consistency in nines within time bounds "
+                   "(docs/consistency-nines.md); exit 1 when below --min-nines at --nines-bound, 3 without reads")
+    watch.add_argument("--watch", action="store_true", help="sample continuously instead of one pass")
+    watch.add_argument("--bounds", type=_bounds, default=(0.01, 0.1, 1.0),
+                       help="staleness bounds, comma-separated durations (default 10ms,100ms,1s)")
+    watch.add_argument("--duration", type=_duration, default=None,
+                       help="stop after this long (e.g. 60, 5m) and print the final table (default: until SIGTERM)")
+    watch.add_argument("--batch", type=int, default=100, help="rows sampled per round (default 100)")
+    watch.add_argument("--min-nines", type=float, default=None,
+                       help="exit 1 when the nines at --nines-bound are below this (default: any stale read "
+                            "beyond the bound fails)")
+    watch.add_argument("--nines-bound", type=_duration, default=None,
+                       help="the bound --min-nines is checked at; one of --bounds (default the largest)")
+    watch.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    watch.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    watch.add_argument("--log-interval", type=_duration, default=10.0,
+                       help="seconds between 'watch' log lines (default 10)")
     inspect.set_defaults(fn=cmd_inspect)
     return p
 

@@ -1,0 +1,294 @@
+"""``cdcd inspect --watch``: sample cache reads continuously and count how many were consistent within bounds.
+
+Each round samples a few rows of one table (the tables in turn), paced by the same
+:class:`~cdcd.ratelimit.TokenBucket` as ``inspect``, reads their keys from Redis and classifies
+each entry exactly as ``inspect`` does (:class:`~cdcd.inspect.classify.Classifier`). A served
+entry that equals the database is a consistent read. One that differs is followed until it
+settles, as ``inspect`` follows candidates: once the daemon's applied version has passed the WAL
+position read after the rows, the row and the entry are read again. Either the entry caught up (it
+was a change *in flight*), or nothing moved and it is still stale (a *lost* invalidation), or the
+daemon did not catch up within ``--settle-timeout`` (*behind*: daemon down or lagging). All three
+were stale when read; what decides whether the read counts against a bound is its *staleness*:
+the Redis clock at the read minus the commit time of the row's last change
+(``pg_xact_commit_timestamp``, clocks aligned as ``inspect`` aligns them). An entry the daemon
+wrote from a commit *after* the rows were read (its version past that WAL position) is ahead of
+the sample, not behind it, and is consistent.
+
+Counting and nines are :mod:`cdcd.inspect.nines` (pure); metrics are
+:mod:`cdcd.inspect.watchmetrics`; the database and Redis sides are the inspector's own readers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
+
+from cdcd.fillguard import Entry
+from cdcd.inspect.entries import FOREIGN
+from cdcd.inspect.inspector import Inspector
+from cdcd.inspect.model import Check
+from cdcd.inspect.nines import NinesCounter, StaleRead, format_bound, render
+from cdcd.inspect.report import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_STALE, InspectError
+
+if TYPE_CHECKING:
+    from cdcd.config import Config
+    from cdcd.inspect.watchmetrics import WatchMetrics
+
+_NOT_SERVED = ("absent", "tombstone", "lease", "tag_invalid")
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A served entry that differed from its rows when read, and what is known of that read."""
+
+    check: Check
+    read_at: float  # Redis clock, seconds
+    staleness: float | None  # read_at - commit time of the rows' newest change; None without commit times
+
+
+@dataclass
+class WatchReport:
+    counter: NinesCounter
+    check_bound: float
+    min_nines: float | None  # None: any read stale beyond check_bound fails
+    elapsed: float = 0.0
+    rounds: int = 0
+    errors: int = 0
+    commit_timestamps: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.counter.reads == 0:
+            return EXIT_INCONCLUSIVE
+        if self.counter.at(self.check_bound).below(self.min_nines):
+            return EXIT_STALE
+        return EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.counter.to_dict(), "check_bound": self.check_bound, "min_nines": self.min_nines,
+                "elapsed": round(self.elapsed, 3), "rounds": self.rounds, "errors": self.errors,
+                "commit_timestamps": self.commit_timestamps, "notes": self.notes, "exit_code": self.exit_code}
+
+    def render(self, out: TextIO) -> None:
+        out.write(render(self.counter, self.elapsed))
+        for n in self.notes:
+            out.write(f"note: {n}\n")
+        want = f"{self.min_nines} nines" if self.min_nines is not None else "no stale read"
+        verdict = {EXIT_OK: "OK", EXIT_STALE: "BELOW THE REQUIRED NINES", EXIT_INCONCLUSIVE: "INCONCLUSIVE (no reads)"}
+        out.write(f"result: {verdict[self.exit_code]} ({self.counter.at(self.check_bound).text()} nines within "
+                  f"{format_bound(self.check_bound)}; required: {want})\n")
+
+
+class Watcher:
+    def __init__(self, config: Config, *, bounds: tuple[float, ...], rate: float, batch: int,
+                 settle_timeout: float, check_bound: float, min_nines: float | None, heartbeat: bool = True,
+                 clock_margin: float = 0.05, metrics: WatchMetrics | None = None) -> None:
+        if batch < 1:
+            raise InspectError(f"--batch must be at least 1, got {batch}")
+        counter = NinesCounter(tuple(bounds))
+        if check_bound not in counter.bounds:
+            raise InspectError(f"--nines-bound {check_bound} is not one of --bounds {counter.bounds}")
+        self.inspector = Inspector(config, rate=rate, settle_timeout=settle_timeout, heartbeat=heartbeat,
+                                   clock_margin=clock_margin, page_size=batch)
+        self.batch = batch
+        self.report = WatchReport(counter, check_bound, min_nines)
+        self.metrics = metrics
+        self._turn = 0
+        self._new_staleness: list[float] = []
+
+    def close(self) -> None:
+        self.inspector.close()
+
+    def setup(self) -> None:
+        self.inspector.setup()
+        self.report.commit_timestamps = self.inspector.report.commit_timestamps
+        if not self.report.commit_timestamps:
+            self.report.notes.append("track_commit_timestamp is off: the staleness of a stale read is unknown, so "
+                                     "every stale read counts against every bound (fewer nines than the truth)")
+        if not self.inspector.tables:
+            raise InspectError("no table of the rules exists in the database: nothing to sample")
+
+    # -------------------------------------------------------------- one round
+
+    def round(self) -> None:
+        """Sample one table's rows, classify their keys' entries, follow the ones that differ."""
+        ins = self.inspector
+        tables = list(ins.tables.values())
+        t = tables[self._turn % len(tables)]
+        self._turn += 1
+        rows = ins.rows.sample(t, self.batch)
+        ins.bucket.take(max(1, len(rows)))
+        lsn = ins.rows.lsn()  # after the rows: every change they show committed before it
+        checks = ins._checks_for_rows(t, rows, lsn, set())
+        if not checks:
+            return
+        sec, usec = ins.entries.redis.time()
+        read_at = sec + usec / 1e6  # before the entries are read: staleness is never overstated
+        found = ins.entries.entries([c.key for c in checks])
+        ins.entries.clear_tags()
+        tags = ins.entries.tag_counters([e for e in found if isinstance(e, Entry)])
+        pending: list[Candidate] = []
+        counter = self.report.counter
+        for c, e in zip(checks, found, strict=True):
+            if e == FOREIGN:
+                continue
+            c.entry = e if isinstance(e, Entry) else None
+            ins.classifier.classify(c, tags)
+            if c.verdict == "fresh":
+                counter.record_consistent()
+            elif c.verdict in _NOT_SERVED:
+                counter.record_miss()
+            elif c.verdict == "unverifiable":
+                counter.record_unverifiable()
+            elif c.entry is not None and c.entry.writer == "cdc" and int(c.entry.version) >= lsn:
+                counter.record_consistent()  # the daemon wrote it from a commit after the rows were read
+            else:
+                pending.append(Candidate(c, read_at, self._staleness(c, read_at)))
+        if pending:
+            self._follow(pending)
+
+    def _staleness(self, c: Check, read_at: float) -> float | None:
+        changed = [r.committed for r in c.rows if r.committed is not None]
+        if not changed:
+            return None
+        return max(0.0, read_at - (max(changed) + self.inspector.classifier.offset))
+
+    def _stale(self, cand: Candidate, settled: str) -> None:
+        self.report.counter.record_stale(StaleRead(cand.check.key, cand.staleness, cand.check.detail, settled))
+        if cand.staleness is not None:
+            self._new_staleness.append(cand.staleness)
+
+    def _follow(self, pending: list[Candidate]) -> None:
+        """Re-read each candidate once the daemon has passed its position, until it settles or time runs out."""
+        ins = self.inspector
+        deadline = time.monotonic() + ins.settle_timeout
+        while pending:
+            if not ins._wait_applied(max(p.check.lsn for p in pending), deadline):
+                break
+            previous = {id(p): p.check.fingerprint() for p in pending}
+            still: list[Candidate] = []
+            for p in pending:
+                detail = p.check.detail
+                if not ins._reload(p.check):  # its rows cannot be looked up again: judge on what was read
+                    p.check.detail = detail
+                    self._judge_unsettled(p)
+                else:
+                    still.append(p)
+            pending = still
+            if not pending:
+                break
+            lsn = ins.rows.lsn()
+            found = ins.entries.entries([p.check.key for p in pending])
+            ins.entries.clear_tags()
+            tags = ins.entries.tag_counters([e for e in found if isinstance(e, Entry)])
+            still = []
+            for p, e in zip(pending, found, strict=True):
+                c = p.check
+                detail = c.detail
+                c.entry = e if isinstance(e, Entry) else None
+                c.lsn = lsn
+                ins.classifier.classify(c, tags)
+                if c.verdict != "stale":
+                    c.detail = detail
+                    self._stale(p, "in_flight")  # stale when read, caught up since
+                elif c.fingerprint() == previous[id(p)]:
+                    self._stale(p, "lost")  # nothing moved and the daemon is past the change: lost
+                else:
+                    still.append(p)  # the row or the entry moved: once more
+            pending = still
+            if time.monotonic() >= deadline:
+                break
+        for p in pending:
+            self._judge_unsettled(p)
+
+    def _judge_unsettled(self, p: Candidate) -> None:
+        """Not settled in time: stale all the same when its staleness is known (the daemon is behind)."""
+        if p.staleness is not None:
+            self._stale(p, "behind")
+        else:
+            self.report.counter.record_unsettled()
+
+    # -------------------------------------------------------------- the loop
+
+    def run(self, duration: float | None, stop: threading.Event, log_interval: float = 10.0) -> WatchReport:
+        import psycopg
+        import redis
+        import structlog
+
+        log = structlog.get_logger("cdcd.inspect.watch")
+        t0 = time.monotonic()
+        self.setup()
+        next_log = t0 + log_interval
+        end = t0 + duration if duration is not None else None
+        while not stop.is_set() and (end is None or time.monotonic() < end):
+            try:
+                self.round()
+                self.report.rounds += 1
+            except (psycopg.Error, redis.RedisError) as exc:
+                # A database or Redis blip must not end a watch meant to run for days: count, log, retry.
+                self.report.errors += 1
+                log.warning("watch_round_failed", error=str(exc).strip()[:300], errors=self.report.errors)
+                if self.metrics is not None:
+                    self.metrics.errors.inc()
+                stop.wait(1.0)
+                self._reconnect_rows()
+            self._publish()
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + log_interval
+                self._log(log)
+                self.inspector._measure_clocks()  # clocks drift over a long watch
+        self.report.elapsed = time.monotonic() - t0
+        self.report.notes.extend(n for n in self.inspector.report.notes if n not in self.report.notes)
+        self._publish()
+        self._log(log)
+        return self.report
+
+    def _reconnect_rows(self) -> None:
+        from cdcd.inspect.rows import RowReader
+
+        ins = self.inspector
+        if not ins.rows.pg.closed:
+            return
+        try:
+            fresh = RowReader(ins.rows.conninfo, ins.bucket, ins.rows.page)
+            fresh.commit_timestamps = ins.rows.commit_timestamps
+        except Exception:  # still down: the next round fails and comes back here
+            return
+        ins.rows = fresh
+
+    def _publish(self) -> None:
+        if self.metrics is not None:
+            self.metrics.update(self.report.counter, self._new_staleness)
+        self._new_staleness = []
+
+    def _log(self, log: Any) -> None:
+        c = self.report.counter
+        nines = {f"nines_{format_bound(n.bound)}": n.text() for n in c.all()}
+        log.info("watch", reads=c.reads, consistent=c.consistent, stale=c.stale, misses=c.misses,
+                 unverifiable=c.unverifiable, unsettled=c.unsettled, max_staleness=round(c.max_staleness, 6),
+                 errors=self.report.errors, **nines)
+
+
+def run_watch(config: Config, *, bounds: tuple[float, ...], rate: float, batch: int, settle_timeout: float,
+              duration: float | None, check_bound: float, min_nines: float | None, out: TextIO | None,
+              json_output: bool = False, heartbeat: bool = True, clock_margin: float = 0.05,
+              metrics: WatchMetrics | None = None, log_interval: float = 10.0,
+              stop: threading.Event | None = None) -> WatchReport:
+    """Watch until ``duration`` passed or ``stop`` is set, print the final table; ``exit_code`` is the verdict."""
+    watcher = Watcher(config, bounds=bounds, rate=rate, batch=batch, settle_timeout=settle_timeout,
+                      check_bound=check_bound, min_nines=min_nines, heartbeat=heartbeat, clock_margin=clock_margin,
+                      metrics=metrics)
+    try:
+        report = watcher.run(duration, stop or threading.Event(), log_interval)
+    finally:
+        watcher.close()
+    if out is not None:
+        if json_output:
+            out.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        else:
+            report.render(out)
+    return report
