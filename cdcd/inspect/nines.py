@@ -54,7 +54,7 @@ class Nines:
             return False
         if minimum is None:
             return not self.capped
-        return not self.capped and self.value < minimum
+        return not self.capped and self.value + 1e-9 < minimum  # 99 of 100 is 2 nines, not 1.999…
 
 
 def nines(consistent: int, reads: int) -> tuple[float | None, bool]:
