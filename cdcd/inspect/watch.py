@@ -47,6 +47,8 @@ class Candidate:
     check: Check
     read_at: float  # Redis clock, seconds
     staleness: float | None  # read_at - commit time of the rows' newest change; None without commit times
+    entry: Entry  # as read
+    tags: dict[str, str | None]  # tag counters as read
 
 
 @dataclass
@@ -146,8 +148,8 @@ class Watcher:
                 counter.record_unverifiable()
             elif c.entry is not None and c.entry.writer == "cdc" and int(c.entry.version) >= lsn:
                 counter.record_consistent()  # the daemon wrote it from a commit after the rows were read
-            else:
-                pending.append(Candidate(c, read_at, self._staleness(c, read_at)))
+            elif c.entry is not None:
+                pending.append(Candidate(c, read_at, self._staleness(c, read_at), c.entry, dict(tags)))
         if pending:
             self._follow(pending)
 
@@ -178,7 +180,7 @@ class Watcher:
                     self._judge_unsettled(p)
                 else:
                     still.append(p)
-            pending = still
+            pending = [p for p in still if not self._ahead(p)]
             if not pending:
                 break
             lsn = ins.rows.lsn()
@@ -204,6 +206,22 @@ class Watcher:
                 break
         for p in pending:
             self._judge_unsettled(p)
+
+    def _ahead(self, p: Candidate) -> bool:
+        """Was the entry, as read, already the rows' *newer* state (a change that committed while they were read)?
+
+        A commit becomes visible a moment after its record is in the WAL, so a snapshot can miss a
+        change whose commit LSN is below the position read after it; the daemon may already have
+        applied that change. Judged against the rows as re-read, such an entry is fresh: the read
+        was consistent, and is counted so.
+        """
+        c = p.check
+        probe = Check(c.key, c.table, c.lookups, c.rows, p.entry)
+        self.inspector.classifier.classify(probe, p.tags)
+        if probe.verdict == "stale":
+            return False
+        self.report.counter.record_consistent()
+        return True
 
     def _judge_unsettled(self, p: Candidate) -> None:
         """Not settled in time: stale all the same when its staleness is known (the daemon is behind)."""
