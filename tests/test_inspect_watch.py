@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 import yaml
 
 from cdcd.inspect import EXIT_OK, EXIT_STALE
-from cdcd.inspect.watch import WatchReport, run_watch
+from cdcd.inspect.watch import Watcher, WatchReport, run_watch
 from cdcd.inspect.watchmetrics import WatchMetrics
 from tests.helpers import ROOT, DaemonThread, entry, make_config, wait_until
 from tests.test_inspect import _caught_up, _fill_orders, _populate, icfg, ts_pg  # noqa: F401 - fixtures
@@ -91,6 +92,7 @@ def test_healthy_stream_has_no_stale_read_beyond_the_bound(icfg: dict[str, Any],
         d.stop()
 
 
+@pytest.mark.slow
 def test_poisoned_entry_is_stale_with_its_staleness_and_fails(icfg: dict[str, Any], r: redis.Redis,  # noqa: F811
                                                               tmp_path: Path) -> None:
     p = icfg["keyspace"]["prefix"]
@@ -164,3 +166,33 @@ def test_daemon_down_while_rows_change_is_stale_behind(icfg: dict[str, Any], r: 
     assert c.stale_beyond(0.01) == c.stale  # every one older than 10 ms by the time it was read
     assert c.unsettled == 0  # known staleness: counted, not left out
     assert rep.exit_code == EXIT_STALE
+
+
+def test_database_session_killed_mid_watch_is_counted_and_the_watch_goes_on(icfg: dict[str, Any],  # noqa: F811
+                                                                           r: redis.Redis) -> None:
+    p = icfg["keyspace"]["prefix"]
+    dsn = icfg["source"]["dsn"]
+    d = DaemonThread(make_config(icfg)).start()
+    try:
+        _populate(dsn, r, p, n=10)
+        _caught_up(dsn, r, p)
+        watcher = Watcher(make_config(icfg), bounds=BOUNDS, rate=500, batch=10, settle_timeout=5.0, check_bound=1.0,
+                          min_nines=None)
+        result: list[WatchReport] = []
+        t = threading.Thread(target=lambda: result.append(watcher.run(3.0, threading.Event(), 0.5)), daemon=True)
+        t.start()
+        wait_until(lambda: watcher.report.rounds >= 3, what="the watch under way")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE application_name = 'cdcd-inspect'")
+        rounds_before = watcher.report.rounds
+        t.join(30)
+        watcher.close()
+        assert result, "the watch ended with an exception"
+        rep = result[0]
+        assert rep.errors >= 1  # the failed round was counted (and logged), not raised
+        assert rep.rounds > rounds_before + 5  # rounds after the kill: it reconnected
+        assert rep.counter.stale == 0 and rep.exit_code == EXIT_OK  # it reconnected and kept reading
+        assert rep.counter.reads > 100
+    finally:
+        d.stop()
