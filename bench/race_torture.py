@@ -22,6 +22,15 @@ knows its own serialization); then the writers resume. A stale key is counted at
 it survives (naive ones live until a later write to the row deletes them, or their 300 s TTL).
 At the end the cdcd inspector (``run_inspect --all``; ``track_commit_timestamp`` is on so
 application fills are dated) checks the cdcd keyspace once more.
+
+**Nines** (issue 13): all through the run, checkpoints included, a sampler reads every hot row (with
+the commit time of its last change) and then both schemes' cached values for it, ``--sample-rate``
+times a second. A value equal to the row is a consistent read; one that differs (and does not equal
+the row read again just after, i.e. is not a change that committed in between) is a stale read whose
+staleness is the Redis clock at the read minus the row's commit time. The same code judges both
+schemes, and the nines within each ``--bounds`` come from :class:`cdcd.inspect.nines.NinesCounter`.
+``cdcd inspect --watch`` (:func:`cdcd.inspect.watch.run_watch`) runs alongside on the cdcd keyspace
+as the product's own measure of the same thing.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ from _common import (
 
 from cdcd.fillguard import FillGuard
 from cdcd.inspect import run_inspect
+from cdcd.inspect.nines import NinesCounter, StaleRead, format_bound
+from cdcd.inspect.watch import WatchReport, run_watch
 from cdcd.keyspace import Keyspace
 
 
@@ -174,6 +185,46 @@ def direct_stale(dsn: str, r: redis.Redis, hot: int, get: Any) -> list[str]:
     return bad
 
 
+def sampler(dsn: str, r: redis.Redis, prefix: str, naive_prefix: str, hot: int, rate: float,
+            stop: threading.Event, counters: dict[str, NinesCounter]) -> None:
+    """Nines for both schemes with one judge: rows (with commit times), then both caches' values, compared."""
+    q = ("SELECT id, status, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 FROM orders "
+         "WHERE id < %s ORDER BY id")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+        pg_now = row[0] if row else time.time()
+        sec, usec = r.time()
+        offset = sec + usec / 1e6 - pg_now  # Redis clock - Postgres clock (same machine: ~0)
+        while not stop.is_set():
+            t0 = time.monotonic()
+            rows = {i: (st, ts) for i, st, ts in conn.execute(q, (hot,), prepare=True)}
+            pipe: Any = r.pipeline(transaction=False)
+            pipe.time()
+            for oid in range(hot):
+                pipe.hget(f"{prefix}order:{oid}", "d")
+                pipe.get(f"{naive_prefix}order:{oid}")
+            res = pipe.execute()
+            read_at = res[0][0] + res[0][1] / 1e6
+            suspects: list[tuple[str, int, bytes, float]] = []
+            for oid in range(hot):
+                status, committed = rows[oid]
+                for scheme, raw in (("cdcd", res[1 + 2 * oid]), ("naive", res[2 + 2 * oid])):
+                    if not isinstance(raw, bytes) or raw == b"null":
+                        counters[scheme].record_miss()
+                    elif raw == encode((oid, status)):
+                        counters[scheme].record_consistent()
+                    else:
+                        suspects.append((scheme, oid, raw, read_at - (committed + offset)))
+            if suspects:  # a value equal to the row as it is now was ahead of the sample, not behind it
+                now = {i: st for i, st, _ in conn.execute(q, (hot,), prepare=True)}
+                for scheme, oid, raw, staleness in suspects:
+                    if raw == encode((oid, now[oid])):
+                        counters[scheme].record_consistent()
+                    else:
+                        counters[scheme].record_stale(StaleRead(f"order:{oid}", staleness, "differs", scheme))
+            stop.wait(max(0.0, 1.0 / rate - (time.monotonic() - t0)))
+
+
 def caught_up(r: redis.Redis, prefix: str, target: int) -> bool:
     return applied_version(r, prefix) >= target
 
@@ -196,7 +247,12 @@ def main() -> int:
     ap.add_argument("--hot", type=int, default=10, help="hot rows")
     ap.add_argument("--fill-delay-ms", type=float, default=5.0, help="max random pause between query and fill")
     ap.add_argument("--checkpoint", type=float, default=1.0, help="seconds between quiescent checkpoints")
+    ap.add_argument("--sample-rate", type=float, default=100.0,
+                    help="nines sampler rounds per second (each reads every hot key of both schemes)")
+    ap.add_argument("--bounds", default="0.01,0.1,1", help="staleness bounds for the nines, seconds")
+    ap.add_argument("--watch-rate", type=float, default=1000.0, help="rows/s for the concurrent inspect --watch")
     args = ap.parse_args()
+    bounds = tuple(float(b) for b in args.bounds.split(","))
     with servers({"track_commit_timestamp": "on"}) as (pg, rs):
         dsn = make_db(pg)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -218,6 +274,14 @@ def main() -> int:
                                                                100 + i)) for i in range(args.readers)]
         threads += [threading.Thread(target=naive_reader, args=(dsn, r, naive_prefix, args.hot, delay, stop,
                                                                 nv_stats, 200 + i)) for i in range(args.readers)]
+        counters = {"cdcd": NinesCounter(bounds), "naive": NinesCounter(bounds)}
+        threads.append(threading.Thread(target=sampler, args=(dsn, r, prefix, naive_prefix, args.hot,
+                                                              args.sample_rate, stop, counters)))
+        watched: list[WatchReport] = []
+        threads.append(threading.Thread(target=lambda: watched.append(run_watch(
+            load(data), bounds=bounds, rate=args.watch_rate, batch=args.hot, settle_timeout=10.0,
+            duration=args.seconds, check_bound=max(bounds), min_nines=None, out=None, log_interval=3600,
+            stop=stop))))
         print(f"machine: {machine()}")
         print(f"{args.seconds:.0f}s, {args.writers} writers, {args.readers} readers per scheme, {args.hot} hot rows, "
               f"fill delay up to {args.fill_delay_ms} ms, a checkpoint every {args.checkpoint}s; daemon in a "
@@ -263,6 +327,20 @@ def main() -> int:
             ["stale keys after the run (direct)", len(cd_direct), len(nv_direct)],
             ["stale keys (cdcd inspect --all)", len(report.stale), "n/a (not a cdcd entry)"],
         ]
+        cn, nn = counters["cdcd"], counters["naive"]
+        w = watched[0].counter if watched else None
+        rows += [
+            ["sampled reads (values served)", cn.reads, nn.reads],
+            ["stale reads (any staleness)", cn.stale, nn.stale],
+            ["max staleness of a stale read", f"{cn.max_staleness:.3f}s", f"{nn.max_staleness:.3f}s"],
+        ]
+        for b in bounds:
+            rows.append([f"**nines within {format_bound(b)}** (stale beyond)",
+                         f"{cn.at(b).text()} ({cn.stale_beyond(b)})", f"{nn.at(b).text()} ({nn.stale_beyond(b)})"])
+        if w is not None:
+            for b in bounds:
+                rows.append([f"`cdcd inspect --watch` nines within {format_bound(b)} ({w.reads} reads)",
+                             f"{w.at(b).text()} ({w.stale_beyond(b)} stale beyond)", "n/a (not a cdcd entry)"])
         print(table(["", "cdcd fill guard", "naive delete-on-write"], rows))
         print(f"inspector: {report.keys_checked} keys checked, {report.cached} cached, {report.fresh} fresh, "
               f"{report.unverifiable} unverifiable, {len(report.unsettled)} unsettled, exit code {report.exit_code}")
