@@ -251,6 +251,9 @@ def main() -> int:
                     help="nines sampler rounds per second (each reads every hot key of both schemes)")
     ap.add_argument("--bounds", default="0.01,0.1,1", help="staleness bounds for the nines, seconds")
     ap.add_argument("--watch-rate", type=float, default=1000.0, help="rows/s for the concurrent inspect --watch")
+    ap.add_argument("--watch-clock-margin", type=float, default=0.05,
+                    help="inspect --watch's --clock-margin (app values written less than this before a change "
+                         "are judged fresh)")
     args = ap.parse_args()
     bounds = tuple(float(b) for b in args.bounds.split(","))
     with servers({"track_commit_timestamp": "on"}) as (pg, rs):
@@ -281,11 +284,12 @@ def main() -> int:
         threads.append(threading.Thread(target=lambda: watched.append(run_watch(
             load(data), bounds=bounds, rate=args.watch_rate, batch=args.hot, settle_timeout=10.0,
             duration=args.seconds, check_bound=max(bounds), min_nines=None, out=None, log_interval=3600,
-            stop=stop))))
+            stop=stop, clock_margin=args.watch_clock_margin))))
         print(f"machine: {machine()}")
         print(f"{args.seconds:.0f}s, {args.writers} writers, {args.readers} readers per scheme, {args.hot} hot rows, "
               f"fill delay up to {args.fill_delay_ms} ms, a checkpoint every {args.checkpoint}s; daemon in a "
-              f"subprocess")
+              f"subprocess; nines sampler {args.sample_rate}/s; inspect --watch at {args.watch_rate} rows/s, "
+              f"clock margin {args.watch_clock_margin}s")
         for t in threads:
             t.start()
         seen = {"cdcd": 0, "naive": 0}
