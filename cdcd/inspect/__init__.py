@@ -79,6 +79,11 @@ code, text and JSON), :mod:`~cdcd.inspect.model` (tables, rows, checks),
 :class:`cdcd.ratelimit.TokenBucket`, shared with ``cdcd warm``; the command line
 is wired in :mod:`cdcd.cli`. Nothing here imports psycopg, redis or pydantic at
 module level: ``cdcd --help`` stays fast.
+
+``cdcd inspect --watch`` (docs/consistency-nines.md) samples continuously with the same parts and
+reports the share of reads consistent within time bounds, in nines: :mod:`~cdcd.inspect.watch`
+(the loop and the follow of differing entries), :mod:`~cdcd.inspect.nines` (the counting, pure)
+and :mod:`~cdcd.inspect.watchmetrics` (its Prometheus registry).
 """
 
 from cdcd.inspect.inspector import Inspector, run_inspect
