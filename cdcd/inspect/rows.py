@@ -156,6 +156,23 @@ class RowReader:
                     self.bucket.take(len(rows))
                     yield rows
 
+    def reread(self, t: Table, rows: Sequence[DbRow]) -> list[DbRow] | None:
+        """The same rows (by primary key) as they are now, in one query; None for a table without one.
+
+        ``inspect --watch`` reads a sample's entries between two reads of its rows, so it knows
+        whether a row changed around the moment its entry was read.
+        """
+        if not t.pk or not rows:
+            return [] if t.pk else None
+        cols = [t.col(c) for c in t.pk]
+        if any(c is None for c in cols):
+            return None
+        one = "(" + ", ".join(f"%s::{c.type_name}" for c in cols if c is not None) + ")"
+        params = [r.raw[c] for r in rows for c in t.pk]
+        key = "(" + ", ".join(ident(c) for c in t.pk) + ")"
+        return self._rows(t, f"SELECT {self._select_list(t)} FROM {t.quoted} WHERE {key} IN "
+                             f"({', '.join([one] * len(rows))})", params)
+
     def lookup(self, t: Table, template: Template, values: dict[str, str], bare: str) -> list[DbRow] | None:
         """Rows whose ``template`` renders the key ``bare`` (without prefix); None when they cannot be looked up."""
         import psycopg

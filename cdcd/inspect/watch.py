@@ -11,8 +11,10 @@ daemon did not catch up within ``--settle-timeout`` (*behind*: daemon down or la
 were stale when read; what decides whether the read counts against a bound is its *staleness*:
 the Redis clock at the read minus the commit time of the row's last change
 (``pg_xact_commit_timestamp``, clocks aligned as ``inspect`` aligns them). An entry the daemon
-wrote from a commit *after* the rows were read (its version past that WAL position) is ahead of
-the sample, not behind it, and is consistent.
+wrote from a commit that may postdate the rows' snapshot (its version at or past the WAL position
+read *before* the rows: a commit during the query is invisible to it but below the position read
+after) is ahead of the sample, not behind it, and is consistent; so is any entry that equals the
+rows as re-read while it is followed.
 
 Counting and nines are :mod:`cdcd.inspect.nines` (pure); metrics are
 :mod:`cdcd.inspect.watchmetrics`; the database and Redis sides are the inspector's own readers.
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from cdcd.fillguard import Entry
 from cdcd.inspect.entries import FOREIGN
 from cdcd.inspect.inspector import Inspector
-from cdcd.inspect.model import Check
+from cdcd.inspect.model import Check, DbRow
 from cdcd.inspect.nines import NinesCounter, StaleRead, format_bound, render
 from cdcd.inspect.report import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_STALE, InspectError
 
@@ -59,6 +61,8 @@ class WatchReport:
     elapsed: float = 0.0
     rounds: int = 0
     errors: int = 0
+    ahead: int = 0  # consistent reads of entries newer than the rows' snapshot (included in consistent)
+    followed: int = 0  # entries that differed when read and were followed
     commit_timestamps: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -73,16 +77,23 @@ class WatchReport:
     def to_dict(self) -> dict[str, Any]:
         return {**self.counter.to_dict(), "check_bound": self.check_bound, "min_nines": self.min_nines,
                 "elapsed": round(self.elapsed, 3), "rounds": self.rounds, "errors": self.errors,
+                "ahead": self.ahead, "followed": self.followed,
                 "commit_timestamps": self.commit_timestamps, "notes": self.notes, "exit_code": self.exit_code}
 
     def render(self, out: TextIO) -> None:
         out.write(render(self.counter, self.elapsed))
+        out.write(f"{self.rounds} rounds; {self.followed} differing entries followed; {self.ahead} reads were "
+                  f"ahead of the rows' snapshot (consistent); {self.errors} failed rounds\n")
         for n in self.notes:
             out.write(f"note: {n}\n")
         want = f"{self.min_nines} nines" if self.min_nines is not None else "no stale read"
         verdict = {EXIT_OK: "OK", EXIT_STALE: "BELOW THE REQUIRED NINES", EXIT_INCONCLUSIVE: "INCONCLUSIVE (no reads)"}
         out.write(f"result: {verdict[self.exit_code]} ({self.counter.at(self.check_bound).text()} nines within "
                   f"{format_bound(self.check_bound)}; required: {want})\n")
+
+
+def _fingerprint(rows: list[DbRow]) -> frozenset[tuple[str, str]]:
+    return frozenset((r.ctid, r.xmin) for r in rows)
 
 
 class Watcher:
@@ -117,47 +128,93 @@ class Watcher:
     # -------------------------------------------------------------- one round
 
     def round(self) -> None:
-        """Sample one table's rows, classify their keys' entries, follow the ones that differ."""
+        """Sample one table's rows, read their keys' entries, read the rows again, judge each read."""
         ins = self.inspector
         tables = list(ins.tables.values())
         t = tables[self._turn % len(tables)]
         self._turn += 1
+        before = ins.rows.lsn()  # every change committed before it is in the sample's snapshot
         rows = ins.rows.sample(t, self.batch)
         ins.bucket.take(max(1, len(rows)))
-        lsn = ins.rows.lsn()  # after the rows: every change they show committed before it
-        checks = ins._checks_for_rows(t, rows, lsn, set())
+        checks = ins._checks_for_rows(t, rows, 0, set())
         if not checks:
             return
         sec, usec = ins.entries.redis.time()
-        read_at = sec + usec / 1e6  # before the entries are read: staleness is never overstated
+        read_at = sec + usec / 1e6  # just before the entries are read: staleness is never overstated
         found = ins.entries.entries([c.key for c in checks])
         ins.entries.clear_tags()
         tags = ins.entries.tag_counters([e for e in found if isinstance(e, Entry)])
+        # The rows again, after the read: together with the sample they bracket the database as it was
+        # when the entries were read.
+        after = ins.rows.reread(t, rows)
+        lsn = ins.rows.lsn()  # after the rows: every change they show committed before it
         pending: list[Candidate] = []
-        counter = self.report.counter
         for c, e in zip(checks, found, strict=True):
             if e == FOREIGN:
                 continue
             c.entry = e if isinstance(e, Entry) else None
-            ins.classifier.classify(c, tags)
-            if c.verdict == "fresh":
-                counter.record_consistent()
-            elif c.verdict in _NOT_SERVED:
-                counter.record_miss()
-            elif c.verdict == "unverifiable":
-                counter.record_unverifiable()
-            elif c.entry is not None and c.entry.writer == "cdc" and int(c.entry.version) >= lsn:
-                counter.record_consistent()  # the daemon wrote it from a commit after the rows were read
-            elif c.entry is not None:
-                pending.append(Candidate(c, read_at, self._staleness(c, read_at), c.entry, dict(tags)))
+            c.lsn = lsn
+            sampled = c.rows
+            if after is None:  # no primary key: look the key's rows up again
+                ins._reload(c)
+                now = c.rows
+            else:
+                bare = c.key[len(ins.ks.prefix):]
+                now = [r for r in after if any(tpl.render(r.values) == bare for tpl, _ in c.lookups)]
+            cand = self._judge(c, sampled, now, read_at, before, tags)
+            if cand is not None:
+                pending.append(cand)
         if pending:
+            self.report.followed += len(pending)
             self._follow(pending)
 
-    def _staleness(self, c: Check, read_at: float) -> float | None:
-        changed = [r.committed for r in c.rows if r.committed is not None]
-        if not changed:
+    def _judge(self, c: Check, sampled: list[DbRow], now: list[DbRow], read_at: float, before: int,
+               tags: dict[str, str | None]) -> Candidate | None:
+        """Count one read; a candidate to follow when the entry differed from the database it was read against.
+
+        The database at the read is ``now`` when the rows did not change between the two reads, or
+        when their newest change committed before the read. Otherwise it lies between the two: an
+        entry equal to either is consistent, as is a daemon value from a commit the sample could not
+        see (version at or past ``before``); anything else is judged against the sample.
+        """
+        counter = self.report.counter
+        ins = self.inspector
+        c.rows = now
+        ins.classifier.classify(c, tags)
+        if c.verdict in _NOT_SERVED:
+            counter.record_miss()
             return None
-        return max(0.0, read_at - (max(changed) + self.inspector.classifier.offset))
+        if c.verdict == "fresh":
+            counter.record_consistent()
+            return None
+        settled = _fingerprint(sampled) == _fingerprint(now)
+        newest = self._newest_commit(now)
+        if not settled and (newest is None or newest > read_at):
+            c.rows = sampled
+            ins.classifier.classify(c, tags)
+            if c.verdict == "fresh":
+                counter.record_consistent()  # the state just before the change that came with the read
+                return None
+            e = c.entry
+            if e is not None and e.writer == "cdc" and int(e.version) >= before:
+                counter.record_consistent()  # from a commit the sample could not see: ahead of it
+                self.report.ahead += 1
+                return None
+        if c.verdict == "unverifiable":
+            counter.record_unverifiable()
+            return None
+        if c.entry is None or c.verdict != "stale":
+            counter.record_miss()
+            return None
+        commit = self._newest_commit(c.rows)
+        staleness = max(0.0, read_at - commit) if commit is not None else None
+        c.rows = now
+        return Candidate(c, read_at, staleness, c.entry, dict(tags))
+
+    def _newest_commit(self, rows: list[DbRow]) -> float | None:
+        """Commit time of the newest of these rows' changes, on the Redis clock."""
+        changed = [r.committed for r in rows if r.committed is not None]
+        return max(changed) + self.inspector.classifier.offset if changed else None
 
     def _stale(self, cand: Candidate, settled: str) -> None:
         self.report.counter.record_stale(StaleRead(cand.check.key, cand.staleness, cand.check.detail, settled))
@@ -221,6 +278,7 @@ class Watcher:
         if probe.verdict == "stale":
             return False
         self.report.counter.record_consistent()
+        self.report.ahead += 1
         return True
 
     def _judge_unsettled(self, p: Candidate) -> None:
