@@ -25,9 +25,10 @@ application fills are dated) checks the cdcd keyspace once more.
 
 **Nines** (issue 13): all through the run, checkpoints included, a sampler reads every hot row (with
 the commit time of its last change) and then both schemes' cached values for it, ``--sample-rate``
-times a second. A value equal to the row is a consistent read; one that differs (and does not equal
-the row read again just after, i.e. is not a change that committed in between) is a stale read whose
-staleness is the Redis clock at the read minus the row's commit time. The same code judges both
+times a second, then the rows again. The two reads of the rows bracket the database at the read (as
+``cdcd inspect --watch`` brackets it): a value equal to the row (or, when the row changed around the
+read, to either version) is a consistent read; one that differs is a stale read whose staleness is the
+Redis clock at the read minus the commit time of the change it misses. The same code judges both
 schemes, and the nines within each ``--bounds`` come from :class:`cdcd.inspect.nines.NinesCounter`.
 ``cdcd inspect --watch`` (:func:`cdcd.inspect.watch.run_watch`) runs alongside on the cdcd keyspace
 as the product's own measure of the same thing.
@@ -205,23 +206,20 @@ def sampler(dsn: str, r: redis.Redis, prefix: str, naive_prefix: str, hot: int, 
                 pipe.get(f"{naive_prefix}order:{oid}")
             res = pipe.execute()
             read_at = res[0][0] + res[0][1] / 1e6
-            suspects: list[tuple[str, int, bytes, float]] = []
+            again = {i: (st, ts) for i, st, ts in conn.execute(q, (hot,), prepare=True)}
             for oid in range(hot):
-                status, committed = rows[oid]
+                # the rows before and after the read bracket the database at the read (as inspect --watch does)
+                (s0, c0), (s1, c1) = rows[oid], again[oid]
+                at_read = [s1] if s0 == s1 or c1 + offset <= read_at else [s0, s1]
                 for scheme, raw in (("cdcd", res[1 + 2 * oid]), ("naive", res[2 + 2 * oid])):
                     if not isinstance(raw, bytes) or raw == b"null":
                         counters[scheme].record_miss()
-                    elif raw == encode((oid, status)):
+                    elif any(raw == encode((oid, st)) for st in at_read):
                         counters[scheme].record_consistent()
                     else:
-                        suspects.append((scheme, oid, raw, read_at - (committed + offset)))
-            if suspects:  # a value equal to the row as it is now was ahead of the sample, not behind it
-                now = {i: st for i, st, _ in conn.execute(q, (hot,), prepare=True)}
-                for scheme, oid, raw, staleness in suspects:
-                    if raw == encode((oid, now[oid])):
-                        counters[scheme].record_consistent()
-                    else:
-                        counters[scheme].record_stale(StaleRead(f"order:{oid}", staleness, "differs", scheme))
+                        missed = c1 if len(at_read) == 1 else c0
+                        counters[scheme].record_stale(StaleRead(f"order:{oid}", read_at - (missed + offset),
+                                                                "differs", scheme))
             stop.wait(max(0.0, 1.0 / rate - (time.monotonic() - t0)))
 
 
