@@ -210,16 +210,17 @@ def sampler(dsn: str, r: redis.Redis, prefix: str, naive_prefix: str, hot: int, 
             for oid in range(hot):
                 # the rows before and after the read bracket the database at the read (as inspect --watch does)
                 (s0, c0), (s1, c1) = rows[oid], again[oid]
-                at_read = [s1] if s0 == s1 or c1 + offset <= read_at else [s0, s1]
+                unchanged = (s0, c0) == (s1, c1) or (c1 is not None and c1 + offset <= read_at)
+                at_read = [s1] if unchanged else [s0, s1]
                 for scheme, raw in (("cdcd", res[1 + 2 * oid]), ("naive", res[2 + 2 * oid])):
                     if not isinstance(raw, bytes) or raw == b"null":
                         counters[scheme].record_miss()
                     elif any(raw == encode((oid, st)) for st in at_read):
                         counters[scheme].record_consistent()
                     else:
-                        missed = c1 if len(at_read) == 1 else c0
-                        counters[scheme].record_stale(StaleRead(f"order:{oid}", read_at - (missed + offset),
-                                                                "differs", scheme))
+                        missed = c1 if unchanged else c0
+                        staleness = read_at - (missed + offset) if missed is not None else None
+                        counters[scheme].record_stale(StaleRead(f"order:{oid}", staleness, "differs", scheme))
             stop.wait(max(0.0, 1.0 / rate - (time.monotonic() - t0)))
 
 
