@@ -183,6 +183,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.watch:
         return _watch(args, config)
+    stray = [flag for flag, value in (("--duration", args.duration), ("--min-nines", args.min_nines),
+                                      ("--nines-bound", args.nines_bound), ("--metrics-port", args.metrics_port))
+             if value is not None]
+    if stray:
+        _err(f"{', '.join(stray)}: only meaningful with --watch")
+        return EXIT_CONFIG
     rate = 2000.0 if args.rate is None else args.rate
     try:
         report = run_inspect(config, None if args.all else args.sample, args.all, rate, args.threshold,
@@ -234,8 +240,8 @@ def _watch(args: argparse.Namespace, config: Config) -> int:
     bounds = args.bounds
     check_bound = args.nines_bound if args.nines_bound is not None else max(bounds)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())  # finish the round, print the table, exit with the verdict
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())  # finish the round, print the table, exit
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics = None
     try:
         if args.metrics_port is not None:
@@ -259,6 +265,8 @@ def _watch(args: argparse.Namespace, config: Config) -> int:
     finally:
         if metrics is not None:
             metrics.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return report.exit_code
 
 

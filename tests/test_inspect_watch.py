@@ -197,3 +197,20 @@ def test_database_session_killed_mid_watch_is_counted_and_the_watch_goes_on(icfg
         assert rep.counter.reads > 100
     finally:
         d.stop()
+
+
+def test_watch_flags_are_checked_before_anything_connects(capsys: pytest.CaptureFixture[str]) -> None:
+    from cdcd.cli import build_parser
+
+    def run(*argv: str) -> int:
+        args = build_parser().parse_args(["inspect", "-c", str(ROOT / "config" / "cdcd.example.yaml"), *argv])
+        return int(args.fn(args))
+
+    assert run("--duration", "5") == 2  # a watch flag without --watch is a mistake, not ignored
+    assert "only meaningful with --watch" in capsys.readouterr().err
+    assert run("--watch", "--bounds", "10ms,1s", "--nines-bound", "100ms") == 2
+    assert "not one of --bounds" in capsys.readouterr().err
+    assert run("--watch", "--batch", "0") == 2
+    with pytest.raises(SystemExit) as exc:
+        run("--watch", "--bounds", "10 parsecs")
+    assert exc.value.code == 2 and "not a duration" in capsys.readouterr().err
