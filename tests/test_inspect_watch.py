@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -145,6 +146,16 @@ def test_poisoned_entry_is_stale_with_its_staleness_and_fails(icfg: dict[str, An
                              text=True, timeout=60, cwd=ROOT)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "STALE READ" in res.stdout and "result: OK" in res.stdout
+        # without --duration it runs until SIGTERM, then prints the table and exits with the verdict
+        proc = subprocess.Popen([*base[:6], "--watch", "--rate", "5000", "--log-interval", "0.3"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first periodic log line: it is sampling
+            if '"event": "watch"' in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out_text, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 1 and "result: BELOW THE REQUIRED NINES" in out_text
     finally:
         d.stop()
 
