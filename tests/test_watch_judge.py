@@ -100,3 +100,14 @@ def test_unknown_commit_time_gives_unknown_staleness(watcher: Watcher, table: Ta
     frozen = DbRow(OLD.ctid, OLD.xmin, None, OLD.raw, OLD.values)
     cand = judge(watcher, table, cdc(table, older, 90), frozen, frozen)
     assert cand is not None and cand.staleness is None
+
+
+def test_a_kafka_source_is_refused_clearly() -> None:
+    """Rows come from Postgres and settling compares slot LSNs: the watch, like inspect, needs the postgres source."""
+    from cdcd.inspect import InspectError
+
+    data = config_dict("postgresql://x@127.0.0.1/x", "redis://127.0.0.1:1", "s", "p:")
+    data["source"] = {"type": "kafka", "bootstrap_servers": "127.0.0.1:1", "topics": ["t"]}
+    with pytest.raises(InspectError, match="postgres source"):
+        Watcher(make_config(data), bounds=(1.0,), rate=10, batch=10, settle_timeout=1, check_bound=1.0,
+                min_nines=None)
