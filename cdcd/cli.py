@@ -232,41 +232,50 @@ def _watch(args: argparse.Namespace, config: Config) -> int:
     import redis
 
     from cdcd.inspect import EXIT_STALE, InspectError
-    from cdcd.inspect.watch import run_watch
+    from cdcd.inspect.watch import Watcher
     from cdcd.inspect.watchmetrics import WatchMetrics
     from cdcd.logs import configure
 
-    configure(config.log.format, config.log.level)
     bounds = args.bounds
-    check_bound = args.nines_bound if args.nines_bound is not None else max(bounds)
+    try:  # flags first: a mistake is exit 2 before logging is set up or anything is served
+        watcher = Watcher(config, bounds=bounds, rate=100.0 if args.rate is None else args.rate, batch=args.batch,
+                          settle_timeout=args.settle_timeout, min_nines=args.min_nines,
+                          check_bound=args.nines_bound if args.nines_bound is not None else max(bounds),
+                          heartbeat=not args.no_heartbeat, clock_margin=args.clock_margin)
+    except InspectError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    except (psycopg.Error, redis.RedisError) as exc:
+        _err(f"inspect --watch failed: {str(exc).strip()}")
+        return EXIT_STALE
+    configure(config.log.format, config.log.level)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())  # finish the round, print the table, exit
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics = None
     try:
         if args.metrics_port is not None:
-            metrics = WatchMetrics()
-            port = metrics.serve(args.metrics_port, args.metrics_host)
+            metrics = watcher.metrics = WatchMetrics()
+            try:
+                port = metrics.serve(args.metrics_port, args.metrics_host)
+            except OSError as exc:
+                _err(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}")
+                return EXIT_CONFIG
             print(f"metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr)
-        report = run_watch(config, bounds=bounds, rate=100.0 if args.rate is None else args.rate, batch=args.batch,
-                           settle_timeout=args.settle_timeout, duration=args.duration, check_bound=check_bound,
-                           min_nines=args.min_nines, out=sys.stdout, json_output=args.json,
-                           heartbeat=not args.no_heartbeat, clock_margin=args.clock_margin, metrics=metrics,
-                           log_interval=args.log_interval, stop=stop)
-    except InspectError as exc:
+        report = watcher.run(args.duration, stop, args.log_interval)
+    except InspectError as exc:  # the rules do not match the database schema
         _err(str(exc))
-        return EXIT_CONFIG
-    except OSError as exc:
-        _err(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror or exc}")
         return EXIT_CONFIG
     except (psycopg.Error, redis.RedisError) as exc:  # at start; errors during the watch are retried
         _err(f"inspect --watch failed: {str(exc).strip()}")
         return EXIT_STALE
     finally:
+        watcher.close()
         if metrics is not None:
             metrics.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    report.write(sys.stdout, args.json)
     return report.exit_code
 
 

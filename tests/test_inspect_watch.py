@@ -211,7 +211,11 @@ def test_database_session_killed_mid_watch_is_counted_and_the_watch_goes_on(icfg
 
 
 def test_watch_flags_are_checked_before_anything_connects(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
     from cdcd.cli import build_parser
+
+    factory = structlog.get_config()["logger_factory"]
 
     def run(*argv: str) -> int:
         args = build_parser().parse_args(["inspect", "-c", str(ROOT / "config" / "cdcd.example.yaml"), *argv])
@@ -225,3 +229,6 @@ def test_watch_flags_are_checked_before_anything_connects(capsys: pytest.Capture
     with pytest.raises(SystemExit) as exc:
         run("--watch", "--bounds", "10 parsecs")
     assert exc.value.code == 2 and "not a duration" in capsys.readouterr().err
+    # logging was not set up on the way to those errors (it would write to this test's captured stderr
+    # after the capture closed, and break every later daemon in the process)
+    assert structlog.get_config()["logger_factory"] is factory

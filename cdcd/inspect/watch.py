@@ -80,6 +80,13 @@ class WatchReport:
                 "ahead": self.ahead, "followed": self.followed,
                 "commit_timestamps": self.commit_timestamps, "notes": self.notes, "exit_code": self.exit_code}
 
+    def write(self, out: TextIO, json_output: bool = False) -> None:
+        """The final report: the table (or JSON with ``json_output``)."""
+        if json_output:
+            out.write(json.dumps(self.to_dict(), indent=2) + "\n")
+        else:
+            self.render(out)
+
     def render(self, out: TextIO) -> None:
         out.write(render(self.counter, self.elapsed))
         out.write(f"{self.rounds} rounds; {self.followed} differing entries followed; {self.ahead} reads were "
@@ -363,8 +370,5 @@ def run_watch(config: Config, *, bounds: tuple[float, ...], rate: float, batch: 
     finally:
         watcher.close()
     if out is not None:
-        if json_output:
-            out.write(json.dumps(report.to_dict(), indent=2) + "\n")
-        else:
-            report.render(out)
+        report.write(out, json_output)
     return report
