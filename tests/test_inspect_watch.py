@@ -147,12 +147,18 @@ def test_poisoned_entry_is_stale_with_its_staleness_and_fails(icfg: dict[str, An
         assert res.returncode == 0, res.stdout + res.stderr
         assert "STALE READ" in res.stdout and "result: OK" in res.stdout
         # without --duration it runs until SIGTERM, then prints the table and exits with the verdict
-        proc = subprocess.Popen([*base[:6], "--watch", "--rate", "5000", "--log-interval", "0.3"],
+        proc = subprocess.Popen([*base[:6], "--watch", "--rate", "5000", "--log-interval", "0.3",
+                                 "--metrics-port", "0"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert proc.stderr is not None
-        for line in proc.stderr:  # the first periodic log line: it is sampling
+        url = ""
+        for line in proc.stderr:  # where the metrics are, then the first periodic log line: it is sampling
+            if line.startswith("metrics on "):
+                url = line.split()[-1]
             if '"event": "watch"' in line:
                 break
+        scraped = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert 'cdcd_watch_nines{bound="1s"}' in scraped and 'cdcd_watch_reads_total{outcome="stale"}' in scraped
         proc.send_signal(signal.SIGTERM)
         out_text, _ = proc.communicate(timeout=30)
         assert proc.returncode == 1 and "result: BELOW THE REQUIRED NINES" in out_text
