@@ -68,7 +68,8 @@ from _common import (
 from cdcd.fillguard import FillGuard
 from cdcd.inspect import run_inspect
 from cdcd.inspect.nines import NinesCounter, StaleRead, format_bound
-from cdcd.inspect.watch import WatchReport, run_watch
+from cdcd.inspect.watch import run_watch
+from cdcd.inspect.watchreport import WatchReport
 from cdcd.keyspace import Keyspace
 
 

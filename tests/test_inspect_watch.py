@@ -20,8 +20,9 @@ import redis
 import yaml
 
 from cdcd.inspect import EXIT_OK, EXIT_STALE
-from cdcd.inspect.watch import Watcher, WatchReport, run_watch
+from cdcd.inspect.watch import Watcher, run_watch
 from cdcd.inspect.watchmetrics import WatchMetrics
+from cdcd.inspect.watchreport import WatchReport
 from tests.helpers import ROOT, DaemonThread, entry, make_config, wait_until
 from tests.test_inspect import _caught_up, _fill_orders, _populate, icfg, ts_pg  # noqa: F401 - fixtures
 

@@ -16,7 +16,8 @@ from cdcd.fillguard import Entry
 from cdcd.inspect.classify import Classifier, projection
 from cdcd.inspect.model import Check, DbRow, Table
 from cdcd.inspect.nines import NinesCounter
-from cdcd.inspect.watch import Candidate, Watcher, WatchReport
+from cdcd.inspect.watch import Candidate, Watcher
+from cdcd.inspect.watchreport import WatchReport
 from tests.helpers import config_dict, make_config
 
 READ_AT = 1_000.0  # Redis clock of the read (the two clocks are aligned: offset 0)

@@ -82,8 +82,9 @@ module level: ``cdcd --help`` stays fast.
 
 ``cdcd inspect --watch`` (docs/consistency-nines.md) samples continuously with the same parts and
 reports the share of reads consistent within time bounds, in nines: :mod:`~cdcd.inspect.watch`
-(the loop and the follow of differing entries), :mod:`~cdcd.inspect.nines` (the counting, pure)
-and :mod:`~cdcd.inspect.watchmetrics` (its Prometheus registry).
+(the loop and the follow of differing entries), :mod:`~cdcd.inspect.nines` (the counting, pure),
+:mod:`~cdcd.inspect.watchreport` (the final report and verdict) and
+:mod:`~cdcd.inspect.watchmetrics` (its Prometheus registry).
 """
 
 from cdcd.inspect.inspector import Inspector, run_inspect
