@@ -217,7 +217,8 @@ def _warm_hot(config: Config, args: argparse.Namespace) -> int:
     from cdcd.warm_hot import warm_hot
 
     try:
-        r = warm_hot(config, top=args.top, min_score=args.min_score, rate=args.rate, max_age=args.max_age)
+        r = warm_hot(config, top=args.top, min_score=args.min_score, rate=args.rate, max_age=args.max_age,
+                     hot_from=args.hot_from)
     except (ValueError, ConfigError) as exc:
         _err(str(exc))
         return EXIT_CONFIG
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --hot: only keys read at least this often (estimated reads/s, fleet-wide)")
     warm.add_argument("--max-age", type=float, default=300.0,
                       help="with --hot: ignore client processes that have not published for this many seconds")
+    warm.add_argument("--hot-from", metavar="REDIS_URL",
+                      help="with --hot: read the hot set from this Redis (the one clients publish to, e.g. the old "
+                           "one before traffic moves) and fill the configuration's Redis")
     warm.add_argument("--json", action="store_true", help="with --hot: print the report as JSON")
     warm.set_defaults(fn=cmd_warm)
 

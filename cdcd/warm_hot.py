@@ -64,13 +64,23 @@ class HotWarmReport:
 
 
 def warm_hot(config: Config, top: int = 1000, min_score: float = 0.0, rate: float = 2000, max_age: float = 300.0,
-             on_snapshot: Callable[[int], None] | None = None, progress_stream: Any = None) -> HotWarmReport:
-    """Fill the fleet's ``top`` hottest keys (score >= ``min_score``) at a snapshot's version."""
+             hot_from: str | None = None, on_snapshot: Callable[[int], None] | None = None,
+             progress_stream: Any = None) -> HotWarmReport:
+    """Fill the fleet's ``top`` hottest keys (score >= ``min_score``) at a snapshot's version.
+
+    ``hot_from``: read the hot set from this Redis URL (the one clients publish to, e.g. the old Redis
+    before traffic moves to the new one) instead of the configuration's Redis, which is filled.
+    """
     t0 = time.monotonic()
     rules = config.rules()
     ks = rules.keyspace
     client: Any = config.redis.client()
-    fleet = read_fleet(client, ks, max_age=max_age, top=top, min_score=min_score)
+    source: Any = client
+    if hot_from:
+        import redis
+
+        source = redis.Redis.from_url(hot_from, socket_timeout=config.redis.socket_timeout)
+    fleet = read_fleet(source, ks, max_age=max_age, top=top, min_score=min_score)
     report = HotWarmReport(processes=len(fleet.processes), hot_keys=len(fleet.keys))
     updates = [r for r in rules.by_relation.values() if r.action == "update"]
     epochs = table_epochs(client, ks, updates)  # before the snapshot (see table_epochs)

@@ -71,7 +71,7 @@ class HotKeys:
 
         def offer(key: str) -> int:
             nonlocal i
-            if type(key) is str and len(key) <= limit:
+            if type(key) is str and len(key) <= limit and "#" not in key:  # '#': refused by the cache anyway
                 hot.sketch.offer(key)
             i = (i + 1) % n_gaps
             return gaps[i]
