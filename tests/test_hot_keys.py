@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 import yaml
 
@@ -49,6 +50,7 @@ def _entries(r: redis.Redis, prefix: str) -> set[str]:
             if b"#" not in k}
 
 
+@pytest.mark.slow
 def test_clients_publish_status_shows_and_warm_hot_refills_after_flushall(
         cfg: dict[str, Any], r: redis.Redis, sql: Any, app_db: str, tmp_path: Path) -> None:
     _users(sql, 200)
@@ -71,6 +73,7 @@ def test_clients_publish_status_shows_and_warm_hot_refills_after_flushall(
                 if j % 4 == 0:
                     for h in HOT + ODD:
                         c.get_or_load(h, lambda h=h: load(h))
+                    stop.wait(0.001)  # leave the CPU to the CLI subprocesses
 
     try:
         wait_until(lambda: [c.get_or_load("user:1", lambda: load("user:1")) for c in clients]
@@ -92,9 +95,6 @@ def test_clients_publish_status_shows_and_warm_hot_refills_after_flushall(
 
         r.flushall()  # a new, empty Redis; the clients keep reading (L1 hits) and publish again
         wait_until(lambda: {k for k, _ in read_fleet(r, ks).keys} == set(HOT + ODD), what="republished")
-        stop.set()
-        for t in threads:
-            t.join()
         assert _entries(r, p) == set()  # nothing but the hot set (system keys) came back by itself
 
         res = _cli("warm", "-c", str(path), "--hot", "--top", "9", "--json")
@@ -105,6 +105,9 @@ def test_clients_publish_status_shows_and_warm_hot_refills_after_flushall(
         assert [x["key"] for x in rep["not_warmable"]] == ["order:1"]
         assert sorted(rep["missing_rows"]) == ["user:99999", "user:abc"]
         assert _entries(r, p) == set(HOT)  # exactly the hot keys: cold ones are not warmed
+        stop.set()
+        for t in threads:
+            t.join()
         for key in HOT:
             got = json.loads(entry(r, p + key)["d"])
             want = _row(app_db, int(key.split(":")[1]))
@@ -130,6 +133,10 @@ def test_warm_hot_into_a_new_redis_never_overwrites_a_newer_change(
             old.get_or_load(key, lambda: {"app": 1})
     assert old.hot_keys is not None and old.hot_keys.publish_now(old.link.call_checked)
     old.close()
+    # hostile members (anyone who can write to Redis can write these): never written, each reported
+    hostile = {"user:1\n": "missing", " user:2": "unmatched", "user: 2": "missing", "user:#cdcd:x": "unmatched",
+               "user:" + "9" * 5000: "missing", "#cdcd:rules": "unmatched"}
+    r.zadd(f"{p}#cdcd:hot:{old.run_id}", {k: 0.5 for k in hostile})
 
     new_cfg = {**cfg, "redis": {**cfg["redis"], "url": private_redis.url}}
     config = make_config(new_cfg)
@@ -142,7 +149,11 @@ def test_warm_hot_into_a_new_redis_never_overwrites_a_newer_change(
             assert int(entry(new, f"{p}user:1")["v"]) > version
 
         rep = warm_hot(config, hot_from=cfg["redis"]["url"], rate=0, on_snapshot=change_during_warm)
-        assert rep.hot_keys == 3 and rep.written == 2 and rep.refused == 1
+        assert rep.hot_keys == 3 + len(hostile) and rep.written == 2 and rep.refused == 1
+        assert sorted(rep.unmatched) == sorted(k for k, v in hostile.items() if v == "unmatched")
+        assert sorted(rep.missing_rows) == sorted(k for k, v in hostile.items() if v == "missing")
+        assert {k.decode() for k in new.scan_iter(f"{p}*") if b"#" not in k} == {
+            f"{p}user:1", f"{p}user:2", f"{p}user:email:u3@x", f"{p}user:email:u1@x"}  # u1@x: the daemon's write
         assert json.loads(entry(new, f"{p}user:1")["d"])["name"] == "changed during warm-up"
         assert json.loads(entry(new, f"{p}user:email:u3@x")["d"])["id"] == 3
         assert int(entry(new, f"{p}user:2")["v"]) == rep.version

@@ -6,9 +6,9 @@ that counts down a randomly drawn gap and offers the key to the sketch when it r
 read in ``sample`` on average), then calls the real method. Off, nothing is wrapped and the read
 path is byte-for-byte the same. The cost measured both ways is in BENCHMARKS.md (hot keys section).
 
-Every ``publish_every`` seconds the window's sketch is swapped for a fresh one (tumbling windows:
-scores say what is hot *now*) and its top keys are written to Redis (:mod:`cdcd.hotset`) with
-scores scaled to estimated reads per second. The sync cache publishes from a daemon thread; the
+Every ``publish_every`` seconds the window's sketch is swapped for a fresh one and the top keys are
+written to Redis (:mod:`cdcd.hotset`) with scores in estimated reads per second, averaged over the
+last few windows (:meth:`HotKeys.rotate`). The sync cache publishes from a daemon thread; the
 async cache from a task started by :meth:`AsyncCache.start`. A failed publish is counted and
 retried at the next window; it never reaches a reader.
 """
@@ -16,11 +16,13 @@ retried at the next window; it never reaches a reader.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
 from cdcd.hotset import Command, publish_commands
@@ -31,6 +33,7 @@ from .options import HotKeyOptions
 from .sketch import TopK
 
 _GAPS = 1024  # precomputed sampling gaps, cycled: no RNG call on the read path
+_FADED = 0.001  # reads/s below which a fading key is no longer published
 
 
 def sampling_gaps(sample: int, rng: random.Random, n: int = _GAPS) -> tuple[int, ...]:
@@ -105,11 +108,21 @@ class HotKeys:
         return self._scale(self.sketch.top(n or self.options.top), time.monotonic() - self.window_started)
 
     def rotate(self) -> list[tuple[str, float]]:
-        """End the window: its top keys (reads/s), and a fresh sketch for the next one."""
+        """End the window: a fresh sketch for the next one, and the published scores.
+
+        A score is the average of the key's per-window rates weighted by half at every window
+        (``score = (rate_this_window + previous_score) / 2``), over at most ``top`` keys: a key whose
+        reads stop fades over a few windows instead of vanishing at once, so a quiet minute does not
+        erase the hot set that ``warm --hot`` needs, and a key that became hot shows up in one window.
+        """
         now = time.monotonic()
         sketch, self.sketch = self.sketch, TopK(self.options.capacity)
         seconds, self.window_started = now - self.window_started, now
-        self.last_window = self._scale(sketch.top(self.options.top), seconds)
+        scores = {k: s / 2 for k, s in self.last_window}
+        for k, rate in self._scale(sketch.top(self.options.top), seconds):
+            scores[k] = scores.get(k, 0.0) + rate / 2
+        ranked = heapq.nlargest(self.options.top, scores.items(), key=itemgetter(1))
+        self.last_window = [(k, round(s, 3)) for k, s in ranked if s >= _FADED]
         return self.last_window
 
     def publish_batch(self) -> list[Command]:

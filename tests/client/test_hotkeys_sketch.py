@@ -87,9 +87,14 @@ def test_attach_samples_reads_passes_arguments_through_and_scales_scores() -> No
     c.get("p#cdcd:hot")  # cdcd's own namespace: never counted
     top = dict(hot.sketch.top(10))
     assert set(top) <= {"a", "b"} and 8_000 < top["a"] + top["b"] < 12_000  # ~1 in 4 of 40k reads
-    published = hot.rotate()
-    assert {k for k, _ in published} == {"a", "b"} and all(s > 0 for _, s in published)
+    published = dict(hot.rotate())
+    assert set(published) == {"a", "b"} and all(s > 0 for s in published.values())
     assert len(hot.sketch) == 0  # a fresh window
+    faded = dict(hot.rotate())  # an idle window: the keys fade (half), they do not vanish
+    assert faded == {k: round(s / 2, 3) for k, s in published.items()}
+    for _ in range(60):
+        hot.rotate()
+    assert hot.last_window == []  # and are gone once their score is negligible
 
 
 def test_publish_commands_replace_the_process_set_atomically() -> None:
