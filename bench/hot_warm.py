@@ -27,14 +27,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psycopg  # noqa: E402
-import redis  # noqa: E402
+import psycopg
+import redis
 
-from bench._common import config_dict, load, machine, make_db, servers, unique  # noqa: E402
-from cdcd.client import Cache, CacheOptions, EntryOptions, HotKeyOptions  # noqa: E402
-from cdcd.client.sketch import TopK  # noqa: E402
-from cdcd.warm import warm  # noqa: E402
-from cdcd.warm_hot import warm_hot  # noqa: E402
+from bench._common import config_dict, load, machine, make_db, servers, unique
+from cdcd.client import Cache, CacheOptions, EntryOptions, HotKeyOptions
+from cdcd.client.sketch import TopK
+from cdcd.warm import warm
+from cdcd.warm_hot import warm_hot
 
 
 def zipf_ids(n: int, rows: int, s: float, seed: int) -> list[int]:

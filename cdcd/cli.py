@@ -125,6 +125,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             status = json.loads(resp.read())
     except (urllib.error.URLError, OSError) as exc:
         _err(f"no daemon answering at {url}: {getattr(exc, 'reason', exc)}")
+        if hot is None:
+            return 1
         status = None
     if args.json:
         out = dict(status or {"daemon": None})

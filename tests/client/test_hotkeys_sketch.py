@@ -103,3 +103,20 @@ def test_publish_commands_replace_the_process_set_atomically() -> None:
     assert ("DEL", "p:#cdcd:hot:r1") in cmds
     assert ("ZADD", "p:#cdcd:hot:r1", "10.0", "user:1", "2.5", "user:2") in cmds
     assert ("ZADD", "p:#cdcd:hot", "1000.0", "r1") in cmds
+
+
+def test_prometheus_export_of_the_last_window() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    c = _FakeCache()
+    hot = HotKeys.attach(c, HotKeyOptions(sample=1, top=2, publish=False))
+    assert hot is not None
+    for key in ["a"] * 5 + ["b"] * 3 + ["c"]:
+        c.get(key)
+    hot.rotate()
+    reg = CollectorRegistry()
+    hot.register_prometheus(reg)
+    text = generate_latest(reg).decode()
+    assert 'cdcd_client_hot_key_reads_per_second{key="a"}' in text
+    assert 'key="b"' in text and 'key="c"' not in text  # only the top 2: bounded label values
+    assert "cdcd_client_hot_keys_publish_errors_total 0.0" in text
