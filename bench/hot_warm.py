@@ -1,14 +1,15 @@
 """Hot-set warm-up vs full warm vs nothing: warm-up time, and database queries in the first reads after a flush.
 
-    .venv/bin/python bench/hot_warm.py [--rows 200000] [--top 1000] [--reads 1000,10000,50000] [--zipf 1.1]
+    .venv/bin/python bench/hot_warm.py [--rows 200000] [--top 1000,10000] [--reads 1000,10000,50000] [--zipf 1.1]
 
 Setup: throwaway Postgres + Redis, the example rules (``users`` is an ``update`` rule), ``--rows`` users.
 A client with hot-key detection on (sample 8) reads a Zipf(``--zipf``) stream over the users and
 publishes its hot set. Then, for each scenario, Redis is flushed (the hot set is published again, as
 running clients do at their next window), the scenario's warm-up runs, and a *new* client process
 (empty L1) reads a fresh stream from the same distribution; its loader is the database, so loader
-calls are database queries. Scenarios: ``none`` (cold Redis), ``hot`` (``warm_hot`` of the ``--top``
-hottest keys), ``full`` (``warm`` of every row). All warm-ups unthrottled (``rate=0``).
+calls are database queries. Scenarios: ``none`` (cold Redis), ``hot N`` (``warm_hot`` of the N
+hottest keys, for each N in ``--top``), ``full`` (``warm`` of every row). All warm-ups unthrottled
+(``rate=0``).
 
 Last: the sketch's cost per read on the L1 hit path (``Cache.get`` of one key), hot keys off / on
 with sample 8 / sample 1, best of 5 rounds, and ``TopK.offer`` alone.
@@ -101,12 +102,13 @@ def l1_cost(url: str) -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--top", type=int, default=1000)
+    ap.add_argument("--top", default="1000,10000", help="hot-set sizes to warm, comma-separated")
     ap.add_argument("--reads", default="1000,10000,50000")
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--publish-reads", type=int, default=200_000, help="reads that form the published hot set")
     args = ap.parse_args()
     marks = [int(x) for x in args.reads.split(",")]
+    tops = [int(x) for x in args.top.split(",")]
     with servers() as (pg, rs):
         dsn = make_db(pg)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -118,20 +120,20 @@ def main() -> None:
         r = redis.Redis.from_url(rs.url)
         # the "fleet": one process reading the skewed workload, publishing its hot set
         pub = Cache(rs.url, CacheOptions(prefix=prefix, subscribe=False, require_registry=False,
-                                         hot_keys=HotKeyOptions(sample=8, top=args.top, capacity=4 * args.top,
+                                         hot_keys=HotKeyOptions(sample=8, top=max(tops), capacity=4 * max(tops),
                                                                 publish_every=3600)))
         for uid in zipf_ids(args.publish_reads, args.rows, args.zipf, seed=1):
             pub.get_or_load(f"user:{uid}", lambda: {"stub": 1})
         assert pub.hot_keys is not None
         stream = zipf_ids(max(marks), args.rows, args.zipf, seed=2)
         results: list[tuple[str, float, int, dict[int, int]]] = []
-        for scenario in ("none", "hot", "full"):
+        for scenario in ("none", *(f"hot {n}" for n in tops), "full"):
             r.flushall()
             pub.hot_keys.publish_now(pub.link.call_checked)  # running clients republish at their next window
             t0 = time.monotonic()
             written = 0
-            if scenario == "hot":
-                written = warm_hot(config, top=args.top, rate=0).written
+            if scenario.startswith("hot"):
+                written = warm_hot(config, top=int(scenario.split()[1]), rate=0).written
             elif scenario == "full":
                 written = sum(t.written for t in warm(config, rate=0).tables)
             seconds = time.monotonic() - t0
@@ -140,8 +142,8 @@ def main() -> None:
         cost = l1_cost(rs.url)
         r.close()
     print(machine())
-    print(f"rows={args.rows}, zipf s={args.zipf}, hot set top={args.top} (published from {args.publish_reads} "
-          f"reads, sample 8), reads by a new process after FLUSHALL: {marks}")
+    print(f"rows={args.rows}, zipf s={args.zipf}, hot set of up to {max(tops)} keys (published from "
+          f"{args.publish_reads} reads, sample 8), reads by a new process after FLUSHALL: {marks}")
     head = " | ".join(f"DB queries in first {m:,}" for m in marks)
     print(f"| warm-up | seconds | entries written | {head} |")
     print("|" + "---|" * (3 + len(marks)))

@@ -143,7 +143,7 @@ def _row_for(conn: psycopg.Connection[Any], reader: RowReader, tables: dict[str,
         if rows is None:  # the cast failed (or the column is gone): undo the error, keep the snapshot
             conn.execute("ROLLBACK TO SAVEPOINT cdcd_hot")
         conn.execute("RELEASE SAVEPOINT cdcd_hot")
-        found.extend((t, r) for r in rows or ())
+        found.extend((t, r) for r in rows or () if all((t.relation, r.ctid) != (u.relation, x.ctid) for u, x in found))
     if not found:
         report.missing_rows.append(key)
         return None
