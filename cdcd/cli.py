@@ -215,6 +215,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _warm_hot(config: Config, args: argparse.Namespace) -> int:
+    import psycopg
+    import psycopg2
+    import redis
+
     from cdcd.config import ConfigError
     from cdcd.warm_hot import warm_hot
 
@@ -224,6 +228,9 @@ def _warm_hot(config: Config, args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as exc:
         _err(str(exc))
         return EXIT_CONFIG
+    except (psycopg.Error, psycopg2.Error, redis.RedisError) as exc:  # nothing half-done: writes are versioned
+        _err(f"warm --hot failed: {str(exc).strip()}")
+        return 1
     if args.json:
         print(json.dumps(r.as_dict(), indent=2))
         return 0

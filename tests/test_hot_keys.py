@@ -162,3 +162,10 @@ def test_warm_hot_into_a_new_redis_never_overwrites_a_newer_change(
     finally:
         d.stop()
         new.close()
+
+
+def test_warm_hot_fails_clearly_when_the_hot_set_cannot_be_read(cfg: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = _cli("warm", "-c", str(path), "--hot", "--hot-from", "redis://127.0.0.1:9/0")  # nothing listens there
+    assert res.returncode == 1 and "warm --hot failed" in res.stderr and "Traceback" not in res.stderr
