@@ -84,14 +84,18 @@ class HotKeys:
             left -= 1
             if left <= 0:  # '<=': a racing thread may step past zero
                 left = offer(key)
-            return get(key, default, **kw)
+            if kw:  # a call without keywords is the common case: no **-call for it (measured ~50 ns)
+                return get(key, default, **kw)
+            return get(key, default)
 
         def hooked_get_or_load(key: str, loader: Any, **kw: Any) -> Any:
             nonlocal left
             left -= 1
             if left <= 0:
                 left = offer(key)
-            return get_or_load(key, loader, **kw)
+            if kw:
+                return get_or_load(key, loader, **kw)
+            return get_or_load(key, loader)
 
         hooked_get.__doc__, hooked_get_or_load.__doc__ = get.__doc__, get_or_load.__doc__
         cache.get, cache.get_or_load = hooked_get, hooked_get_or_load
