@@ -7,7 +7,8 @@ Layout, under the keyspace's system namespace (no row value or application key c
   over the process's last window. Replaced whole at every publish (MULTI/EXEC on that one key, so a
   reader never sees half of it) and given a TTL of a few windows: a process that dies stops counting.
 * ``<prefix>#cdcd:hot``: the index, member = run id, score = unix time of its last publish. Readers only
-  look at runs published within ``max_age`` and prune older members.
+  look at runs published within ``max_age``; writers prune members older than an hour (a fixed horizon,
+  so processes with different windows do not prune each other).
 
 Why per-process sets and not one shared set with ``ZINCRBY``: a shared set needs someone to decay or
 reset it, and a dead process's reads would count forever; here each process owns its key, expiry
@@ -28,6 +29,7 @@ from typing import Any
 from cdcd.keyspace import Keyspace
 
 Command = tuple[Any, ...]
+INDEX_HORIZON = 3600.0  # seconds an index member may stay without publishing; its own set expires much sooner
 
 
 def index_key(ks: Keyspace) -> str:
@@ -53,9 +55,10 @@ def publish_commands(ks: Keyspace, run: str, top: Sequence[tuple[str, float]], n
         cmds.append(("PEXPIRE", key, ttl_ms))
     cmds.append(("EXEC",))
     idx = index_key(ks)
+    horizon = max(ttl_s, INDEX_HORIZON)  # not the writer's own TTL: processes may use other windows
     cmds.append(("ZADD", idx, repr(now), run))
-    cmds.append(("ZREMRANGEBYSCORE", idx, "-inf", f"({now - ttl_s!r}"))
-    cmds.append(("PEXPIRE", idx, ttl_ms))
+    cmds.append(("ZREMRANGEBYSCORE", idx, "-inf", f"({now - horizon!r}"))
+    cmds.append(("PEXPIRE", idx, int(horizon * 1000)))
     return cmds
 
 
