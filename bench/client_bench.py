@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis
 import redis.asyncio as aredis
 
-from cdcd.client import AsyncCache, Cache, CacheOptions, EntryOptions
+from cdcd.client import AsyncCache, Cache, CacheOptions, EntryOptions, HotKeyOptions
 from cdcd.devservers import redis_server
 
 VALUE = {"id": 42, "email": "ada@example.com", "name": "Ada Lovelace", "tenant_id": 7, "active": True}
@@ -111,6 +111,12 @@ def main() -> None:
         al2 = AsyncCache(rs.url, CacheOptions(prefix="b1:", l1_max_entries=0, subscribe=False, entry=entry, **nd))
         loop.run_until_complete(al1.get_or_load(KEY, loader))
         sync_row("L1 hit", "cdcd Cache.get", l1.get, KEY)
+        # hot-key detection on (docs/hot-keys.md): the cost of the sampled sketch on the L1 hit path
+        hot = Cache(rs.url, CacheOptions(prefix="b1:", subscribe=False, entry=entry, **nd,
+                                         hot_keys=HotKeyOptions(sample=8, publish=False)))
+        hot.get_or_load(KEY, loader)
+        sync_row("L1 hit", "cdcd Cache.get (hot keys, sample 8)", hot.get, KEY)
+        sync_row("L1 hit", "cdcd Cache.get_or_load (hot keys, sample 8)", hot.get_or_load, KEY, loader)
         sync_row("L1 hit", "cdcd Cache.get_or_load", l1.get_or_load, KEY, loader)
         async_row("L1 hit", "cdcd AsyncCache.get", al1.get, KEY)
         sync_row("L2 hit", "cdcd Cache.get (L1 off)", l2.get, KEY)
@@ -174,6 +180,7 @@ def main() -> None:
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
 
         l1.close()
+        hot.close()
         l2.close()
         loop.run_until_complete(al1.close())
         loop.run_until_complete(al2.close())

@@ -114,18 +114,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
+    hot = None
+    if args.config:  # the fleet's hot set is in Redis, not in the daemon: read it from there
+        hot = _hot_set(args)
+        if hot is None:
+            return EXIT_CONFIG
     url = args.url.rstrip("/") + "/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             status = json.loads(resp.read())
     except (urllib.error.URLError, OSError) as exc:
         _err(f"no daemon answering at {url}: {getattr(exc, 'reason', exc)}")
-        return 1
+        if hot is None:
+            return 1
+        status = None
     if args.json:
-        print(json.dumps(status, indent=2))
+        out = dict(status or {"daemon": None})
+        if hot is not None:
+            out["hot_keys"] = hot
+        print(json.dumps(out, indent=2))
     else:
-        print(format_status(status))
-    return 0 if status.get("ready") else 1
+        if status is not None:
+            print(format_status(status))
+        if hot is not None:
+            print(format_hot(hot))
+    return 0 if status is not None and status.get("ready") else 1
+
+
+def _hot_set(args: argparse.Namespace) -> dict[str, Any] | None:
+    import redis
+
+    from cdcd.hotset import read_fleet
+
+    config = _load(args.config)
+    if config is None:
+        return None
+    try:
+        fleet = read_fleet(config.redis.client(), config.rules().keyspace, max_age=args.max_age, top=args.hot)
+    except redis.RedisError as exc:
+        return {"error": f"cannot read the hot set from Redis: {exc}"}
+    return fleet.as_dict()
+
+
+def format_hot(hot: dict[str, Any]) -> str:
+    if "error" in hot:
+        return f"hot keys: {hot['error']}"
+    keys = hot.get("keys") or []
+    lines = [f"hot keys: {len(keys)} from {hot.get('processes')} client process(es) (estimated reads/s, fleet-wide)"]
+    lines.extend(f"  {k['score']:>12,.1f}  {k['key']}" for k in keys)
+    return "\n".join(lines)
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -160,6 +197,11 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     configure(config.log.format, config.log.level)
+    if args.hot:
+        if args.table:
+            _err("--hot warms the fleet's hot keys of every table: drop --table")
+            return EXIT_CONFIG
+        return _warm_hot(config, args)
     try:
         report = warm(config, args.table or None, rate=args.rate)
     except (ValueError, ConfigError) as exc:
@@ -169,6 +211,37 @@ def cmd_warm(args: argparse.Namespace) -> int:
         print(f"{t.table}: {t.rows} rows, {t.written} entries written, {t.refused} already newer "
               f"({t.seconds:.1f} s)")
     print(f"snapshot version {report.version}")
+    return 0
+
+
+def _warm_hot(config: Config, args: argparse.Namespace) -> int:
+    import psycopg
+    import psycopg2
+    import redis
+
+    from cdcd.config import ConfigError
+    from cdcd.warm_hot import warm_hot
+
+    try:
+        r = warm_hot(config, top=args.top, min_score=args.min_score, rate=args.rate, max_age=args.max_age,
+                     hot_from=args.hot_from)
+    except (ValueError, ConfigError) as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
+    except (psycopg.Error, psycopg2.Error, redis.RedisError) as exc:  # nothing half-done: writes are versioned
+        _err(f"warm --hot failed: {str(exc).strip()}")
+        return 1
+    if args.json:
+        print(json.dumps(r.as_dict(), indent=2))
+        return 0
+    print(f"hot set: {r.hot_keys} keys from {r.processes} client process(es); {r.written} entries written, "
+          f"{r.refused} already newer ({r.seconds:.1f} s)")
+    for what, keys in (("match no rule", r.unmatched), ("have no row", r.missing_rows),
+                       ("not warmable", [f"{k} ({why})" for k, why in r.not_warmable])):
+        if keys:
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+            print(f"{len(keys)} key(s) {what}: {shown}")
+    print(f"snapshot version {r.version}")
     return 0
 
 
@@ -313,12 +386,28 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="position, lag, rates and last error of a running daemon")
     status.add_argument("--url", default="http://127.0.0.1:9108", help="the daemon's http endpoint")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--config", "-c", help="also show the fleet's hot keys, read from this config's Redis")
+    status.add_argument("--hot", type=int, default=20, help="with --config: how many hot keys (default 20)")
+    status.add_argument("--max-age", type=float, default=300.0,
+                        help="with --config: ignore client processes that have not published for this many seconds")
     status.set_defaults(fn=cmd_status)
 
     warm = sub.add_parser("warm", help="fill Redis for update rules from a consistent snapshot")
     warm.add_argument("--config", "-c", required=True)
     warm.add_argument("--table", action="append", help="only this table (repeatable)")
-    warm.add_argument("--rate", type=float, default=10_000, help="rows per second at most (0 = unlimited)")
+    warm.add_argument("--rate", type=float, default=10_000,
+                      help="rows (with --hot: keys) per second at most (0 = unlimited)")
+    warm.add_argument("--hot", action="store_true",
+                      help="only the keys clients report as hot (CacheOptions.hot_keys; docs/hot-keys.md)")
+    warm.add_argument("--top", type=int, default=1000, help="with --hot: the N hottest keys of the fleet")
+    warm.add_argument("--min-score", type=float, default=0.0,
+                      help="with --hot: only keys read at least this often (estimated reads/s, fleet-wide)")
+    warm.add_argument("--max-age", type=float, default=300.0,
+                      help="with --hot: ignore client processes that have not published for this many seconds")
+    warm.add_argument("--hot-from", metavar="REDIS_URL",
+                      help="with --hot: read the hot set from this Redis (the one clients publish to, e.g. the old "
+                           "one before traffic moves) and fill the configuration's Redis")
+    warm.add_argument("--json", action="store_true", help="with --hot: print the report as JSON")
     warm.set_defaults(fn=cmd_warm)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")

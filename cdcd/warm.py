@@ -22,10 +22,11 @@ Tags are not bumped: warming changes nothing an application has cached.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 
 from cdcd.config import Config, postgres_source
-from cdcd.keyspace import SCRIPTS
+from cdcd.keyspace import SCRIPTS, Keyspace
 from cdcd.pg import catalog, replication, session
 from cdcd.pg.lsn import lsn_to_str
 from cdcd.pg.pgtypes import convert
@@ -135,41 +136,57 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
             raise ValueError(f"{sorted(not_update)}: only action 'update' rules have values to warm")
         wanted = [r for r in wanted if r.relation in names]
     client: Any = config.redis.client()
+    epochs = table_epochs(client, ks, wanted)
+    report = WarmReport()
+    limiter = TokenBucket(rate)  # rows per second; 0 = unlimited
+    with snapshot(config, "cdcd warm", on_snapshot) as (conn, version):
+        report.version = version
+        infos = _tables(conn, rules.source, wanted)
+        for rule in wanted:
+            report.tables.append(_warm_table(conn, client, rule, infos[rule.relation], version,
+                                             epochs.snapshot(rule.table_tag), limiter, page, progress_stream,
+                                             ks.entry))
+    return report
+
+
+
+def table_epochs(client: Any, ks: Keyspace, rules: Iterable[CompiledRule]) -> TableEpochs:
+    """The rules' table counters, read *before* the snapshot is taken (and the scripts loaded).
+
+    A TRUNCATE after this point either is in the snapshot (its rows are gone) or bumps the counter
+    later, which invalidates what warm writes. Read after the snapshot, a bump could be recorded with
+    rows that predate it.
+    """
     for s in (_APPLY, _ENSURE):
         client.script_load(s.source)
-    # Table epochs first: a TRUNCATE after this point either is in the snapshot (its rows are gone) or
-    # bumps the counter later, which invalidates what we write. Read after the snapshot, a bump could be
-    # recorded with rows that predate it.
     epochs = TableEpochs()
-    for rule in wanted:
+    for rule in rules:
         epochs.set(rule.table_tag, client.execute_command("EVALSHA", _ENSURE.sha, 1, ks.tag(rule.table_tag)))
+    return epochs
 
-    report = WarmReport()
-    conninfo = postgres_source(config, "cdcd warm").conninfo()
+
+@contextlib.contextmanager
+def snapshot(config: Config, label: str, on_snapshot: Callable[[int], None] | None = None
+             ) -> Iterator[tuple[psycopg.Connection[Any], int]]:
+    """A read-only REPEATABLE READ session on a temporary slot's exported snapshot, and its version ``L - 1``.
+
+    Same session settings as the replication stream: values must print (a timestamptz in UTC, ...)
+    exactly as the daemon receives them, or warm would write other keys and bytes.
+    """
+    conninfo = postgres_source(config, label).conninfo()
     repl = psycopg2.connect(conninfo, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     try:
         point, snapshot_name = replication.create_temporary_slot(repl.cursor(), f"cdcd_warm_{uuid.uuid4().hex[:12]}")
         version = point - 1
-        report.version = version
-        log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=lsn_to_str(point), version=version,
-                 tables=[r.relation for r in wanted])
+        log.info("warm_snapshot", snapshot=snapshot_name, consistent_point=lsn_to_str(point), version=version)
         if on_snapshot is not None:
             on_snapshot(version)
-        limiter = TokenBucket(rate)  # rows per second; 0 = unlimited
-        # Same session settings as the replication stream: values must print (a timestamptz in UTC, ...)
-        # exactly as the daemon receives them, or warm would write other keys and bytes.
         with psycopg.connect(session.conninfo(conninfo)) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
-            infos = _tables(conn, rules.source, wanted)
-            for rule in wanted:
-                report.tables.append(_warm_table(conn, client, rule, infos[rule.relation], version,
-                                                 epochs.snapshot(rule.table_tag), limiter, page, progress_stream,
-                                                 ks.entry))
+            yield conn, version
     finally:
         repl.close()  # drops the temporary slot
-    return report
-
 
 def _tables(conn: psycopg.Connection[Any], source: Mapping[str, TableRule],
             wanted: Sequence[CompiledRule]) -> dict[str, catalog.TableInfo]:

@@ -22,15 +22,16 @@ from .consistency import (
     parse_position,
     read_your_writes,
 )
+from .hotkeys import HotKeys
 from .link import L2Unavailable
-from .options import CacheOptions, EntryOptions
+from .options import CacheOptions, EntryOptions, HotKeyOptions
 from .protocol import NOT_FOUND
 from .serializers import JsonSerializer, MsgpackSerializer, RawSerializer, Serializer
 from .stats import Stats
 from .typed import TypedSerializer
 from .values import UnencodableValue
 
-__all__ = ["NOT_FOUND", "AsyncCache", "Cache", "CacheOptions", "CircuitBreaker", "EntryOptions", "JsonSerializer",
-           "L2Unavailable", "MsgpackSerializer", "NotApplied", "RawSerializer", "Serializer", "Stats",
-           "TypedSerializer", "UnencodableValue", "acommit_position", "commit_position", "format_position",
-           "parse_position", "read_your_writes"]
+__all__ = ["NOT_FOUND", "AsyncCache", "Cache", "CacheOptions", "CircuitBreaker", "EntryOptions", "HotKeyOptions",
+           "HotKeys", "JsonSerializer", "L2Unavailable", "MsgpackSerializer", "NotApplied", "RawSerializer",
+           "Serializer", "Stats", "TypedSerializer", "UnencodableValue", "acommit_position", "commit_position",
+           "format_position", "parse_position", "read_your_writes"]

@@ -47,6 +47,7 @@ from .consistency import (
     read_your_writes,
 )
 from .decorated import AsyncCachedFunction
+from .hotkeys import HotKeys
 from .l1 import L1, L1Entry
 from .link import UNLOCK, AsyncLink, Command, L2Unavailable
 from .options import CacheOptions, Duration, EntryOptions
@@ -114,6 +115,8 @@ class AsyncCache:
         self.sequencer = Sequencer("app")
         self._publish_lock: asyncio.Lock | None = None
         self.watermark = Watermark()
+        self.hot_keys = HotKeys.attach(self, opts.hot_keys)  # opt-in: wraps get/get_or_load (docs/hot-keys.md)
+        self._hot_task: asyncio.Task[None] | None = None  # its publisher, started by start()
         self._subscriber = AsyncSubscriber(self) if opts.subscribe else None
         self.connected = self._subscriber.connected if self._subscriber is not None else asyncio.Event()
 
@@ -129,6 +132,10 @@ class AsyncCache:
 
     async def start(self) -> None:
         """Start the backplane listener and wait (briefly) for its first subscription."""
+        if self.hot_keys is not None and self._hot_task is None:
+            self._hot_task = self.hot_keys.start_task(self.link.call_checked)
+            if self._hot_task is not None:
+                self._tasks.add(self._hot_task)
         if self._subscriber is not None and self._subscriber.task is None:
             self._subscriber.start()
             with contextlib.suppress(TimeoutError):  # Redis down: the listener keeps trying

@@ -54,6 +54,7 @@ from .consistency import (
     read_your_writes,
 )
 from .decorated import CachedFunction
+from .hotkeys import HotKeys
 from .l1 import L1, L1Entry
 from .link import UNLOCK, Command, L2Unavailable, Link
 from .options import CacheOptions, Duration, EntryOptions
@@ -144,6 +145,9 @@ class Cache:
         self.sequencer = Sequencer("app")
         self._publish_lock = threading.Lock()
         self.watermark = Watermark()
+        self.hot_keys = HotKeys.attach(self, opts.hot_keys)  # opt-in: wraps get/get_or_load (docs/hot-keys.md)
+        if self.hot_keys is not None:
+            self.hot_keys.start_thread(self.link.call_checked)
         self._subscriber: Any = None
         if opts.subscribe:
             from .subscriber import Subscriber
@@ -165,6 +169,8 @@ class Cache:
         waiters get ``RuntimeError`` instead of waiting forever."""
         if self._subscriber is not None:
             self._subscriber.stop()
+        if self.hot_keys is not None:
+            self.hot_keys.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)  # see _submit: queued loads fail their waiters
         self.link.close()
 

@@ -110,6 +110,37 @@ class EntryOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class HotKeyOptions:
+    """Hot-key detection (docs/hot-keys.md): a bounded top-K sketch of the keys this process reads, published
+    to Redis so ``cdcd status`` shows the fleet's hot set and ``cdcd warm --hot`` can fill it."""
+
+    sample: int = 8
+    """Count one read in ``sample`` on average (randomly spaced, so a periodic access pattern cannot alias
+    with it); 1 counts every read. Scores are scaled back up, so they estimate reads per second."""
+    capacity: int = 1024
+    """Counters in the sketch (its memory bound): every key read more than ``1/(capacity+1)`` of the
+    sampled reads in a window is guaranteed to be tracked."""
+    top: int = 100
+    """Keys published (and exported) per window."""
+    publish_every: float = 10.0
+    """Seconds per window: the sketch is published and restarted at the end of each one."""
+    publish: bool = True
+    """Publish to Redis (off: the sketch is only readable in process, ``cache.hot_keys.top()``)."""
+    max_key_length: int = 512
+    """Keys longer than this are not counted (an application reading huge generated keys cannot bloat the
+    published set)."""
+
+    if TYPE_CHECKING:
+        def __init__(self, sample: int = ..., capacity: int = ..., top: int = ..., publish_every: Duration = ...,
+                     publish: bool = ..., max_key_length: int = ...) -> None: ...
+
+    def __post_init__(self) -> None:
+        _durations(self, ("publish_every",))
+        if self.sample < 1 or self.capacity < 1 or self.top < 1 or self.publish_every <= 0:
+            raise ValueError("hot keys: sample, capacity and top must be >= 1 and publish_every > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class CacheOptions:
     """How the cache talks to Redis and how big L1 may grow."""
 
@@ -165,6 +196,9 @@ class CacheOptions:
     others get. Off: every caller shares L1's one object (treat it as read-only), and a hit costs no decode."""
     entry: EntryOptions = field(default_factory=EntryOptions)
     """Defaults for every entry."""
+    hot_keys: HotKeyOptions | None = None
+    """Opt in to hot-key detection and publishing (:class:`HotKeyOptions`, docs/hot-keys.md). Off (None)
+    the read path does not change at all."""
 
     if TYPE_CHECKING:  # durations as seconds or strings, as for EntryOptions
         def __init__(self, prefix: str = ..., channel: str | None = ..., l1_max_entries: int = ...,
@@ -174,7 +208,8 @@ class CacheOptions:
                      backplane_ping: Duration = ..., registry_refresh: Duration = ..., require_registry: bool = ...,
                      lock_poll: Duration = ..., ryw_timeout: Duration = ...,
                      ryw_on_timeout: Literal["bypass", "raise"] = ..., background_workers: int = ...,
-                     l1_copy: bool = ..., entry: EntryOptions = ...) -> None: ...
+                     l1_copy: bool = ..., entry: EntryOptions = ...,
+                     hot_keys: HotKeyOptions | None = ...) -> None: ...
 
     def __post_init__(self) -> None:
         _durations(self, _CACHE_DURATIONS)

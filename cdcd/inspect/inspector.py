@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TextIO
 from cdcd.fillguard import Entry
 from cdcd.inspect.classify import Classifier
 from cdcd.inspect.entries import FOREIGN, EntryReader
+from cdcd.inspect.keymatch import match_key
 from cdcd.inspect.model import Check, DbRow, Table
 from cdcd.inspect.report import InspectError, InspectReport, TableStats
 from cdcd.inspect.rows import RowReader
@@ -24,8 +25,6 @@ if TYPE_CHECKING:  # imported where used: ``cdcd --help`` must not pay for psyco
     from cdcd.config import Config
     from cdcd.keys import Template
     from cdcd.rules import Rules
-
-_BYTEA = 17
 
 
 class Inspector:
@@ -241,19 +240,7 @@ class Inspector:
             time.sleep(0.02)
 
     def _match(self, key: str) -> list[tuple[Table, Template, dict[str, str]]]:
-        bare = key[len(self.ks.prefix):]
-        out = []
-        for t in self.tables.values():
-            for tpl in t.rule.keys:
-                values = tpl.match(bare)  # the daemon's own templates, unescaped
-                if values is None:
-                    continue
-                for col, text in values.items():
-                    c = t.col(col)
-                    if c is not None and c.type_oid == _BYTEA:
-                        values[col] = "\\x" + text
-                out.append((t, tpl, values))
-        return out
+        return match_key(self.tables.values(), key[len(self.ks.prefix):])
 
     def run(self, sample: int | None, all_rows: bool) -> InspectReport:
         t0 = time.monotonic()

@@ -27,7 +27,10 @@ _JSON = 114
 
 
 class RowReader:
-    def __init__(self, conninfo: str, bucket: TokenBucket, page: int) -> None:
+    def __init__(self, conninfo: str, bucket: TokenBucket, page: int,
+                 conn: psycopg.Connection[Any] | None = None) -> None:
+        """``conn``: read through this session instead (``cdcd warm --hot`` passes its snapshot's; it must
+        have the replication session's settings, and a failed lookup must be rolled back by the caller)."""
         import psycopg
 
         from cdcd.pg import session
@@ -38,7 +41,7 @@ class RowReader:
         self.commit_timestamps = False
         # The replication session's text formats (cdcd.pg.session): rows read here must convert to
         # exactly the values the pgoutput decoder produced from the same data.
-        self.pg: psycopg.Connection[Any] = psycopg.connect(
+        self.pg: psycopg.Connection[Any] = conn if conn is not None else psycopg.connect(
             session.conninfo(conninfo, read_only=True), autocommit=True, connect_timeout=5,
             application_name="cdcd-inspect")
 
