@@ -45,6 +45,7 @@ from cdcd.keyspace import SCRIPTS, Keyspace
 from cdcd.redisfaults import REDIS_FAULTS, refusal_reason, translate
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.epochs import TableEpochs
+from cdcd.sinks.exists import ExistsWrites
 
 log = structlog.get_logger("cdcd.sinks.redis")
 
@@ -185,6 +186,7 @@ class RedisSink:
         self.floors: dict[str, int] = {}
         self.epochs = TableEpochs()  # table tag -> counter: runtime state, read from and moved in Redis
         self._tag_relation = {r.table_tag: rel for rel, r in rules.by_relation.items()}
+        self.exists = ExistsWrites(client, self.ks, rules.exists)  # existence filters (docs/existence-filter.md)
 
     def load_scripts(self) -> None:
         for script in SCRIPTS.values():
@@ -304,6 +306,10 @@ class RedisSink:
         if not packed_bumps:
             for tag in tags:
                 cmds.append(("EVALSHA", _BUMP.sha, 1, ks.tag(tag)))
+        if batch.exists or batch.exists_reset:
+            # new keys' bits: before the applied position and the backplane, so a read that waited for the
+            # watermark finds them (docs/existence-filter.md)
+            cmds.extend(self.exists.batch_commands(batch))
         for rel, floor in batch.floors.items():
             cmds.append(("EVALSHA", _FLOOR.sha, 1, ks.floors, rel, str(floor)))
         version = str(batch.version)

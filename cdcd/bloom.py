@@ -1,0 +1,58 @@
+"""Bloom filter arithmetic shared by the daemon (which sets bits) and the client (which reads them).
+
+Why a module of its own: a filter is only sound if both sides compute the same bit positions for a
+key. Both import :func:`positions` from here, and this module is free of pydantic and of I/O so the
+client can import it.
+
+A key's ``k`` positions come from one 128-bit BLAKE2b digest of its UTF-8 text (lone surrogates
+kept as ``surrogatepass``, as any ``str`` a row can render), split into two 64-bit halves and
+combined by double hashing (Kirsch and Mitzenmacher, "Less hashing, same performance", 2006):
+``(h1 + i * h2) mod m`` for ``i < k``. The digest is a stable function of the text: it does not
+depend on the process (unlike ``hash()``), the platform or the Python version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from hashlib import blake2b
+
+MAX_BITS = 2**32  # one Redis string holds at most 512 MB = 2**32 bits
+
+
+@dataclass(frozen=True, slots=True)
+class BloomParams:
+    """``m`` bits and ``k`` hash functions for ``expected`` keys at false-positive rate ``fp_rate``."""
+
+    m: int
+    k: int
+
+    @classmethod
+    def sized(cls, expected: int, fp_rate: float) -> BloomParams:
+        """The textbook optimum: ``m = -n ln p / (ln 2)^2``, ``k = (m / n) ln 2`` (10M keys at 1%: 95.9 Mbit,
+        ~12 MB, k = 7). ValueError when the filter would not fit in one Redis string."""
+        if expected < 1 or not 0.0 < fp_rate < 1.0:
+            raise ValueError(f"need expected >= 1 and 0 < fp_rate < 1 (got {expected}, {fp_rate})")
+        m = math.ceil(-expected * math.log(fp_rate) / (math.log(2) ** 2))
+        if m > MAX_BITS:
+            raise ValueError(f"{expected} keys at fp_rate {fp_rate} need {m} bits ({m / 8 / 2**20:.0f} MiB): more "
+                             f"than one Redis string holds ({MAX_BITS} bits, 512 MiB)")
+        k = max(1, round(m / expected * math.log(2)))
+        return cls(m, k)
+
+    @property
+    def bytes(self) -> int:
+        return (self.m + 7) // 8
+
+    def fp_rate(self, fill: float) -> float:
+        """The false-positive rate of a filter whose fraction ``fill`` of bits is set: every one of a key's
+        ``k`` bits set by chance. Deleted keys' bits stay set, so this grows with churn, not with size."""
+        return fill ** self.k
+
+
+def positions(key: str, m: int, k: int) -> list[int]:
+    """The ``k`` bit offsets of ``key`` in a filter of ``m`` bits (see the module docstring)."""
+    d = blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    h1 = int.from_bytes(d[:8], "little")
+    h2 = int.from_bytes(d[8:], "little") | 1  # odd: never 0, so the k offsets differ for any m
+    return [(h1 + i * h2) % m for i in range(k)]

@@ -1,0 +1,116 @@
+"""The daemon's writes to existence filters (docs/existence-filter.md), for :class:`cdcd.sinks.redis.RedisSink`.
+
+Two kinds: the commands a batch carries (new keys' bits, or unseeding a filter that lost track of
+inserts), which the sink puts in the batch's own pipeline after the entry writes and *before* the
+applied position and the backplane messages; and the builder's calls (begin a generation, fill it
+from a snapshot, switch to it), which run on the sink's client from the builder thread. Every call
+touches one filter's three keys, which share a hash tag: single-slot on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cdcd.bloom import positions
+from cdcd.keyspace import SCRIPTS, Keyspace
+from cdcd.rules import Batch, ExistsSpec
+
+_ADD = SCRIPTS["exists_add"]
+_DROP = SCRIPTS["exists_drop"]
+_BEGIN = SCRIPTS["exists_begin"]
+_FILL = SCRIPTS["exists_fill"]
+_SWITCH = SCRIPTS["exists_switch"]
+CHUNK = 4096  # bit offsets per script call: a few ms of Redis time at most
+
+
+@dataclass(frozen=True, slots=True)
+class FilterState:
+    """What a filter's meta hash says (see :data:`cdcd.keyspace.EXISTS_ADD` for the fields)."""
+
+    active: str | None  # the active slot, None: not seeded (checks answer "maybe")
+    m: int
+    k: int
+    building: str | None  # the build id of a build under way (perhaps by a daemon that died)
+    bits: int  # bits set when the active generation was built
+    generation: int
+    version: int
+
+    @classmethod
+    def parse(cls, raw: dict[bytes, bytes]) -> FilterState:
+        def text(f: str) -> str | None:
+            v = raw.get(f.encode())
+            return v.decode() if v is not None else None
+
+        def num(f: str) -> int:
+            return int(text(f) or 0)
+
+        return cls(text("a"), num("am"), num("ak"), text("bid"), num("bits"), num("gen"), num("v"))
+
+
+class ExistsWrites:
+    def __init__(self, client: Any, ks: Keyspace, specs: dict[str, ExistsSpec]) -> None:
+        self.client = client
+        self.ks = ks
+        self.specs = specs
+
+    def batch_commands(self, batch: Batch) -> list[tuple[Any, ...]]:
+        """The batch's filter commands: unseed filters that lost track first, then set new keys' bits (in a
+        filter being rebuilt, unseeding cancels the build; the bits then land nowhere, harmlessly)."""
+        cmds: list[tuple[Any, ...]] = []
+        for rel in batch.exists_reset:
+            if rel in self.specs:
+                cmds.append(("EVALSHA", _DROP.sha, 3, *self.ks.exists_filter(rel)))
+        version = str(batch.version)
+        for rel, keys in batch.exists.items():
+            spec = self.specs.get(rel)
+            if spec is None:
+                continue
+            m, k = spec.params.m, spec.params.k
+            head = ("EVALSHA", _ADD.sha, 3, *self.ks.exists_filter(rel), version, m, k)
+            for chunk in _chunks((p for key in keys for p in positions(key, m, k)), CHUNK):
+                cmds.append((*head, *chunk))
+        return cmds
+
+    # ------------------------------------------------------------------ the builder's calls
+
+    def state(self, rel: str) -> FilterState:
+        return FilterState.parse(self.client.hgetall(self.ks.exists_filter(rel)[0]))
+
+    def bitcount(self, rel: str, slot: str) -> int:
+        return int(self.client.bitcount(self.ks.exists_filter(rel)[1 + int(slot)]))
+
+    def begin(self, rel: str, build_id: str) -> str:
+        """Allocate the inactive generation and mark it as being built: from now on every applied insert
+        also lands in it. Returns its slot."""
+        p = self.specs[rel].params
+        slot = self.client.execute_command("EVALSHA", _BEGIN.sha, 3, *self.ks.exists_filter(rel), build_id, p.m, p.k)
+        return slot.decode() if isinstance(slot, bytes) else str(slot)
+
+    def fill(self, rel: str, build_id: str, keys: Iterable[str]) -> bool:
+        """Set snapshot keys' bits in the generation being built; False when the build is no longer current."""
+        p = self.specs[rel].params
+        pipe = self.client.pipeline(transaction=False)
+        for chunk in _chunks((q for key in keys for q in positions(key, p.m, p.k)), CHUNK):
+            pipe.execute_command("EVALSHA", _FILL.sha, 3, *self.ks.exists_filter(rel), build_id, *chunk)
+        return all(r == 1 for r in pipe.execute())
+
+    def switch(self, rel: str, build_id: str, version: int) -> int | None:
+        """Make the built generation active (and free the old one); its bit count, None when the build is
+        no longer current."""
+        bits = self.client.execute_command("EVALSHA", _SWITCH.sha, 3, *self.ks.exists_filter(rel), build_id, version,
+                                      repr(time.time()))
+        return None if int(bits) < 0 else int(bits)
+
+
+def _chunks(items: Iterable[int], size: int) -> Iterable[list[int]]:
+    chunk: list[int] = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
