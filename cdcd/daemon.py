@@ -134,6 +134,10 @@ class Daemon:
         self._last_publish = time.monotonic()
         self._inflight: _InFlight | None = None
         self.exists_keeper: Any = None  # cdcd.exists_keeper.ExistsKeeper, when rules have existence filters
+        if self.rules.exists:
+            from cdcd.exists_keeper import ExistsKeeper  # psycopg2: only where filters are configured
+
+            self.exists_keeper = ExistsKeeper(config, self.rules, self.sink, self.metrics, self.stop_event)
         self.batch_log = BatchLog(log.info, 0.0 if self.debug else config.log.batch_interval)
 
     def _make_source(self) -> Source:
@@ -287,10 +291,6 @@ class Daemon:
             return  # stopped while Redis was down
         self._connect_source()
         self.ready.set()
-        if self.rules.exists and self.exists_keeper is None:
-            from cdcd.exists_keeper import ExistsKeeper  # psycopg2: only where filters are configured
-
-            self.exists_keeper = ExistsKeeper(self.config, self.rules, self.sink, self.metrics, self.stop_event)
         if self.exists_keeper is not None:
             self.exists_keeper.start()
         failures = 0
