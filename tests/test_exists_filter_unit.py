@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,13 @@ def test_one_filter_is_one_hash_slot() -> None:
         keys = Keyspace("v1:").exists_filter(rel)
         assert len({key_slot(k.encode()) for k in keys}) == 1
         assert all(Keyspace("v1:").is_system(k) for k in keys)
+
+
+def test_the_commented_example_in_the_example_rules_is_valid() -> None:
+    text = (Path(__file__).resolve().parent.parent / "config" / "cdcd.example.yaml").read_text()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("# exists_filter:"))
+    for i in range(start, start + 5):
+        lines[i] = lines[i].replace("# ", "", 1)
+    spec = parse_config("\n".join(lines)).rules().exists["public.users"]
+    assert spec.params == BloomParams.sized(10_000_000, 0.01) and spec.bound == 0.02
