@@ -95,6 +95,8 @@ class ExistsKeeper:
         reason: str | None = None
         if st.active is None:
             reason = "unseeded"
+        elif st.lost:
+            reason = "lost"  # evicted or deleted: checks answer "maybe" until a new generation is built
         elif (st.m, st.k) != (spec.params.m, spec.params.k):
             reason = "resized"
         elif st.building is not None and rel not in self._building:

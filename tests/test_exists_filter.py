@@ -220,7 +220,7 @@ def test_daemon_stopped_mid_build_answers_maybe_then_rebuilds(
         cache.close()
 
 
-def test_a_degraded_transaction_unseeds_the_filter_until_rebuilt(
+def test_a_degraded_transaction_or_a_lost_filter_answers_maybe_until_rebuilt(
         cfg: dict[str, Any], redis_server: RedisServer, app_db: str, sql: Any, r: redis.Redis) -> None:
     """A transaction too big to keep its rows cannot tell the filter its inserts: the filter must stop
     answering "absent" in the same round trip, then come back from a snapshot that has them."""
@@ -242,6 +242,18 @@ def test_a_degraded_transaction_unseeds_the_filter_until_rebuilt(
         assert not any(absent(cache.exists, cache.link.call, cache.stats, "users", f"user:{i}")
                        for i in range(1, 301))
         assert absent(cache.exists, cache.link.call, cache.stats, "users", "user:123456")
+        # Redis loses the active bitmap (eviction), then everything (a flush): "maybe" until re-seeded
+        meta, *bitmaps = Keyspace(cfg["keyspace"]["prefix"]).exists_filter("users")
+        r.delete(bitmaps[int(_meta(r, cfg)[b"a"])])
+        assert not absent(cache.exists, cache.link.call, cache.stats, "users", "user:123456")
+        wait_until(lambda: _seeded(r, cfg, generation=3), 30, what="rebuilt after the bitmap was lost")
+        assert absent(cache.exists, cache.link.call, cache.stats, "users", "user:123456")
+        r.delete(meta, *bitmaps)
+        assert not absent(cache.exists, cache.link.call, cache.stats, "users", "user:123456")
+        wait_until(lambda: _seeded(r, cfg), 30, what="re-seeded after the filter was lost")
+        assert absent(cache.exists, cache.link.call, cache.stats, "users", "user:123456")
+        assert not any(absent(cache.exists, cache.link.call, cache.stats, "users", f"user:{i}")
+                       for i in range(1, 301))
     finally:
         cache.close()
         d.stop()

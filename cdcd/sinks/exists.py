@@ -37,9 +37,15 @@ class FilterState:
     bits: int  # bits set when the active generation was built
     generation: int
     version: int
+    present: tuple[bool, bool] = (False, False)  # whether each slot's bitmap exists
+
+    @property
+    def lost(self) -> bool:
+        """The meta names an active bitmap that is gone (evicted, deleted): checks answer "maybe" until rebuilt."""
+        return self.active is not None and not self.present[int(self.active)]
 
     @classmethod
-    def parse(cls, raw: dict[bytes, bytes]) -> FilterState:
+    def parse(cls, raw: dict[bytes, bytes], present: tuple[bool, bool] = (False, False)) -> FilterState:
         def text(f: str) -> str | None:
             v = raw.get(f.encode())
             return v.decode() if v is not None else None
@@ -47,7 +53,7 @@ class FilterState:
         def num(f: str) -> int:
             return int(text(f) or 0)
 
-        return cls(text("a"), num("am"), num("ak"), text("bid"), num("bits"), num("gen"), num("v"))
+        return cls(text("a"), num("am"), num("ak"), text("bid"), num("bits"), num("gen"), num("v"), present)
 
 
 class ExistsWrites:
@@ -77,7 +83,13 @@ class ExistsWrites:
     # ------------------------------------------------------------------ the builder's calls
 
     def state(self, rel: str) -> FilterState:
-        return FilterState.parse(self.client.hgetall(self.ks.exists_filter(rel)[0]))
+        meta, b0, b1 = self.ks.exists_filter(rel)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(meta)
+        pipe.exists(b0)
+        pipe.exists(b1)
+        raw, e0, e1 = pipe.execute()
+        return FilterState.parse(raw, (bool(e0), bool(e1)))
 
     def bitcount(self, rel: str, slot: str) -> int:
         return int(self.client.bitcount(self.ks.exists_filter(rel)[1 + int(slot)]))
