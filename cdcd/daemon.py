@@ -604,7 +604,8 @@ class Daemon:
             "lag": self.source_stats,
             "lag_alarm": self.lag_alarm,
             "retained_wal_bound": self.config.monitor.max_retained_wal,
-            "exists_filters": self.exists_keeper.state if self.exists_keeper is not None else {},
+            "exists_filters": ({rel: dict(st) for rel, st in self.exists_keeper.state.items()}
+                               if self.exists_keeper is not None else {}),
             "last_error": self.last_error,
             "last_error_age_s": round(time.time() - self.last_error_at, 1) if self.last_error_at else None,
         }

@@ -117,6 +117,8 @@ class ExistsKeeper:
                                 detail="rebuilt from a snapshot and still over its bound: the table holds more "
                                        "keys than exists_filter.expected; raise it")
         if reason is not None:
+            if reason in ("unseeded", "lost"):
+                self.state[rel]["seeded"] = False
             self.build(rel, spec, reason)
 
     def build(self, rel: str, spec: ExistsSpec, reason: str) -> bool:
