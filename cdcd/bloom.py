@@ -50,6 +50,18 @@ class BloomParams:
         return fill ** self.k
 
 
+def params_id(m: int, k: int, template: str) -> str:
+    """What a filter is for, as its meta records it (``ap``): bits, hash count and key template. Daemon and
+    client only use a filter whose parameters are exactly theirs."""
+    return f"{m}:{k}:{template}"
+
+
+def parse_params_id(text: str) -> tuple[int, int, str]:
+    """The inverse of :func:`params_id`; ValueError when ``text`` is not one."""
+    m, k, template = text.split(":", 2)
+    return int(m), int(k), template
+
+
 def positions(key: str, m: int, k: int) -> list[int]:
     """The ``k`` bit offsets of ``key`` in a filter of ``m`` bits (see the module docstring)."""
     d = blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()

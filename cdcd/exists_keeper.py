@@ -97,8 +97,8 @@ class ExistsKeeper:
             reason = "unseeded"
         elif st.lost:
             reason = "lost"  # evicted or deleted: checks answer "maybe" until a new generation is built
-        elif (st.m, st.k) != (spec.params.m, spec.params.k):
-            reason = "resized"
+        elif st.params != spec.params_id:
+            reason = "resized"  # the rules changed the filter's size or key template
         elif st.building is not None and rel not in self._building:
             reason = "interrupted"  # a rebuild a stopped daemon had begun: it was needed, start it over
         elif time.monotonic() >= self._next_check.get(rel, 0.0):

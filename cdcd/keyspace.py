@@ -216,63 +216,62 @@ return ARGV[2]
 # ---------------------------------------------------------------------------
 # Existence filters (docs/existence-filter.md). One filter is three keys sharing a hash tag (so one slot):
 # KEYS[1] the meta hash, KEYS[2] and KEYS[3] the two bitmap strings (generation slots '0' and '1'). Meta
-# fields: a (the active slot; absent: not seeded, every check answers "maybe"), am/ak (its m and k),
-# v (the version it is current to), gen (switches so far), bits (bits set when it was built), built
-# (when); b/bm/bk/bid (the slot being built, its m and k, and the build's id) while a build runs.
-# A bitmap is allocated whole when a build begins, so a missing bitmap (evicted, flushed) is told apart
-# from an empty one: every script then answers "maybe" or stops using it, never "absent".
+# fields: a (the active slot; absent: not seeded, every check answers "maybe"), ap (its parameters:
+# "<m>:<k>:<key template>", so a filter is only ever used for the keys and size it was built for), v (the
+# version it is current to), gen (switches so far), bits (bits set when it was built), built (when); b, bp,
+# bid (the slot being built, its parameters, the build's id) while a build runs. A bitmap is allocated
+# whole when a build begins, so a missing bitmap (evicted, flushed) is told apart from an empty one:
+# every script then answers "maybe" or stops using it, never "absent".
 
 # Daemon, in the batch's pipeline before the applied position and the backplane: set the bits of the
-# batch's new keys in the active filter and in the one being built. ARGV: version, m, k, positions...
-# Bits are set only where (m, k) match; an active filter of other parameters (the rules changed) is
-# unseeded on the spot (it could no longer be kept current) and the daemon rebuilds it.
+# batch's new keys in the active filter and in the one being built. ARGV: version, parameters, positions...
+# Bits are set only where the parameters match; an active filter of other parameters (the rules changed)
+# is unseeded on the spot (it could no longer be kept current) and the daemon rebuilds it.
 EXISTS_ADD = _HEAD + r"""
-local st = redis.call('HMGET', KEYS[1], 'a', 'am', 'ak', 'b', 'bm', 'bk', 'v')
+local st = redis.call('HMGET', KEYS[1], 'a', 'ap', 'b', 'bp', 'v')
 local n = 0
 local function set(slot)
   local key = KEYS[2 + tonumber(slot)]
-  for i = 4, #ARGV do redis.call('SETBIT', key, ARGV[i], 1) end
+  for i = 3, #ARGV do redis.call('SETBIT', key, ARGV[i], 1) end
   n = n + 1
 end
 if st[1] then
-  if st[2] == ARGV[2] and st[3] == ARGV[3] and redis.call('EXISTS', KEYS[2 + tonumber(st[1])]) == 1 then
+  if st[2] == ARGV[2] and redis.call('EXISTS', KEYS[2 + tonumber(st[1])]) == 1 then
     set(st[1])
-    if newer(ARGV[1], st[7]) then redis.call('HSET', KEYS[1], 'v', ARGV[1]) end
+    if newer(ARGV[1], st[5]) then redis.call('HSET', KEYS[1], 'v', ARGV[1]) end
   else
-    redis.call('HDEL', KEYS[1], 'a', 'am', 'ak')
+    redis.call('HDEL', KEYS[1], 'a', 'ap')
   end
 end
-if st[4] and st[5] == ARGV[2] and st[6] == ARGV[3] and redis.call('EXISTS', KEYS[2 + tonumber(st[4])]) == 1 then
-  set(st[4])
-end
+if st[3] and st[4] == ARGV[2] and redis.call('EXISTS', KEYS[2 + tonumber(st[3])]) == 1 then set(st[3]) end
 return n
 """
 
 # Daemon, in the batch's pipeline: the batch lost track of inserts (a degraded transaction, a schema break,
 # a lost slot): unseed the filter and cancel any build (its snapshot may predate them). Returns 1.
 EXISTS_DROP = r"""
-redis.call('HDEL', KEYS[1], 'a', 'am', 'ak', 'b', 'bm', 'bk', 'bid')
+redis.call('HDEL', KEYS[1], 'a', 'ap', 'b', 'bp', 'bid')
 return 1
 """
 
-# Client: ARGV m, k, positions... 1 = maybe present, 0 = definitely absent, {m, k} = the caller's parameters
-# are not the active filter's (it asks again with these). Reads meta and bits in one atomic call, so a
-# switch of generation can never be seen half-way.
+# Client: ARGV parameters, positions... 1 = maybe present, 0 = definitely absent, or the active filter's
+# parameters when they are not the caller's (it asks again with those). Reads meta and bits in one atomic
+# call, so a switch of generation can never be seen half-way.
 EXISTS_CHECK = r"""
-local st = redis.call('HMGET', KEYS[1], 'a', 'am', 'ak')
+local st = redis.call('HMGET', KEYS[1], 'a', 'ap')
 if not st[1] then return 1 end
-if st[2] ~= ARGV[1] or st[3] ~= ARGV[2] then return {st[2], st[3]} end
+if st[2] ~= ARGV[1] then return {st[2]} end
 local key = KEYS[2 + tonumber(st[1])]
 if redis.call('EXISTS', key) == 0 then return 1 end
-for i = 3, #ARGV do
+for i = 2, #ARGV do
   if redis.call('GETBIT', key, ARGV[i]) == 0 then return 0 end
 end
 return 1
 """
 
-# Builder: start a generation in the slot that is not active. ARGV: build id, m, k. The bitmap is created
-# whole (SETBIT m-1 0) and marked as being built: from this call on, EXISTS_ADD sets new keys in it too.
-# Returns the slot.
+# Builder: start a generation in the slot that is not active. ARGV: build id, m, parameters. The bitmap is
+# created whole (SETBIT m-1 0) and marked as being built: from this call on, EXISTS_ADD sets new keys in it
+# too. Returns the slot.
 EXISTS_BEGIN = r"""
 local a = redis.call('HGET', KEYS[1], 'a')
 local slot = '0'
@@ -280,7 +279,7 @@ if a == '0' then slot = '1' end
 local key = KEYS[2 + tonumber(slot)]
 redis.call('DEL', key)
 redis.call('SETBIT', key, tonumber(ARGV[2]) - 1, 0)
-redis.call('HSET', KEYS[1], 'b', slot, 'bm', ARGV[2], 'bk', ARGV[3], 'bid', ARGV[1])
+redis.call('HSET', KEYS[1], 'b', slot, 'bp', ARGV[3], 'bid', ARGV[1])
 return slot
 """
 
@@ -298,17 +297,17 @@ return 1
 # Builder: the snapshot is in; make the built generation the active one, atomically, and free the old
 # one. ARGV: build id, snapshot version, time. Returns the bits set, or -1 when the build is not current.
 EXISTS_SWITCH = _HEAD + r"""
-local st = redis.call('HMGET', KEYS[1], 'bid', 'b', 'bm', 'bk', 'a', 'v', 'gen')
+local st = redis.call('HMGET', KEYS[1], 'bid', 'b', 'bp', 'a', 'v', 'gen')
 if st[1] ~= ARGV[1] then return -1 end
 local key = KEYS[2 + tonumber(st[2])]
 if redis.call('EXISTS', key) == 0 then return -1 end
-if st[5] and st[5] ~= st[2] then redis.call('DEL', KEYS[2 + tonumber(st[5])]) end
+if st[4] and st[4] ~= st[2] then redis.call('DEL', KEYS[2 + tonumber(st[4])]) end
 local v = ARGV[2]
-if st[6] and not newer(v, st[6]) then v = st[6] end
+if st[5] and not newer(v, st[5]) then v = st[5] end
 local bits = redis.call('BITCOUNT', key)
-redis.call('HDEL', KEYS[1], 'b', 'bm', 'bk', 'bid')
-redis.call('HSET', KEYS[1], 'a', st[2], 'am', st[3], 'ak', st[4], 'v', v, 'gen', tonumber(st[7] or '0') + 1,
-           'bits', bits, 'built', ARGV[3])
+redis.call('HDEL', KEYS[1], 'b', 'bp', 'bid')
+redis.call('HSET', KEYS[1], 'a', st[2], 'ap', st[3], 'v', v, 'gen', tonumber(st[6] or '0') + 1, 'bits', bits,
+           'built', ARGV[3])
 return bits
 """
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cdcd.bloom import BloomParams
+from cdcd.bloom import BloomParams, params_id
 from cdcd.change import UNAVAILABLE, Change, Op, Reads, Row, Transaction
 from cdcd.durations import parse_duration
 from cdcd.keys import Template as Template  # re-exported: key templates live in cdcd.keys
@@ -227,6 +227,10 @@ class ExistsSpec:
     params: BloomParams
     bound: float  # estimated false-positive rate past which it is rebuilt
     check_every: float
+
+    @property
+    def params_id(self) -> str:
+        return params_id(self.params.m, self.params.k, self.template.text)
 
 
 @dataclass(slots=True)

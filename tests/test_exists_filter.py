@@ -89,6 +89,8 @@ def test_scraper_of_absent_ids_spares_the_database(cfg: dict[str, Any], redis_se
         assert len(without) >= 1950  # random ids rarely repeat: negative caching alone barely helps
         assert len(with_filter) <= 0.01 * len(without), (len(with_filter), len(without))
         assert filtered.stats.exists_absent == len(scraped) - len(with_filter)
+        with pytest.raises(ValueError, match="is not a key of the existence filter of users"):
+            filtered.get_or_load("user:email:u1@x", lambda: None, exists_filter="users")  # not what it holds
         # rows that exist are never refused by the filter: snapshot rows, and rows inserted after seeding
         _insert(sql, range(2001, 2101))
         pos = commit_position(psycopg.connect(app_db, autocommit=True))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cdcd.bloom import BloomParams, positions
+from cdcd.bloom import BloomParams, params_id, parse_params_id, positions
 from cdcd.change import Change, Op, Transaction
 from cdcd.config import ConfigError, parse_config
 from cdcd.keyspace import Keyspace
@@ -40,6 +40,7 @@ def test_positions_are_stable_in_range_and_spread() -> None:
     assert a == positions("user:42", 1000, 7) and len(set(a)) == 7 and all(0 <= x < 1000 for x in a)
     assert a != positions("user:43", 1000, 7)
     assert len(positions("odd\udcff:key", 64, 3)) == 3  # a lone surrogate (undecodable row text) still hashes
+    assert parse_params_id(params_id(95, 7, "pair:{a}:{b}")) == (95, 7, "pair:{a}:{b}")
 
 
 @pytest.mark.parametrize("mutate, message", [

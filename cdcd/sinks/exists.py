@@ -31,8 +31,7 @@ class FilterState:
     """What a filter's meta hash says (see :data:`cdcd.keyspace.EXISTS_ADD` for the fields)."""
 
     active: str | None  # the active slot, None: not seeded (checks answer "maybe")
-    m: int
-    k: int
+    params: str | None  # the active generation's bloom.params_id
     building: str | None  # the build id of a build under way (perhaps by a daemon that died)
     bits: int  # bits set when the active generation was built
     generation: int
@@ -53,7 +52,7 @@ class FilterState:
         def num(f: str) -> int:
             return int(text(f) or 0)
 
-        return cls(text("a"), num("am"), num("ak"), text("bid"), num("bits"), num("gen"), num("v"), present)
+        return cls(text("a"), text("ap"), text("bid"), num("bits"), num("gen"), num("v"), present)
 
 
 class ExistsWrites:
@@ -75,7 +74,7 @@ class ExistsWrites:
             if spec is None:
                 continue
             m, k = spec.params.m, spec.params.k
-            head = ("EVALSHA", _ADD.sha, 3, *self.ks.exists_filter(rel), version, m, k)
+            head = ("EVALSHA", _ADD.sha, 3, *self.ks.exists_filter(rel), version, spec.params_id)
             for chunk in _chunks((p for key in keys for p in positions(key, m, k)), CHUNK):
                 cmds.append((*head, *chunk))
         return cmds
@@ -97,8 +96,9 @@ class ExistsWrites:
     def begin(self, rel: str, build_id: str) -> str:
         """Allocate the inactive generation and mark it as being built: from now on every applied insert
         also lands in it. Returns its slot."""
-        p = self.specs[rel].params
-        slot = self.client.execute_command("EVALSHA", _BEGIN.sha, 3, *self.ks.exists_filter(rel), build_id, p.m, p.k)
+        spec = self.specs[rel]
+        slot = self.client.execute_command("EVALSHA", _BEGIN.sha, 3, *self.ks.exists_filter(rel), build_id,
+                                           spec.params.m, spec.params_id)
         return slot.decode() if isinstance(slot, bytes) else str(slot)
 
     def fill(self, rel: str, build_id: str, keys: Iterable[str]) -> bool:
