@@ -13,6 +13,10 @@ through two caches in this process: one with ``exists_filter="users"``, one with
 alone. Each loader call is one real ``SELECT``. Prints database queries, the latency of a filter
 check (one ``EVALSHA exists_check``) and of the two caches' reads, the seeding time, and the filter's
 memory (``MEMORY USAGE``), fill and estimated / observed false-positive rate.
+
+``--drain N`` then measures what the filter costs the daemon: a daemon with the filter and one without
+(the same rules otherwise, one slot each) each drain a slot holding ``N`` user inserts (10 per
+transaction), ``--repeats`` times alternately; the rate is the daemon's own (batch log lines).
 """
 
 from __future__ import annotations
@@ -29,7 +33,20 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import DaemonProcess, config_dict, machine, make_db, pct, servers, table, unique, wait_until
+from bench._common import (
+    DaemonProcess,
+    applied_version,
+    config_dict,
+    insert_lsn,
+    machine,
+    make_db,
+    pct,
+    servers,
+    steady_rate,
+    table,
+    unique,
+    wait_until,
+)
 from cdcd.bloom import BloomParams
 from cdcd.client import Cache, CacheOptions
 from cdcd.client.existence import absent
@@ -43,7 +60,12 @@ def main() -> None:
     ap.add_argument("--fp-rate", type=float, default=0.01)
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument("--id-space", type=int, default=5_000_000)
+    ap.add_argument("--drain", type=int, default=0, help="inserts per daemon drain (0: skip)")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    if args.drain:
+        drain(args.drain, args.repeats, args.expected, args.fp_rate)
+        return
     print(machine())
     with servers() as (pg, rs):
         dsn = make_db(pg)
@@ -120,6 +142,49 @@ def main() -> None:
                  ["bits set", f"{fill:.4%}"],
                  ["estimated fp rate (fill ** k)", f"{params.fp_rate(fill):.2e}"],
                  ["observed 'maybe' for absent ids", f"{maybe}/{len(ids)}"]]))
+
+
+def drain(n: int, repeats: int, expected: int, fp_rate: float) -> None:
+    """Daemon drain rate of ``n`` inserts with and without the filter (see the module docstring)."""
+    print(machine())
+    rates: dict[str, list[float]] = {"without": [], "with exists_filter": []}
+    with servers() as (pg, rs):
+        r = redis.Redis.from_url(rs.url)
+        base = 10_000_000
+        for rep in range(repeats):
+            for variant in rates:
+                dsn = make_db(pg)
+                prefix = unique("d") + ":"
+                data = config_dict(dsn, rs.url, unique("s"), prefix)
+                if variant != "without":
+                    data["tables"]["users"]["exists_filter"] = {"key": "user:{id}", "expected": expected,
+                                                                "fp_rate": fp_rate}
+                first = DaemonProcess(data).start()  # creates the slot (and seeds the filter), then stops
+                first.wait_ready()
+                if variant != "without":
+                    meta = Keyspace(prefix).exists_filter("users")[0]
+                    wait_until(lambda m=meta: r.hget(m, "a") is not None, 120, 0.05, "filter seeded")
+                first.stop()
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    for lo in range(0, n, 10_000):
+                        last, first_id = min(10_000, n - lo) // 10 - 1, base + lo
+                        conn.execute(f"DO $$ BEGIN FOR t IN 0..{last} LOOP INSERT INTO users (id, email, name, "
+                                     f"tenant_id) SELECT {first_id} + t * 10 + g, 'u' || ({first_id} + t * 10 + g) "
+                                     f"|| '@x', 'n', 1 FROM generate_series(1, 10) g; COMMIT; END LOOP; END $$")
+                    target = insert_lsn(conn)
+                daemon = DaemonProcess(data, first.workdir).start()
+                try:
+                    wait_until(lambda p=prefix, t=target: applied_version(r, p) >= t - 4096, 600, 0.1, "drained")
+                    time.sleep(1.5)  # the batch log line of the last batches
+                finally:
+                    daemon.stop()
+                rate, _ = steady_rate([e for e in daemon.events() if e.get("event") == "batch"])
+                rates[variant].append(rate)
+                print(f"repeat {rep + 1}: {variant}: {rate:,.0f} changes/s", flush=True)
+    print(f"\n{n} user inserts (10 per transaction) drained by cdcd run\n")
+    print(table(["daemon", "runs", "changes/s (each run)", "median"],
+                [[k, len(v), ", ".join(f"{x:,.0f}" for x in v), f"{sorted(v)[len(v) // 2]:,.0f}"]
+                 for k, v in rates.items()]))
 
 
 if __name__ == "__main__":

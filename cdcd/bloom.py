@@ -1,14 +1,16 @@
 """Bloom filter arithmetic shared by the daemon (which sets bits) and the client (which reads them).
 
 Why a module of its own: a filter is only sound if both sides compute the same bit positions for a
-key. Both import :func:`positions` from here, and this module is free of pydantic and of I/O so the
-client can import it.
+key. Both use :func:`hash_pair` from here (the client through :func:`positions`, the daemon's Lua
+script through the same running sum), and this module is free of pydantic and of I/O so the client
+can import it.
 
 A key's ``k`` positions come from one 128-bit BLAKE2b digest of its UTF-8 text (lone surrogates
 kept as ``surrogatepass``, as any ``str`` a row can render), split into two 64-bit halves and
 combined by double hashing (Kirsch and Mitzenmacher, "Less hashing, same performance", 2006):
-``(h1 + i * h2) mod m`` for ``i < k``. The digest is a stable function of the text: it does not
-depend on the process (unlike ``hash()``), the platform or the Python version.
+``(h1 + i * h2) mod m`` for ``i < k``, computed as a running sum of ``h1 mod m`` and ``h2 mod m``.
+The digest is a stable function of the text: it does not depend on the process (unlike ``hash()``),
+the platform or the Python version.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from hashlib import blake2b
 
 MAX_BITS = 2**32  # one Redis string holds at most 512 MB = 2**32 bits
+_MASK64 = 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +65,22 @@ def parse_params_id(text: str) -> tuple[int, int, str]:
     return int(m), int(k), template
 
 
+def hash_pair(key: str, m: int) -> tuple[int, int]:
+    """``(h1 mod m, h2 mod m)`` of ``key``: the daemon sends these two numbers per key and its Lua script walks
+    the ``k`` offsets itself (each step below ``2 * m``, so exact in Lua's doubles), which sends Redis two
+    arguments per key instead of ``k``."""
+    d = int.from_bytes(blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest(), "little")
+    return (d & _MASK64) % m, ((d >> 64) | 1) % m  # h2 odd: never 0 before the reduction
+
+
 def positions(key: str, m: int, k: int) -> list[int]:
-    """The ``k`` bit offsets of ``key`` in a filter of ``m`` bits (see the module docstring)."""
-    d = blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-    h1 = int.from_bytes(d[:8], "little")
-    h2 = int.from_bytes(d[8:], "little") | 1  # odd: never 0, so the k offsets differ for any m
-    return [(h1 + i * h2) % m for i in range(k)]
+    """The ``k`` bit offsets of ``key`` in a filter of ``m`` bits (see the module docstring): what the client
+    reads, and what :data:`cdcd.keyspace.EXISTS_ADD` sets from :func:`hash_pair`."""
+    a, b = hash_pair(key, m)
+    out = [a]
+    for _ in range(k - 1):
+        a += b
+        if a >= m:
+            a -= m
+        out.append(a)
+    return out

@@ -13,11 +13,13 @@ import psycopg
 import pytest
 import redis
 
+from cdcd.bloom import positions
 from cdcd.client import AsyncCache, Cache, CacheOptions, commit_position
 from cdcd.client.existence import absent
 from cdcd.config import parse_config
 from cdcd.devservers import RedisServer
 from cdcd.keyspace import SCRIPTS, Keyspace
+from cdcd.rules import Batch
 from cdcd.sinks.exists import ExistsWrites
 from tests.helpers import DaemonThread, make_config, unique, wait_until
 
@@ -276,5 +278,37 @@ tables:
         used = int(r.memory_usage(bitmaps[int(slot)]) or 0) + int(r.memory_usage(meta) or 0)
         assert 11_981_323 <= r.strlen(bitmaps[int(slot)]) <= 11_981_324
         assert used < 13 * 2**20, used  # the textbook ~12 MB (11.98 MB of bits, rounded up by the allocator)
+    finally:
+        r.delete(meta, *bitmaps)
+
+
+def test_the_daemons_lua_sets_exactly_the_bits_the_client_reads(r: redis.Redis) -> None:
+    """The daemon sends two numbers per key and Lua walks the offsets; the client computes them in Python."""
+    rules = parse_config("""
+source: {dsn: "postgresql://x"}
+keyspace: {prefix: "PREFIX"}
+tables:
+  users: {keys: ["user:{id}"], exists_filter: {key: "user:{id}", expected: 3_000_000, fp_rate: 0.001}}
+""".replace("PREFIX", unique("lua") + ":")).rules()
+    spec = rules.exists["public.users"]
+    for s in SCRIPTS.values():
+        r.script_load(s.source)
+    writes = ExistsWrites(r, rules.keyspace, rules.exists)
+    slot = writes.begin("public.users", "b1")
+    keys = [f"user:{i}" for i in range(0, 3000, 3)] + ["user:caf\u00e9", "user:x%3Ay"]
+    batch = Batch(version=5, exists={"public.users": keys})
+    pipe = r.pipeline(transaction=False)
+    for cmd in writes.batch_commands(batch):  # sets the bits in the generation being built
+        pipe.execute_command(*cmd)
+    assert pipe.execute() == [1]
+    meta, *bitmaps = rules.keyspace.exists_filter("users")
+    try:
+        want = {p for k in keys for p in positions(k, spec.params.m, spec.params.k)}
+        assert max(want) > 0.99 * spec.params.m  # the running sum wraps around m as in Python
+        assert r.bitcount(bitmaps[int(slot)]) == len(want)
+        pipe = r.pipeline(transaction=False)
+        for p in want:
+            pipe.getbit(bitmaps[int(slot)], p)
+        assert all(pipe.execute())
     finally:
         r.delete(meta, *bitmaps)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cdcd.bloom import positions
+from cdcd.bloom import hash_pair
 from cdcd.keyspace import SCRIPTS, Keyspace
 from cdcd.rules import Batch, ExistsSpec
 
@@ -23,7 +23,7 @@ _DROP = SCRIPTS["exists_drop"]
 _BEGIN = SCRIPTS["exists_begin"]
 _FILL = SCRIPTS["exists_fill"]
 _SWITCH = SCRIPTS["exists_switch"]
-CHUNK = 4096  # bit offsets per script call: a few ms of Redis time at most
+CHUNK = 2048  # arguments (two per key) per script call: a few ms of Redis time at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +74,8 @@ class ExistsWrites:
             if spec is None:
                 continue
             m, k = spec.params.m, spec.params.k
-            head = ("EVALSHA", _ADD.sha, 3, *self.ks.exists_filter(rel), version, spec.params_id)
-            for chunk in _chunks((p for key in keys for p in positions(key, m, k)), CHUNK):
+            head = ("EVALSHA", _ADD.sha, 3, *self.ks.exists_filter(rel), version, spec.params_id, m, k)
+            for chunk in _chunks(_pairs(keys, m), CHUNK):
                 cmds.append((*head, *chunk))
         return cmds
 
@@ -105,8 +105,8 @@ class ExistsWrites:
         """Set snapshot keys' bits in the generation being built; False when the build is no longer current."""
         p = self.specs[rel].params
         pipe = self.client.pipeline(transaction=False)
-        for chunk in _chunks((q for key in keys for q in positions(key, p.m, p.k)), CHUNK):
-            pipe.execute_command("EVALSHA", _FILL.sha, 3, *self.ks.exists_filter(rel), build_id, *chunk)
+        for chunk in _chunks(_pairs(keys, p.m), CHUNK):
+            pipe.execute_command("EVALSHA", _FILL.sha, 3, *self.ks.exists_filter(rel), build_id, p.m, p.k, *chunk)
         return all(r == 1 for r in pipe.execute())
 
     def switch(self, rel: str, build_id: str, version: int) -> int | None:
@@ -117,12 +117,15 @@ class ExistsWrites:
         return None if int(bits) < 0 else int(bits)
 
 
-def _chunks(items: Iterable[int], size: int) -> Iterable[list[int]]:
-    chunk: list[int] = []
-    for x in items:
-        chunk.append(x)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _pairs(keys: Iterable[str], m: int) -> list[int]:
+    """:func:`cdcd.bloom.hash_pair` of each key, flattened: the scripts' arguments."""
+    out: list[int] = []
+    add = out.extend
+    for key in keys:
+        add(hash_pair(key, m))
+    return out
+
+
+def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
+    """Whole pairs per call: ``size`` is even."""
+    return (items[i:i + size] for i in range(0, len(items), size))
