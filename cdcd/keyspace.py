@@ -227,23 +227,24 @@ _SETBITS = r"""
 -- set the k bits of each (h1, h2) pair of ARGV[from..] (cdcd.bloom.positions: a running sum mod m), with
 -- BITFIELD SET u1 in batches: one call per ~1000 bits instead of one SETBIT each
 local function setbits(key, from, m, k)
-  local ops = {}
+  local ops, n = {}, 0
   for i = from, #ARGV, 2 do
     local p, step = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
     for _ = 1, k do
-      ops[#ops + 1] = 'SET'
-      ops[#ops + 1] = 'u1'
-      ops[#ops + 1] = p
-      ops[#ops + 1] = 1
+      ops[n + 1] = 'SET'
+      ops[n + 2] = 'u1'
+      ops[n + 3] = p
+      ops[n + 4] = 1
+      n = n + 4
       p = p + step
       if p >= m then p = p - m end
     end
-    if #ops >= 4000 then
-      redis.call('BITFIELD', key, unpack(ops))
-      ops = {}
+    if n >= 4000 then
+      redis.call('BITFIELD', key, unpack(ops, 1, n))
+      n = 0
     end
   end
-  if #ops > 0 then redis.call('BITFIELD', key, unpack(ops)) end
+  if n > 0 then redis.call('BITFIELD', key, unpack(ops, 1, n)) end
 end
 """
 
