@@ -117,6 +117,16 @@ class ExistsWrites:
         return None if int(bits) < 0 else int(bits)
 
 
+def pack_ints(cmd: tuple[Any, ...]) -> bytes:
+    """RESP of one command whose arguments are str or int: the sink's packed path sends thousands of integers
+    per batch, which redis-py's packer formats at ~1.3 µs each."""
+    out = [b"*%d\r\n" % len(cmd)]
+    for a in cmd:
+        b = a.encode() if isinstance(a, str) else b"%d" % a
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
 def _pairs(keys: Iterable[str], m: int) -> list[int]:
     """:func:`cdcd.bloom.hash_pair` of each key, flattened: the scripts' arguments."""
     out: list[int] = []
