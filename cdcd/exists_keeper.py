@@ -33,7 +33,6 @@ import structlog
 from psycopg import sql
 
 from cdcd.config import Config, ConfigError, postgres_source
-from cdcd.keyspace import SCRIPTS
 from cdcd.metrics import Metrics
 from cdcd.pg import replication, session
 from cdcd.rules import ExistsSpec, Rules
@@ -125,8 +124,7 @@ class ExistsKeeper:
         """One generation from a snapshot (see the module docstring); False when it was abandoned."""
         t0 = time.monotonic()
         build_id = uuid.uuid4().hex
-        for s in ("exists_begin", "exists_fill", "exists_switch"):
-            self.sink.client.script_load(SCRIPTS[s].source)
+        self.sink.exists.load_scripts()  # Redis may have restarted since the sink loaded them
         self.metrics.exists_builds.labels(rel, reason).inc()
         log.info("exists_filter_build", table=rel, reason=reason, m=spec.params.m, k=spec.params.k)
         self._building.add(rel)

@@ -81,6 +81,10 @@ class ExistsWrites:
 
     # ------------------------------------------------------------------ the builder's calls
 
+    def load_scripts(self) -> None:
+        for script in (_BEGIN, _FILL, _SWITCH):
+            self.client.script_load(script.source)
+
     def state(self, rel: str) -> FilterState:
         meta, b0, b1 = self.ks.exists_filter(rel)
         pipe = self.client.pipeline(transaction=False)
