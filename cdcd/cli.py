@@ -184,6 +184,10 @@ def format_status(s: dict[str, Any]) -> str:
         ("backplane seq", f"{s.get('backplane_seq')} (run {s.get('run')})"),
         ("last error", f"{s.get('last_error')} ({s.get('last_error_age_s')} s ago)" if s.get("last_error") else "-"),
     ]
+    for rel, xf in (s.get("exists_filters") or {}).items():  # docs/existence-filter.md
+        fp = xf.get("fp_estimate")
+        rows.append((f"exists filter {rel}", "seeded, est. fp " + (f"{fp:.2e}" if fp is not None else "?")
+                     if xf.get("seeded") else "not seeded (answers 'maybe')"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -133,6 +133,11 @@ class Daemon:
         self.debug = config.log.level == "debug"
         self._last_publish = time.monotonic()
         self._inflight: _InFlight | None = None
+        self.exists_keeper: Any = None  # cdcd.exists_keeper.ExistsKeeper, when rules have existence filters
+        if self.rules.exists:
+            from cdcd.exists_keeper import ExistsKeeper  # psycopg2: only where filters are configured
+
+            self.exists_keeper = ExistsKeeper(config, self.rules, self.sink, self.metrics, self.stop_event)
         self.batch_log = BatchLog(log.info, 0.0 if self.debug else config.log.batch_interval)
 
     def _make_source(self) -> Source:
@@ -239,6 +244,7 @@ class Daemon:
             raise SourceError(f"replication slot of {source.name} was dropped and create_slot is off")
         batch = Batch()
         batch.tags.update(r.table_tag for r in self.rules.by_relation.values())
+        batch.exists_reset.update(self.rules.exists)  # the lost changes' inserts are in no filter
         self._retry_redis("invalidate after slot loss", lambda: self.sink.apply(batch))
         self._retry_redis("reset applied source", self.sink.forget_source)
 
@@ -260,6 +266,8 @@ class Daemon:
         finally:
             self.stop_event.set()
             monitor.join(5)
+            if self.exists_keeper is not None:
+                self.exists_keeper.join(10)
             if self.http is not None:
                 self.http.stop()
                 self.http = None
@@ -283,6 +291,8 @@ class Daemon:
             return  # stopped while Redis was down
         self._connect_source()
         self.ready.set()
+        if self.exists_keeper is not None:
+            self.exists_keeper.start()
         failures = 0
         try:
             while not self.stop_event.is_set():
@@ -594,6 +604,8 @@ class Daemon:
             "lag": self.source_stats,
             "lag_alarm": self.lag_alarm,
             "retained_wal_bound": self.config.monitor.max_retained_wal,
+            "exists_filters": ({rel: dict(st) for rel, st in self.exists_keeper.state.items()}
+                               if self.exists_keeper is not None else {}),
             "last_error": self.last_error,
             "last_error_age_s": round(time.time() - self.last_error_at, 1) if self.last_error_at else None,
         }

@@ -213,6 +213,132 @@ return ARGV[2]
 """
 
 
+# ---------------------------------------------------------------------------
+# Existence filters (docs/existence-filter.md). One filter is three keys sharing a hash tag (so one slot):
+# KEYS[1] the meta hash, KEYS[2] and KEYS[3] the two bitmap strings (generation slots '0' and '1'). Meta
+# fields: a (the active slot; absent: not seeded, every check answers "maybe"), ap (its parameters:
+# "<m>:<k>:<key template>", so a filter is only ever used for the keys and size it was built for), v (the
+# version it is current to), gen (switches so far), bits (bits set when it was built), built (when); b, bp,
+# bid (the slot being built, its parameters, the build's id) while a build runs. A bitmap is allocated
+# whole when a build begins, so a missing bitmap (evicted, flushed) is told apart from an empty one:
+# every script then answers "maybe" or stops using it, never "absent".
+
+_SETBITS = r"""
+-- set the k bits of each (h1, h2) pair of ARGV[from..] (cdcd.bloom.positions: a running sum mod m), with
+-- BITFIELD SET u1 in batches: one call per ~1000 bits instead of one SETBIT each
+local function setbits(key, from, m, k)
+  local ops, n = {}, 0
+  for i = from, #ARGV, 2 do
+    local p, step = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    for _ = 1, k do
+      ops[n + 1] = 'SET'
+      ops[n + 2] = 'u1'
+      ops[n + 3] = p
+      ops[n + 4] = 1
+      n = n + 4
+      p = p + step
+      if p >= m then p = p - m end
+    end
+    if n >= 4000 then
+      redis.call('BITFIELD', key, unpack(ops, 1, n))
+      n = 0
+    end
+  end
+  if n > 0 then redis.call('BITFIELD', key, unpack(ops, 1, n)) end
+end
+"""
+
+# Daemon, in the batch's pipeline before the applied position and the backplane: set the bits of the
+# batch's new keys in the active filter and in the one being built. ARGV: version, parameters, m, k, then
+# cdcd.bloom.hash_pair's two numbers per key.
+# Bits are set only where the parameters match; an active filter of other parameters (the rules changed)
+# is unseeded on the spot (it could no longer be kept current) and the daemon rebuilds it.
+EXISTS_ADD = _HEAD + _SETBITS + r"""
+local st = redis.call('HMGET', KEYS[1], 'a', 'ap', 'b', 'bp', 'v')
+local m, k = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = 0
+if st[1] then
+  if st[2] == ARGV[2] and redis.call('EXISTS', KEYS[2 + tonumber(st[1])]) == 1 then
+    setbits(KEYS[2 + tonumber(st[1])], 5, m, k)
+    n = n + 1
+    if newer(ARGV[1], st[5]) then redis.call('HSET', KEYS[1], 'v', ARGV[1]) end
+  else
+    redis.call('HDEL', KEYS[1], 'a', 'ap')
+  end
+end
+if st[3] and st[4] == ARGV[2] and redis.call('EXISTS', KEYS[2 + tonumber(st[3])]) == 1 then
+  setbits(KEYS[2 + tonumber(st[3])], 5, m, k)
+  n = n + 1
+end
+return n
+"""
+
+# Daemon, in the batch's pipeline: the batch lost track of inserts (a degraded transaction, a schema break,
+# a lost slot): unseed the filter and cancel any build (its snapshot may predate them). Returns 1.
+EXISTS_DROP = r"""
+redis.call('HDEL', KEYS[1], 'a', 'ap', 'b', 'bp', 'bid')
+return 1
+"""
+
+# Client: ARGV parameters, positions... 1 = maybe present, 0 = definitely absent, or the active filter's
+# parameters when they are not the caller's (it asks again with those). Reads meta and bits in one atomic
+# call, so a switch of generation can never be seen half-way.
+EXISTS_CHECK = r"""
+local st = redis.call('HMGET', KEYS[1], 'a', 'ap')
+if not st[1] then return 1 end
+if st[2] ~= ARGV[1] then return {st[2]} end
+local key = KEYS[2 + tonumber(st[1])]
+if redis.call('EXISTS', key) == 0 then return 1 end
+for i = 2, #ARGV do
+  if redis.call('GETBIT', key, ARGV[i]) == 0 then return 0 end
+end
+return 1
+"""
+
+# Builder: start a generation in the slot that is not active. ARGV: build id, m, parameters. The bitmap is
+# created whole (SETBIT m-1 0) and marked as being built: from this call on, EXISTS_ADD sets new keys in it
+# too. Returns the slot.
+EXISTS_BEGIN = r"""
+local a = redis.call('HGET', KEYS[1], 'a')
+local slot = '0'
+if a == '0' then slot = '1' end
+local key = KEYS[2 + tonumber(slot)]
+redis.call('DEL', key)
+redis.call('SETBIT', key, tonumber(ARGV[2]) - 1, 0)
+redis.call('HSET', KEYS[1], 'b', slot, 'bp', ARGV[3], 'bid', ARGV[1])
+return slot
+"""
+
+# Builder: set a page of snapshot keys' bits in the generation being built. ARGV: build id, m, k, then
+# cdcd.bloom.hash_pair's two numbers per key.
+# Returns 0 when the build is no longer current (cancelled, replaced, or its bitmap lost): stop building.
+EXISTS_FILL = _SETBITS + r"""
+local st = redis.call('HMGET', KEYS[1], 'bid', 'b')
+if st[1] ~= ARGV[1] then return 0 end
+local key = KEYS[2 + tonumber(st[2])]
+if redis.call('EXISTS', key) == 0 then return 0 end
+setbits(key, 4, tonumber(ARGV[2]), tonumber(ARGV[3]))
+return 1
+"""
+
+# Builder: the snapshot is in; make the built generation the active one, atomically, and free the old
+# one. ARGV: build id, snapshot version, time. Returns the bits set, or -1 when the build is not current.
+EXISTS_SWITCH = _HEAD + r"""
+local st = redis.call('HMGET', KEYS[1], 'bid', 'b', 'bp', 'a', 'v', 'gen')
+if st[1] ~= ARGV[1] then return -1 end
+local key = KEYS[2 + tonumber(st[2])]
+if redis.call('EXISTS', key) == 0 then return -1 end
+if st[4] and st[4] ~= st[2] then redis.call('DEL', KEYS[2 + tonumber(st[4])]) end
+local v = ARGV[2]
+if st[5] and not newer(v, st[5]) then v = st[5] end
+local bits = redis.call('BITCOUNT', key)
+redis.call('HDEL', KEYS[1], 'b', 'bp', 'bid')
+redis.call('HSET', KEYS[1], 'a', st[2], 'ap', st[3], 'v', v, 'gen', tonumber(st[6] or '0') + 1, 'bits', bits,
+           'built', ARGV[3])
+return bits
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Script:
     name: str
@@ -234,6 +360,12 @@ SCRIPTS: dict[str, Script] = {
         Script("bump_tag", BUMP_TAG),
         Script("ensure_tag", ENSURE_TAG),
         Script("raise_floor", RAISE_FLOOR),
+        Script("exists_add", EXISTS_ADD),
+        Script("exists_drop", EXISTS_DROP),
+        Script("exists_check", EXISTS_CHECK),
+        Script("exists_begin", EXISTS_BEGIN),
+        Script("exists_fill", EXISTS_FILL),
+        Script("exists_switch", EXISTS_SWITCH),
     )
 }
 
@@ -297,6 +429,13 @@ class Keyspace:
     @property
     def dead_letters(self) -> str:
         return self.system("dlq")
+
+    def exists_filter(self, relation: str) -> tuple[str, str, str]:
+        """The existence filter of a table (``users`` is ``public.users``): its meta hash and its two bitmaps
+        (generation slots 0 and 1), under one hash tag so every script on them is single-slot."""
+        rel = relation if "." in relation else f"public.{relation}"
+        base = self.system(f"xf:{{{rel}}}:")
+        return base + "meta", base + "b0", base + "b1"
 
 
 def run_script(client: object, script: Script, keys: list[str], args: list[object]) -> object:

@@ -67,4 +67,8 @@ class Metrics:
                               "confirmed flush position", registry=r)
         self.lag_alarm = Gauge("cdcd_lag_alarm", "1 while the slot retains more WAL than monitor.max_retained_wal",
                                registry=r)
+        self.exists_fp = Gauge("cdcd_exists_filter_fp_estimate", "Estimated false-positive rate of a table's "
+                               "existence filter (bit fill ratio ** k)", ["table"], registry=r)
+        self.exists_builds = Counter("cdcd_exists_filter_builds_total", "Existence filter generations built from a "
+                                     "snapshot, by table and reason", ["table", "reason"], registry=r)
         self.slot_retained = Gauge("cdcd_slot_retained_wal_bytes", "WAL the slot keeps on the server", registry=r)

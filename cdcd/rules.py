@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cdcd.bloom import BloomParams, params_id
 from cdcd.change import UNAVAILABLE, Change, Op, Reads, Row, Transaction
 from cdcd.durations import parse_duration
 from cdcd.keys import Template as Template  # re-exported: key templates live in cdcd.keys
@@ -94,6 +95,33 @@ def _seconds(v: Any) -> Any:
     return parse_duration(v) if isinstance(v, str) else v
 
 
+class ExistsFilterRule(BaseModel):
+    """``exists_filter:`` of a table: a Bloom filter of the keys that exist (docs/existence-filter.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(description="one of the table's key templates: the keys whose existence the filter answers")
+    expected: int = Field(default=1_000_000, gt=0, description="keys the filter is sized for")
+    fp_rate: float = Field(default=0.01, gt=0, lt=0.5, description="false-positive rate at 'expected' keys")
+    rebuild_at: float | None = Field(default=None, gt=0, lt=1, description="estimated false-positive rate past "
+                                     "which the filter is rebuilt from a snapshot (default 2 x fp_rate)")
+    check_every: float = Field(default=30.0, gt=0, description="seconds between fill (BITCOUNT) checks")
+
+    _parse_check = field_validator("check_every", mode="before")(_seconds)
+
+    @model_validator(mode="after")
+    def _sized(self) -> ExistsFilterRule:
+        BloomParams.sized(self.expected, self.fp_rate)  # ValueError: more than one Redis string
+        if self.rebuild_at is not None and self.rebuild_at <= self.fp_rate:
+            raise ValueError(f"rebuild_at ({self.rebuild_at}) must be above fp_rate ({self.fp_rate}): a fresh "
+                             f"filter at its expected size is already at fp_rate")
+        return self
+
+    @property
+    def bound(self) -> float:
+        return self.rebuild_at if self.rebuild_at is not None else min(0.99, 2 * self.fp_rate)
+
+
 class TableRule(BaseModel):
     """One table's mapping. Unknown fields are an error: a typo must not silently do nothing."""
 
@@ -104,6 +132,8 @@ class TableRule(BaseModel):
     action: Literal["invalidate", "update"] = "invalidate"
     columns: list[str] | None = Field(default=None, description="projection written by action: update (default all)")
     ttl: float | None = Field(default=None, gt=0, description="seconds a value written by action: update lives")
+    exists_filter: ExistsFilterRule | None = Field(default=None, description="a Bloom filter of the keys that "
+                                                   "exist, kept by the daemon (docs/existence-filter.md)")
 
     _parse_ttl = field_validator("ttl", mode="before")(_seconds)
 
@@ -131,6 +161,9 @@ class TableRule(BaseModel):
             raise ValueError("action 'update' writes values under keys: give at least one key template")
         if self.columns is not None and self.action != "update":
             raise ValueError("'columns' is the projection of action 'update'; this rule invalidates")
+        if self.exists_filter is not None and self.exists_filter.key not in self.keys:
+            raise ValueError(f"exists_filter.key {self.exists_filter.key!r} must be one of this table's keys "
+                             f"{self.keys}: the filter answers for the keys the rules render")
         return self
 
     def template_columns(self) -> set[str]:
@@ -182,6 +215,22 @@ class CompiledRule:
     columns: tuple[str, ...] | None
     ttl_ms: int
     table_tag: str
+    exists: Template | None = None  # the existence filter's key template (ExistsSpec), when the rule has one
+
+
+@dataclass(frozen=True, slots=True)
+class ExistsSpec:
+    """A table's compiled existence filter: the key template, the filter's size, when to rebuild it."""
+
+    relation: str
+    template: Template
+    params: BloomParams
+    bound: float  # estimated false-positive rate past which it is rebuilt
+    check_every: float
+
+    @property
+    def params_id(self) -> str:
+        return params_id(self.params.m, self.params.k, self.template.text)
 
 
 @dataclass(slots=True)
@@ -219,6 +268,9 @@ class Batch:
     floors: dict[str, int] = field(default_factory=dict)  # relation -> version of its newest truncate
     degraded_transactions: int = 0
     degraded_changes: int = 0
+    # existence filters: relation -> keys (prefix-less) that now exist; relations whose filter lost track
+    exists: dict[str, list[str]] = field(default_factory=dict)
+    exists_reset: set[str] = field(default_factory=set)
 
     def raise_floor(self, relation: str, version: int) -> None:
         if version > self.floors.get(relation, -1):
@@ -253,7 +305,12 @@ class Rules:
                 columns=tuple(rule.columns) if rule.columns is not None else None,
                 ttl_ms=int((rule.ttl or defaults.ttl) * 1000),
                 table_tag=Keyspace.table_tag(rel),
+                exists=Template.parse(rule.exists_filter.key) if rule.exists_filter is not None else None,
             )
+        self.exists: dict[str, ExistsSpec] = {
+            rel: ExistsSpec(rel, Template.parse(x.key), BloomParams.sized(x.expected, x.fp_rate), x.bound,
+                            x.check_every)
+            for rel, x in ((rel, rule.exists_filter) for rel, rule in self.source.items()) if x is not None}
         self._rule_of: dict[tuple[str, str], CompiledRule] = {
             tuple(rel.split(".", 1)): r for rel, r in self.by_relation.items()}  # type: ignore[misc]
         self._prefix = self.keyspace.prefix
@@ -336,11 +393,14 @@ class Rules:
             batch.tags.add(rule.table_tag)
             batch.raise_floor(rel, txn.version)
             truncated.add(rel)
+            if rule.exists is not None:  # its inserts were not kept: the filter cannot know them
+                batch.exists_reset.add(rel)
 
     def _plan_fence(self, txn: Transaction, batch: Batch, truncated: set[str]) -> None:
         """A transaction whose version does not place it in commit order: every key it touches becomes a fence
         (invalidation only, never a value), planned apart so the hot path stays as it is."""
-        scratch = Batch(tags=batch.tags, counts=batch.counts, problems=batch.problems, floors=batch.floors)
+        scratch = Batch(tags=batch.tags, counts=batch.counts, problems=batch.problems, floors=batch.floors,
+                        exists=batch.exists, exists_reset=batch.exists_reset)
         for change in txn.changes:
             self._plan_change(change, txn, scratch, truncated)
         keys = list(scratch.writes)
@@ -361,6 +421,19 @@ class Rules:
                     f"{change.op.name.lower()}: template {t.text!r} needs {missing} which the source did not "
                     f"send (set REPLICA IDENTITY FULL on {rule.relation})", txn.position))
 
+    @staticmethod
+    def _plan_exists(template: Template, rel: str, before: Row | None, after: Row, batch: Batch) -> None:
+        """A key that now exists goes into the table's existence filter: an insert's, or an update's whose
+        filter key changed (or may have: the old row did not carry its columns)."""
+        key = template.render(after)
+        if key is None or (before is not None and template.render(before) == key):
+            return
+        got = batch.exists.get(rel)
+        if got is None:
+            batch.exists[rel] = [key]
+        else:
+            got.append(key)
+
     def _plan_change(self, change: Change, txn: Transaction, batch: Batch, truncated: set[str]) -> None:
         # The planner's hot path (one call per row change): loops are inlined and sentinels compared by
         # identity, because at tens of thousands of changes per second every call and allocation shows.
@@ -377,12 +450,16 @@ class Rules:
             batch.tags.add(rule.table_tag)
             batch.raise_floor(rel, txn.version)
             truncated.add(rel)
+            if op is Op.SCHEMA and rule.exists is not None:  # keys may no longer render: rebuild the filter
+                batch.exists_reset.add(rel)
             return
         version = txn.version
         prefix = self._prefix
         writes = batch.writes
         tags = batch.tags
         before, after = change.before, change.after
+        if rule.exists is not None and after is not None:
+            self._plan_exists(rule.exists, rel, before, after, batch)
         new_keys: list[str] = []
         if after is not None:
             for t in rule.keys:

@@ -48,6 +48,7 @@ from .consistency import (
 )
 from .decorated import AsyncCachedFunction
 from .hotkeys import HotKeys
+from .existence import ExistenceFilters, aabsent
 from .l1 import L1, L1Entry
 from .link import UNLOCK, AsyncLink, Command, L2Unavailable
 from .options import CacheOptions, Duration, EntryOptions
@@ -109,6 +110,7 @@ class AsyncCache:
                               self.stats)
         self.registry = Registry()
         self._registry_at = -math.inf
+        self.exists = ExistenceFilters(self.keyspace)  # docs/existence-filter.md
         self.rng = rng or random.Random()
         self._flights: dict[str, asyncio.Task[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -253,16 +255,18 @@ class AsyncCache:
     @overload
     async def get_or_load(self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: Duration | None = None,
                           tags: Iterable[str] = (), options: EntryOptions | None = None,
-                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T: ...
+                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None,
+                          exists_filter: str | None = None) -> T: ...
 
     @overload
     async def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                           tags: Iterable[str] = (), options: EntryOptions | None = None,
-                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T: ...
+                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None,
+                          exists_filter: str | None = None) -> T: ...
 
     async def get_or_load(self, key: str, loader: Loader, *, ttl: Duration | None = None, tags: Iterable[str] = (),
                           options: EntryOptions | None = None, decode: Callable[[Any], Any] | None = None,
-                          min_position: Position | None = None) -> Any:
+                          min_position: Position | None = None, exists_filter: str | None = None) -> Any:
         """The value of ``key``, loading it with ``loader()`` (an ``async def`` function or a plain callable) on
         a miss; see :meth:`Cache.get_or_load`. A loader returning ``T`` or an awaitable of ``T`` gives ``T``."""
         if (min_position is not None or ACTIVE[0]) and not await self._read_your_writes(key, min_position):
@@ -290,6 +294,8 @@ class AsyncCache:
                 self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return _out(e)
         self.stats.l1_misses += 1
+        if exists_filter is not None and await aabsent(self.exists, self.link.call, self.stats, exists_filter, key):
+            return None  # the table's existence filter: no such row (docs/existence-filter.md)
         self._ensure_started()
         result = await self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
                                      check_names(key, tags))
@@ -303,10 +309,11 @@ class AsyncCache:
     async def _get_or_load_copy(self, key: str, loader: Loader, *, ttl: Duration | None = None,
                                 tags: Iterable[str] = (), options: EntryOptions | None = None,
                                 decode: Callable[[Any], Any] | None = None,
-                                min_position: Position | None = None) -> Any:
+                                min_position: Position | None = None, exists_filter: str | None = None) -> Any:
         """``get_or_load`` with ``l1_copy``: the caller's own copy (bound over ``get_or_load`` at construction)."""
         return thaw(await AsyncCache.get_or_load(
-            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode, min_position=min_position))
+            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode, min_position=min_position,
+            exists_filter=exists_filter))
 
     # ---------------------------------------------------------------- miss path
 
@@ -587,7 +594,7 @@ class AsyncCache:
 
     def cached(self, key: str, tags: Sequence[str] = (), ttl: Duration | None = None,
                options: EntryOptions | None = None,
-               decode: Callable[[Any], Any] | None = None
+               decode: Callable[[Any], Any] | None = None, exists_filter: str | None = None
                ) -> Callable[[Callable[P, Awaitable[T]]], AsyncCachedFunction[P, T]]:
         """Decorator for ``async def`` functions; see :meth:`Cache.cached`."""
 
@@ -602,7 +609,7 @@ class AsyncCache:
                 if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
                     return await fn(*args, **kwargs)
                 return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options,
-                                              decode=decode)
+                                              decode=decode, exists_filter=exists_filter)
 
             async def invalidate(*a: P.args, **kw: P.kwargs) -> bool:
                 k = tpl.render(a, kw)[0]

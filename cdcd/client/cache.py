@@ -55,6 +55,7 @@ from .consistency import (
 )
 from .decorated import CachedFunction
 from .hotkeys import HotKeys
+from .existence import ExistenceFilters, absent
 from .l1 import L1, L1Entry
 from .link import UNLOCK, Command, L2Unavailable, Link
 from .options import CacheOptions, Duration, EntryOptions
@@ -138,6 +139,7 @@ class Cache:
         self.link = Link(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker, self.stats)
         self.registry = Registry()
         self._registry_at = -math.inf
+        self.exists = ExistenceFilters(self.keyspace)  # docs/existence-filter.md
         self.rng = rng or random.Random()
         self._flights: dict[str, _Flight] = {}
         self._flight_lock = threading.Lock()
@@ -270,14 +272,16 @@ class Cache:
 
     def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                     tags: Iterable[str] = (), options: EntryOptions | None = None,
-                    decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T:
+                    decode: Callable[[Any], Any] | None = None, min_position: Position | None = None,
+                    exists_filter: str | None = None) -> T:
         """The value of ``key``, loading it with ``loader()`` on a miss (see the module docstring).
 
         ``loader`` returns the value, or ``NOT_FOUND`` (or ``None``) for "no such row", which is
         cached for ``negative_ttl`` and returned as ``None``. Its exceptions are never cached.
         ``min_position`` (or a :meth:`read_your_writes` scope): nothing older than that commit
         (docs/read-your-writes.md); not applied within ``ryw_timeout``: the loader's value, uncached
-        (``ryw_on_timeout="bypass"``), or ``NotApplied``.
+        (``ryw_on_timeout="bypass"``), or ``NotApplied``. ``exists_filter``: a table (``users``) whose
+        existence filter is asked first; "definitely absent" returns ``None`` at once (docs/existence-filter.md).
         """
         if (min_position is not None or ACTIVE[0]) and not self._read_your_writes(key, min_position):
             value = loader()
@@ -302,6 +306,8 @@ class Cache:
                 self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return _out(e)  # type: ignore[no-any-return]
         self.stats.l1_misses += 1
+        if exists_filter is not None and absent(self.exists, self.link.call, self.stats, exists_filter, key):
+            return None  # type: ignore[return-value]  # the table's existence filter: no such row
         result: T = self._miss(key, loader, (options or self.options.entry).merged(ttl=ttl, decode=decode),
                                check_names(key, tags))
         return result
@@ -313,10 +319,12 @@ class Cache:
 
     def _get_or_load_copy(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                           tags: Iterable[str] = (), options: EntryOptions | None = None,
-                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None) -> T:
+                          decode: Callable[[Any], Any] | None = None, min_position: Position | None = None,
+                    exists_filter: str | None = None) -> T:
         """``get_or_load`` with ``l1_copy``: the caller's own copy (bound over ``get_or_load`` at construction)."""
         return thaw(Cache.get_or_load(  # type: ignore[no-any-return]
-            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode, min_position=min_position))
+            self, key, loader, ttl=ttl, tags=tags, options=options, decode=decode, min_position=min_position,
+            exists_filter=exists_filter))
 
     # ---------------------------------------------------------------- miss path
 
@@ -643,8 +651,8 @@ class Cache:
         return render(template, values)
 
     def cached(self, key: str, tags: Sequence[str] = (), ttl: Duration | None = None,
-               options: EntryOptions | None = None,
-               decode: Callable[[Any], Any] | None = None) -> Callable[[Callable[P, T]], CachedFunction[P, T]]:
+               options: EntryOptions | None = None, decode: Callable[[Any], Any] | None = None,
+               exists_filter: str | None = None) -> Callable[[Callable[P, T]], CachedFunction[P, T]]:
         """``@cache.cached(key="user:{user_id}", tags=["tenant:{tenant_id}"], ttl=60)`` on a sync function.
 
         Templates are filled from the function's arguments by name (defaults included). The wrapper
@@ -665,7 +673,7 @@ class Cache:
                 if k is None:  # a None/empty key argument: no such key (the daemon writes none), not cached
                     return fn(*args, **kwargs)
                 return self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, tags=t, options=options,
-                                        decode=decode)
+                                        decode=decode, exists_filter=exists_filter)
 
             def invalidate(*a: P.args, **kw: P.kwargs) -> bool:
                 k = tpl.render(a, kw)[0]

@@ -41,6 +41,7 @@ TIERS: dict[str, tuple[str, str]] = {
     "published": ("backplane", "published"),
     "ryw_waits": ("consistency", "ryw_wait"),
     "ryw_timeouts": ("consistency", "ryw_timeout"),
+    "exists_absent": ("exists", "absent"),
 }
 
 
@@ -89,6 +90,8 @@ class Stats:
     backplane_gaps: int = 0
     backplane_reconnects: int = 0
     published: int = 0
+    exists_absent: int = 0
+    """Reads an existence filter answered "definitely absent": no Redis entry read, no loader call."""
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)

@@ -45,6 +45,7 @@ from cdcd.keyspace import SCRIPTS, Keyspace
 from cdcd.redisfaults import REDIS_FAULTS, refusal_reason, translate
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.epochs import TableEpochs
+from cdcd.sinks.exists import ExistsWrites, pack_ints
 
 log = structlog.get_logger("cdcd.sinks.redis")
 
@@ -185,6 +186,7 @@ class RedisSink:
         self.floors: dict[str, int] = {}
         self.epochs = TableEpochs()  # table tag -> counter: runtime state, read from and moved in Redis
         self._tag_relation = {r.table_tag: rel for rel, r in rules.by_relation.items()}
+        self.exists = ExistsWrites(client, self.ks, rules.exists)  # existence filters (docs/existence-filter.md)
 
     def load_scripts(self) -> None:
         for script in SCRIPTS.values():
@@ -304,6 +306,10 @@ class RedisSink:
         if not packed_bumps:
             for tag in tags:
                 cmds.append(("EVALSHA", _BUMP.sha, 1, ks.tag(tag)))
+        if (batch.exists or batch.exists_reset) and not packed_bumps:
+            # new keys' bits: before the applied position and the backplane, so a read that waited for the
+            # watermark finds them (docs/existence-filter.md); the packed path packs them itself, after the bumps
+            cmds.extend(self.exists.batch_commands(batch))
         for rel, floor in batch.floors.items():
             cmds.append(("EVALSHA", _FLOOR.sha, 1, ks.floors, rel, str(floor)))
         version = str(batch.version)
@@ -481,13 +487,18 @@ class RedisSink:
             for tag in tags:
                 k = tag_key(tag).encode()
                 parts.append(b"%b$%d\r\n%b\r\n" % (_BUMP_HEAD, len(k), k))
+            exists = 0
+            if batch.exists or batch.exists_reset:  # before the applied position and the backplane (see _tail)
+                xf = self.exists.batch_commands(batch)
+                exists = len(xf)
+                parts.extend(pack_ints(c) for c in xf)
             parts.extend(conn.pack_commands(rest))
             conn.send_packed_command([b"".join(parts)], check_health=False)  # one write for a small batch
         except BaseException:
             conn.disconnect()
             raise
         return PendingApply(self, batch, conn, tags, restored, tombstones, messages, t0,
-                            replies=(len(writes) if calls is None else calls.calls) + len(tail) + len(tags),
+                            replies=(len(writes) if calls is None else calls.calls) + len(tail) + len(tags) + exists,
                             floored=floored, calls=calls)
 
     def _apply_pipeline(self, batch: Batch) -> ApplyResult:
