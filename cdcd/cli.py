@@ -34,8 +34,9 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cdcd.daemon import Daemon, HttpBindError
+    from cdcd.daemon import HttpBindError
     from cdcd.logs import configure
+    from cdcd.multitarget import build_daemon
     from cdcd.sources.base import SourceError
 
     config = _load(args.config)
@@ -43,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure(args.log_format or config.log.format, args.log_level or config.log.level)
     try:
-        daemon = Daemon(config)  # refuses settings that cannot work together (daemon.dead_letters: kafka)
+        daemon = build_daemon(config)  # refuses settings that cannot work together (daemon.dead_letters: kafka)
     except SourceError as exc:
         _err(str(exc))
         return EXIT_CONFIG
