@@ -162,6 +162,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure(config.log.format, config.log.level)
     try:
+        config.redis = config.redis_for(args.target)
         report = warm(config, args.table or None, rate=args.rate)
     except (ValueError, ConfigError) as exc:
         _err(str(exc))
@@ -177,10 +178,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import psycopg
     import redis
 
+    from cdcd.config import ConfigError
     from cdcd.inspect import EXIT_STALE, InspectError, run_inspect
 
     config = _load(args.config)
     if config is None:
+        return EXIT_CONFIG
+    try:
+        config.redis = config.redis_for(args.target)
+    except ConfigError as exc:
+        _err(str(exc))
         return EXIT_CONFIG
     try:
         report = run_inspect(config, None if args.all else args.sample, args.all, args.rate, args.threshold,
@@ -235,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--config", "-c", required=True)
     warm.add_argument("--table", action="append", help="only this table (repeatable)")
     warm.add_argument("--rate", type=float, default=10_000, help="rows per second at most (0 = unlimited)")
+    warm.add_argument("--target", help="with targets: in the configuration, the target to warm")
     warm.set_defaults(fn=cmd_warm)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")
@@ -260,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--clock-margin", type=float, default=0.05,
                          help="seconds of clock uncertainty tolerated when dating application values")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--target", help="with targets: in the configuration, the target to inspect")
     inspect.set_defaults(fn=cmd_inspect)
     return p
 

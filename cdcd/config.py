@@ -219,6 +219,19 @@ class Config(BaseSettings):
             return {"redis": self.redis}
         return dict(self.targets)
 
+    def redis_for(self, target: str | None) -> RedisSettings:
+        """The Redis a one-Redis command (``warm``, ``inspect``) works on: ``redis:``, or the named target."""
+        if self.targets is None:
+            if target not in (None, "redis"):
+                raise ConfigError(f"--target {target}: this configuration has no targets: section (one redis:)")
+            return self.redis
+        if target is None:
+            raise ConfigError(f"this configuration has several Redis targets ({', '.join(self.targets)}): "
+                              "name one with --target")
+        if target not in self.targets:
+            raise ConfigError(f"--target {target}: no such target (targets: {', '.join(self.targets)})")
+        return self.targets[target]
+
     def rules(self) -> Rules:
         return Rules(self.tables, self.keyspace, self.defaults)
 
