@@ -85,10 +85,11 @@ class Metrics:
                                     "applied to the target (its backlog)", ["target"], registry=r)
         self.target_lag = Gauge("cdcd_target_lag_seconds", "Age of the oldest batch the target has not applied "
                                 "(0 when caught up)", ["target"], registry=r)
-        self.backpressure = Gauge("cdcd_backpressure", "1 while the target's backlog is at max_pending_changes and "
-                                  "the daemon has stopped reading the source", ["target"], registry=r)
-        self.backpressure_events = Counter("cdcd_backpressure_total", "Times the target's full backlog stopped the "
-                                           "daemon reading the source", ["target"], registry=r)
+        self.backpressure = Gauge("cdcd_target_backpressure", "1 while the target's backlog is at "
+                                  "max_pending_changes and the daemon has stopped reading the source", ["target"],
+                                  registry=r)
+        self.backpressure_events = Counter("cdcd_target_backpressure_events_total", "Times the target's full "
+                                           "backlog stopped the daemon reading the source", ["target"], registry=r)
 
     def count_apply(self, result: ApplyResult) -> None:
         """The counters of one batch applied to one Redis (once per target with several targets)."""
