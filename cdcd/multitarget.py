@@ -216,7 +216,10 @@ class MultiTargetDaemon(Daemon):
     def _offer_watermark(self) -> None:
         """Each target announces its own watermark (its applied hash and messages); the source's is true for
         all of them (at most what every target acknowledged)."""
-        if not isinstance(self.source, HasWatermark):
+        if not isinstance(self.source, HasWatermark) or self._pending:
+            # With batches out, the source's figure may stand for a session that ended while a target still
+            # holds batches of it (it knows nothing of those): each target's own applied position is its
+            # watermark then. With nothing out, every batch ever read was applied everywhere.
             return
         w = self.source.watermark()
         if w <= self._watermark_announced:

@@ -226,3 +226,34 @@ def test_daemon_restart_while_a_target_is_down_replays_to_it_and_backpressure_ho
     finally:
         second.stop()
     assert second.error is None and first.error is None
+
+
+@pytest.mark.slow
+def test_dropped_slot_invalidates_every_target(cfg: dict[str, Any], sql: Any,
+                                               two_redis: tuple[RedisServer, RedisServer]) -> None:
+    a, b = two_redis
+    p = cfg["keyspace"]["prefix"]
+    clients = [redis.Redis.from_url(a.url), redis.Redis.from_url(b.url)]
+    data = _targets_cfg(cfg, a, b)
+    d = DaemonThread(make_config(data)).start()
+    sql("INSERT INTO users (id, email, name, tenant_id) VALUES (1, 'a@x', 'a', 1)")
+    for r in clients:
+        wait_until(lambda r=r: entry(r, f"{p}user:1").get("d"), what="applied to both targets")
+    d.stop()
+    epochs = [int(r.get(f"{p}#tag:#table:public.users") or 0) for r in clients]
+    sql("SELECT pg_drop_replication_slot(%s)", (cfg["source"]["slot"],))
+    sql("UPDATE users SET name = 'changed while no slot existed' WHERE id = 1")  # lost for good
+    d = DaemonThread(make_config(data)).start()
+    try:
+        # through each target's backlog, before anything newer: every table tag bumped on every target
+        for r, epoch in zip(clients, epochs, strict=True):
+            wait_until(lambda r=r, epoch=epoch: int(r.get(f"{p}#tag:#table:public.users") or 0) > epoch,
+                       what="the table tag bumped on every target")
+            wait_until(lambda r=r: r.hget(f"{p}#cdcd:applied", "source") == b"", what="the applied source forgotten")
+        assert d.daemon.metrics.errors.labels("slot_lost")._value.get() == 1
+        sql("UPDATE users SET name = 'after' WHERE id = 1")  # and it streams again, to both
+        for r in clients:
+            wait_until(lambda r=r: json.loads(entry(r, f"{p}user:1").get("d", "{}")).get("name") == "after",
+                       what="resumed")
+    finally:
+        d.stop()
