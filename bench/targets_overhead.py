@@ -15,7 +15,9 @@ changes from a slot of its own. Each run is ``cdcd run`` in its own process, wit
 Reported per run: the steady rate (changes/s from the daemon's batch log, first batch excluded; a
 batch is logged when every target applied it), the wall time from process start until every target
 holds the last change, and the daemon's CPU per change (from the start of its replication session to the
-last change, all threads). On a shared machine the CPU figure is the steadier one. Best of ``--rounds``
+last change, all threads), and the CPU of the targets' Redis servers over the same span (summed: on
+this machine every target's Redis shares the same cores with the daemon and Postgres, which real
+deployments do not). On a shared machine the CPU figures are the steadier ones. Best of ``--rounds``
 (runs interleaved).
 """
 
@@ -62,8 +64,10 @@ def run_config(dsn: str, urls: list[str], kind: str, slot: str, max_batch: int) 
     return data
 
 
-def drain(data: dict[str, Any], urls: list[str], target: int) -> tuple[float, float, int, float]:
-    """(steady changes/s, wall s, batches, daemon CPU s) of one ``cdcd run`` draining its slot."""
+def drain(data: dict[str, Any], urls: list[str], pids: list[int],
+          target: int) -> tuple[float, float, int, float, float]:
+    """(steady changes/s, wall s, batches, daemon CPU s, CPU s of the targets' Redis servers) of one
+    ``cdcd run`` draining its slot."""
     prefix = data["keyspace"]["prefix"]
     clients = [redis.Redis.from_url(u) for u in urls]
     d = DaemonProcess(data)
@@ -74,14 +78,16 @@ def drain(data: dict[str, Any], urls: list[str], target: int) -> tuple[float, fl
         # start-up (imports, connections) is not per change: CPU counts from the replication session on
         wait_until(lambda: walsender_pid(data["source"]["dsn"], data["source"]["slot"]), 30, interval=0.005)
         cpu0 = cpu_seconds(d.proc.pid)
+        redis0 = sum(cpu_seconds(p) for p in pids)
         wait_until(lambda: all(applied_version(c, prefix) >= target for c in clients), 600, interval=0.005,
                    what="every target holds the last change")
         wall = time.monotonic() - t0
         cpu = cpu_seconds(d.proc.pid) - cpu0
+        redis_cpu = sum(cpu_seconds(p) for p in pids) - redis0
     finally:
         d.stop()
     steady, batches = steady_rate(d.events())
-    return steady, wall, batches, cpu
+    return steady, wall, batches, cpu, redis_cpu
 
 
 def main() -> int:
@@ -100,6 +106,7 @@ def main() -> int:
             s.start()
         try:
             urls = [rs.url, *(s.url for s in extra)]
+            pids = [s.proc.pid for s in (rs, *extra) if s.proc is not None]
             dsn = make_db(pg)
             plan = [(k, unique("s")) for _ in range(args.rounds) for k in KINDS]
             runs = []
@@ -114,22 +121,22 @@ def main() -> int:
             print(f"machine: {machine()}")
             print(f"filled {args.changes} row changes ({args.txn_size}/txn) in {fill_s:.1f}s; "
                   f"{len(runs)} slots, drained one at a time")
-            best: dict[str, tuple[float, float, int, float]] = {}
+            best: dict[str, tuple[float, float, int, float, float]] = {}
             for kind, data in runs:
                 n = 1 if kind == "redis:" else int(kind.split()[1])
-                res = drain(data, urls[:n], target)
+                res = drain(data, urls[:n], pids[:n], target)
                 print(f"  {kind:<10} {res[0]:>9,.0f} changes/s  wall {res[1]:.2f}s  batches {res[2]}  "
-                      f"cpu {res[3]:.2f}s", flush=True)
+                      f"daemon cpu {res[3]:.2f}s  redis cpu {res[4]:.2f}s", flush=True)
                 if kind not in best or res[0] > best[kind][0]:
                     best[kind] = res
             base = best["redis:"][0]
             rows = []
             for kind in KINDS:
-                rate, wall, batches, cpu = best[kind]
+                rate, wall, batches, cpu, redis_cpu = best[kind]
                 rows.append([kind, f"{rate:,.0f}", f"{rate / base:.2f}", f"{wall:.2f}", batches,
-                             f"{cpu / args.changes * 1e6:.1f}"])
+                             f"{cpu / args.changes * 1e6:.1f}", f"{redis_cpu / args.changes * 1e6:.1f}"])
             print(table(["configuration", "steady changes/s", "vs redis:", "wall s", "batches",
-                         "daemon CPU us/change"], rows))
+                         "daemon CPU us/change", "Redis CPU us/change (all targets)"], rows))
         finally:
             for s in extra:
                 s.stop()

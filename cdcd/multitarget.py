@@ -57,8 +57,8 @@ class MultiTargetDaemon(Daemon):
         self.targets: list[TargetApplier] = []
         for i, (name, settings) in enumerate(config.target_settings().items()):
             self.targets.append(TargetApplier(
-                name, self.redis if i == 0 else settings.client(), self.rules, self.source.name, self.metrics,
-                self.backoff, self.stop_event, self.progress,
+                name, self.redis if i == 0 else settings.client(), self.sequencer.run, self.rules, self.source.name,
+                self.metrics, self.backoff, self.stop_event, self.progress,
                 getattr(settings, "max_pending_changes", _DEFAULT_MAX_PENDING), config.daemon.heartbeat,
                 has_watermark))
         self.sink = self.targets[0].sink  # the first target's, for callers that look at "the" sink

@@ -56,12 +56,13 @@ class Pending:
 class TargetApplier:
     """Applies the daemon's batches to one Redis, in order, on a thread of its own."""
 
-    def __init__(self, name: str, client: Any, rules: Rules, source_name: str, metrics: Metrics,
+    def __init__(self, name: str, client: Any, run: str, rules: Rules, source_name: str, metrics: Metrics,
                  backoff: AbstractBackoff, stop: threading.Event, progress: threading.Condition,
                  max_pending_changes: int, heartbeat: float, has_watermark: bool) -> None:
         self.name = name
         self.client = client
-        self.sequencer = Sequencer("cdcd")  # its own run and numbers: subscribers of this Redis see no gaps
+        # the daemon's run id, its own numbers: subscribers of this Redis see this target's messages without gaps
+        self.sequencer = Sequencer("cdcd", run)
         self.sink = RedisSink(client, rules, self.sequencer, source_name)
         self.dead_letters = RedisDeadLetters(client, rules.keyspace.dead_letters)
         self.metrics = metrics
@@ -112,7 +113,7 @@ class TargetApplier:
         return {"connected": self.connected, "applied_position": self.applied_position,
                 "applied_version": self.applied_version, "applied_batches": applied, "pending_batches": batches,
                 "pending_changes": changes, "max_pending_changes": self.max_pending_changes,
-                "lag_s": round(self.lag_seconds(), 3), "backplane_run": self.sequencer.run,
+                "lag_s": round(self.lag_seconds(), 3),
                 "backplane_seq": self.sequencer.seq, "last_error": self.last_error}
 
     def ping(self) -> None:

@@ -168,10 +168,11 @@ def test_target_killed_mid_stream_others_go_on_and_both_converge(
     assert not watch.violations, watch.violations[:5]
     assert daemon.metrics.retries.labels("redis:b")._value.get() > 0
     assert daemon.metrics.retries.labels("redis:a")._value.get() == 0
-    # each target's applied state holds its own watermark and backplane run
+    # each target's applied state holds its own watermark and backplane sequence (the daemon's run id)
     wa, wb = (int(x.hget(f"{p}#cdcd:applied", "watermark") or 0) for x in (ra, rb))
     assert wa > 0 and wb > 0
-    assert ra.hget(f"{p}#cdcd:applied", "run") != rb.hget(f"{p}#cdcd:applied", "run")
+    assert ra.hget(f"{p}#cdcd:applied", "run") == rb.hget(f"{p}#cdcd:applied", "run") == daemon.sequencer.run.encode()
+    assert all(int(x.hget(f"{p}#cdcd:applied", "seq") or 0) > 0 for x in (ra, rb))
 
 
 @pytest.mark.slow
