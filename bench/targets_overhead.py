@@ -17,8 +17,8 @@ batch is logged when every target applied it), the wall time from process start 
 holds the last change, and the daemon's CPU per change (from the start of its replication session to the
 last change, all threads), and the CPU of the targets' Redis servers over the same span (summed: on
 this machine every target's Redis shares the same cores with the daemon and Postgres, which real
-deployments do not). On a shared machine the CPU figures are the steadier ones. Best of ``--rounds``
-(runs interleaved).
+deployments do not). On a shared machine the CPU figures are the steadier ones. Medians of ``--rounds``
+runs per configuration (interleaved), with the range of the rates.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import psycopg
@@ -121,22 +122,25 @@ def main() -> int:
             print(f"machine: {machine()}")
             print(f"filled {args.changes} row changes ({args.txn_size}/txn) in {fill_s:.1f}s; "
                   f"{len(runs)} slots, drained one at a time")
-            best: dict[str, tuple[float, float, int, float, float]] = {}
+            results: dict[str, list[tuple[float, float, int, float, float]]] = {k: [] for k in KINDS}
             for kind, data in runs:
                 n = 1 if kind == "redis:" else int(kind.split()[1])
                 res = drain(data, urls[:n], pids[:n], target)
                 print(f"  {kind:<10} {res[0]:>9,.0f} changes/s  wall {res[1]:.2f}s  batches {res[2]}  "
                       f"daemon cpu {res[3]:.2f}s  redis cpu {res[4]:.2f}s", flush=True)
-                if kind not in best or res[0] > best[kind][0]:
-                    best[kind] = res
-            base = best["redis:"][0]
+                results[kind].append(res)
+            base = median(r[3] for r in results["redis:"])
             rows = []
             for kind in KINDS:
-                rate, wall, batches, cpu, redis_cpu = best[kind]
-                rows.append([kind, f"{rate:,.0f}", f"{rate / base:.2f}", f"{wall:.2f}", batches,
-                             f"{cpu / args.changes * 1e6:.1f}", f"{redis_cpu / args.changes * 1e6:.1f}"])
-            print(table(["configuration", "steady changes/s", "vs redis:", "wall s", "batches",
-                         "daemon CPU us/change", "Redis CPU us/change (all targets)"], rows))
+                rs_ = results[kind]
+                rates = [r[0] for r in rs_]
+                cpu = median(r[3] for r in rs_)
+                rows.append([kind, len(rs_), f"{median(rates):,.0f}", f"{min(rates):,.0f}-{max(rates):,.0f}",
+                             f"{median(r[1] for r in rs_):.2f}", f"{cpu / args.changes * 1e6:.1f}",
+                             f"{(cpu - base) / args.changes * 1e6:+.1f}",
+                             f"{median(r[4] for r in rs_) / args.changes * 1e6:.1f}"])
+            print(table(["configuration", "runs", "median changes/s", "range", "median wall s",
+                         "daemon CPU us/change", "vs redis:", "Redis CPU us/change (all targets)"], rows))
         finally:
             for s in extra:
                 s.stop()

@@ -215,6 +215,8 @@ def test_daemon_restart_while_a_target_is_down_replays_to_it_and_backpressure_ho
         assert daemon.targets[1].pending_changes < 30 + 500  # the bound, plus at most one source batch
         assert any("target b: backlog full" in r for r in daemon.readiness()[1])
         assert confirmed() <= b_applied
+        # the replay from the checkpoint (b's position) repeated to a what a already held: refused as not newer
+        assert daemon.metrics.stale_writes._value.get() > 0
         b.resume()
         expected = _users(app_db)
         for name, r in (("a", ra), ("b", rb)):
