@@ -148,6 +148,12 @@ def format_status(s: dict[str, Any]) -> str:
         ("backplane seq", f"{s.get('backplane_seq')} (run {s.get('run')})"),
         ("last error", f"{s.get('last_error')} ({s.get('last_error_age_s')} s ago)" if s.get("last_error") else "-"),
     ]
+    for name, t in (s.get("targets") or {}).items():  # several Redis targets (docs/multi-target.md)
+        slowest = " (slowest)" if name == s.get("slowest_target") and len(s["targets"]) > 1 else ""
+        held = ", BACKPRESSURE" if name in (s.get("backpressure") or []) else ""
+        rows.append((f"target {name}", f"{'up' if t.get('connected') else 'DOWN'}, applied "
+                                       f"{t.get('applied_position')}, {t.get('pending_changes')} changes pending "
+                                       f"({t.get('lag_s')} s){slowest}{held}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import redis
 
+from cdcd.cli import format_status
 from cdcd.devservers import RedisServer
 from cdcd.multitarget import MultiTargetDaemon
 from tests.helpers import DaemonThread, entry, make_config, wait_until
@@ -150,6 +151,16 @@ def test_target_killed_mid_stream_others_go_on_and_both_converge(
         ready, reasons = daemon.readiness()
         assert not ready and any(r.startswith("target b: redis unavailable") for r in reasons), reasons
         assert daemon.status()["slowest_target"] == "b"
+        assert "target b" in format_status(daemon.status()) and "DOWN" in format_status(daemon.status())
+        # read-your-writes on a does not wait for b: a's watermark passes a commit made while b is down,
+        # though the slot's checkpoint is held back at b's position
+        with psycopg.connect(app_db) as conn:  # the insert position inside the transaction: before its commit
+            conn.execute("UPDATE users SET tenant_id = tenant_id WHERE id = 1")
+            during = int(conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
+                         .fetchone()[0])
+            conn.commit()
+        wait_until(lambda: int(ra.hget(f"{p}#cdcd:applied", "watermark") or 0) >= during, timeout=10,
+                   what="a's watermark to pass a commit made while b is down")
         assert daemon.targets[1].applied_position == b_at_kill  # nothing applied to a dead server
         b.start()  # back, empty
         writer.join(60)
