@@ -271,3 +271,26 @@ def test_dropped_slot_invalidates_every_target(cfg: dict[str, Any], sql: Any,
                        what="resumed")
     finally:
         d.stop()
+
+
+def test_rejected_record_is_dead_lettered_on_every_target_without_waiting_for_a_down_one(
+        cfg: dict[str, Any], sql: Any, two_redis: tuple[RedisServer, RedisServer]) -> None:
+    a, b = two_redis
+    p = cfg["keyspace"]["prefix"]
+    ra, rb = redis.Redis.from_url(a.url), redis.Redis.from_url(b.url)
+    d = DaemonThread(make_config(_targets_cfg(cfg, a, b))).start()
+    try:
+        b.stop()
+        sql("SELECT pg_logical_emit_message(true, 'cdcd', 'not json')")
+        sql("INSERT INTO orders VALUES (79, 1, 7, 1.00, 'new')")
+        wait_until(lambda: entry(ra, f"{p}order:79"), what="a applied the order while b is down")
+        dlq = ra.xrange(f"{p}#cdcd:dlq")
+        assert len(dlq) == 1 and b"malformed cdcd message" in dlq[0][1][b"reason"]
+        b.start()  # back empty: its backlog still holds the rejected record and the order, in that order
+        wait_until(lambda: entry(rb, f"{p}order:79"), timeout=15, what="b applied the order once back")
+        dlq = rb.xrange(f"{p}#cdcd:dlq")
+        assert len(dlq) == 1 and b"malformed cdcd message" in dlq[0][1][b"reason"]
+        assert d.daemon.metrics.errors.labels("rejected")._value.get() == 1  # rejected once, recorded per target
+        assert d.daemon.metrics.dead_letters._value.get() == 2
+    finally:
+        d.stop()
