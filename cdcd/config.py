@@ -309,7 +309,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         raise ConfigError(f"{filename}: expected a mapping at the top level, found {type(data).__name__}")
     _no_duplicate_targets(root, filename)
     try:
-        return Config(**data)
+        config = Config(**data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -318,6 +318,23 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{filename}:{line}: {_loc(loc)}: {msg}" if line else f"{filename}: {_loc(loc)}: {msg}")
         raise ConfigError("\n".join(lines)) from None
+    _no_targets_from_the_environment_alone(config, data, filename)
+    return config
+
+
+def _no_targets_from_the_environment_alone(config: Config, data: dict[str, Any], filename: str) -> None:
+    """``CDCD_TARGETS__<NAME>__PASSWORD`` meant for a target of the file but spelled differently (environment
+    names are lower-cased and cannot hold ``-`` or ``.``) would add a target of its own, pointing at the
+    default Redis; refuse it rather than feed a cache nobody configured."""
+    in_file = data.get("targets")
+    if config.targets is None or not isinstance(in_file, dict):
+        return
+    extra = [name for name in config.targets if name not in in_file]
+    if extra:
+        raise ConfigError(f"{filename}: targets: {', '.join(repr(n) for n in extra)} come only from the environment "
+                          f"(CDCD_TARGETS__...); the file's targets are {', '.join(map(str, in_file))}. Environment "
+                          "overrides reach only targets whose names are lower case letters, digits and '_'; use "
+                          "password_file for the others")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

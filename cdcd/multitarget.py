@@ -164,8 +164,11 @@ class MultiTargetDaemon(Daemon):
         """Hand the batch to every target (each applies it in turn)."""
         self._seq += 1
         lsns = [p for p in positions if isinstance(p, int)]
-        item = Pending(self._seq, positions, batch, max(1, sum(batch.counts.values())), max(lsns) if lsns else None,
-                       list(rejected), forget_source)
+        # what the backlog bound counts: row changes the batch holds writes for; a degraded transaction (its
+        # rows were never kept, docs/huge-transactions-and-truncates.md) counts as one
+        held = sum(n for (_, op), n in batch.counts.items() if op != "degraded") + batch.degraded_transactions
+        item = Pending(self._seq, positions, batch, max(1, held), max(lsns) if lsns else None, list(rejected),
+                       forget_source)
         self._pending.append(item)
         if batch.version:
             self._submitted_version = max(self._submitted_version, batch.version)

@@ -90,3 +90,18 @@ def test_one_redis_commands_pick_a_target_by_name() -> None:
         multi.redis_for(None)
     with pytest.raises(ConfigError, match="no such target"):
         multi.redis_for("ap")
+
+
+def test_environment_overrides_reach_a_target_only_by_its_exact_lower_case_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _base()
+    data["targets"] = {"eu": {"url": "redis://eu:6379/0"}, "us-east": {"url": "redis://us:6379/0"}}
+    monkeypatch.setenv("CDCD_TARGETS__EU__PASSWORD", "s3cret")
+    config = _parse(data)
+    assert config.targets["eu"].password.get_secret_value() == "s3cret"
+    assert config.targets["eu"].url == "redis://eu:6379/0"  # merged into the file's target, not replacing it
+    assert list(config.targets) == ["eu", "us-east"]
+    # meant for us-east, but an environment name cannot hold '-': it would add a target at the default Redis
+    monkeypatch.setenv("CDCD_TARGETS__US_EAST__PASSWORD", "s3cret")
+    with pytest.raises(ConfigError, match="'us_east' come only from the environment"):
+        _parse(data)
