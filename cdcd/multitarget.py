@@ -160,7 +160,7 @@ class MultiTargetDaemon(Daemon):
         self._submit([it.position for it in items], batch, rejected)
 
     def _submit(self, positions: list[Any], batch: Batch, rejected: Sequence[Rejected] = (),
-                forget_source: bool = False) -> None:
+                slot_check: bool = False) -> None:
         """Hand the batch to every target (each applies it in turn)."""
         self._seq += 1
         lsns = [p for p in positions if isinstance(p, int)]
@@ -168,7 +168,7 @@ class MultiTargetDaemon(Daemon):
         # rows were never kept, docs/huge-transactions-and-truncates.md) counts as one
         held = sum(n for (_, op), n in batch.counts.items() if op != "degraded") + batch.degraded_transactions
         item = Pending(self._seq, positions, batch, max(1, held), max(lsns) if lsns else None, list(rejected),
-                       forget_source)
+                       slot_check)
         self._pending.append(item)
         if batch.version:
             self._submitted_version = max(self._submitted_version, batch.version)
@@ -236,29 +236,22 @@ class MultiTargetDaemon(Daemon):
         self.source.watermark_published(w)
 
     def _check_slot_loss(self) -> None:
-        """A slot that vanished after a target used it: every target invalidates everything derived from the
-        rules' tables (through its backlog, before anything newer), then forgets the source."""
+        """The slot is missing (a first start, or lost after use): each target asks itself, through its backlog
+        and before anything newer, whether it applied changes from it, and if so invalidates everything
+        derived from the rules' tables and forgets the source (``TargetApplier._used_the_lost_slot``)."""
         source = self.source
         if not isinstance(source, SlotSource) or source.slot_exists():
             return
-        used = []
-        for t in self.targets:
-            try:
-                if t.sink.applied_state().get("source") == source.name:
-                    used.append(t.name)
-            except REDIS_ERRORS:
-                used.append(f"{t.name} (unreachable: assumed)")
-        if not used:
-            return  # a first start: no target has applied anything from this slot
-        self.metrics.errors.labels("slot_lost").inc()
-        log.error("slot_lost", slot=source.name, targets=used,
-                  detail="the replication slot this daemon used is gone: changes since were lost. Every table tag "
-                         "is bumped on every target so entries derived from the rules' tables are invalidated")
         if not source.creates_slot:
-            raise SourceError(f"replication slot of {source.name} was dropped and create_slot is off")
+            for t in self.targets:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    if t.sink.applied_state().get("source") == source.name:
+                        self.metrics.errors.labels("slot_lost").inc()
+                        raise SourceError(f"replication slot of {source.name} was dropped and create_slot is off")
+            return  # connect() says the slot is missing
         batch = Batch()
         batch.tags.update(r.table_tag for r in self.rules.by_relation.values())
-        self._submit([], batch, forget_source=True)
+        self._submit([], batch, slot_check=True)
 
     # ------------------------------------------------------------------ observation
 

@@ -17,6 +17,7 @@ See docs/multi-target.md.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -35,6 +36,12 @@ from cdcd.sinks.redis import ApplyResult, RedisDeadLetters, RedisSink
 
 log = structlog.get_logger("cdcd.targets")
 
+# A backlog of several batches (a target catching up, or a slot drain where the loop reads ahead) leaves
+# in one go: up to this many batches, or until this many changes, are sent before the first reply is
+# read, so Redis works on one while the next is packed and a catch-up is not one round trip per batch.
+PIPELINE_BATCHES = 32
+PIPELINE_CHANGES = 10_000
+
 
 @dataclass(slots=True, eq=False)
 class Pending:
@@ -46,7 +53,7 @@ class Pending:
     changes: int  # row changes it stands for (at least 1): what the backlog bound counts
     top: int | None  # highest integer position (a Postgres LSN): the targets' applied position
     rejected: list[Rejected] = field(default_factory=list)  # dead letters every target records first
-    forget_source: bool = False  # the lost-slot invalidation: afterwards clear the applied source
+    slot_check: bool = False  # the slot was missing: invalidate (and forget the source) where it had been used
     at: float = field(default_factory=time.monotonic)
     rtt: float = 0.0  # the slowest target's round trip (the batch log's redis_ms)
     refused: int = 0  # summed over targets
@@ -87,6 +94,7 @@ class TargetApplier:
         self._announced = 0
         self._last_publish = time.monotonic()
         self._idle_retry_at = 0.0  # after a failed announcement: not again before this (no spin while down)
+        self._ready: dict[int, ApplyResult] = {}  # batches after the head applied in its pipeline, by seq
         self.thread = threading.Thread(target=self._run, name=f"cdcd-target-{name}", daemon=True)
         metrics.target_connected.labels(name).set(0)
         metrics.backpressure.labels(name).set(0)
@@ -152,6 +160,8 @@ class TargetApplier:
         failures = 0
         done_rejected = done_refusals = 0  # the item whose dead letters are written: a retry does not repeat them
         result: ApplyResult | None = None
+        alone = False  # after a failure: the next batch is applied by itself, through the sink's retry path
+        slot_checked, slot_used = 0, False  # the slot-check item asked about, and the answer
         while True:
             item = self._next()
             if item is None:
@@ -169,13 +179,22 @@ class TargetApplier:
                         self.metrics.dead_letters.inc()
                     done_rejected = item.seq
                 if result is None:
-                    result = self.sink.apply(item.batch)
+                    result = self._ready.pop(item.seq, None)
+                if result is None and item.slot_check:
+                    if slot_checked != item.seq:
+                        slot_used, slot_checked = self._used_the_lost_slot(), item.seq
+                    if not slot_used:
+                        result = ApplyResult(0, 0, 0, 0, 0, 0, 0.0)  # this Redis never held that slot's changes
+                if result is None:
+                    result = self._apply(item, pipelined=not alone)
+                    alone = False
                 if done_refusals != item.seq:
                     self._refused(result)
                     done_refusals = item.seq
-                if item.forget_source:
+                if item.slot_check and slot_used:
                     self.sink.forget_source()
             except REDIS_ERRORS as exc:
+                alone = True
                 delay = retry_delay(self.backoff, failures)
                 failures += 1
                 self.metrics.retries.labels(f"redis:{self.name}").inc()
@@ -192,6 +211,62 @@ class TargetApplier:
             self._up()
             self._applied(item, result)
             result = None
+
+    def _used_the_lost_slot(self) -> bool:
+        """The source's slot was missing at (re)connect: did this Redis apply changes from it? Then changes
+        were lost in between, and the batch (every table tag) invalidates what derives from them here.
+        Asked of each target itself, when it answers, so a target that is down at start is neither skipped
+        nor invalidated on a guess."""
+        if self.sink.applied_state().get("source") != self.sink.source_name:
+            return False
+        self.metrics.errors.labels("slot_lost").inc()
+        log.error("slot_lost", target=self.name, slot=self.sink.source_name,
+                  detail="the replication slot this target was fed from is gone: changes since were lost. Every "
+                         "table tag is bumped here so entries derived from the rules' tables are invalidated; "
+                         "tombstone-less keys (plain cache entries written outside cdcd) may stay stale until "
+                         "their TTL")
+        return True
+
+    def _apply(self, head: Pending, pipelined: bool) -> ApplyResult:
+        """Apply ``head``; with ``pipelined``, the batches queued behind it that may leave before its replies
+        are read go in the same stream (their results wait in ``_ready``, in order, for their turn). After
+        a failure the head is applied alone, through the sink's retry path (which restores scripts and
+        registry after a Redis restart) before anything is pipelined again."""
+        group = self._group(head) if pipelined else [head]
+        if len(group) == 1:
+            return self.sink.apply(head.batch)
+        out: ApplyResult | None = None
+        try:
+            pendings = [self.sink.begin(it.batch) for it in group]
+            for it, pending in zip(group, pendings, strict=True):
+                result = pending.wait()
+                if out is None:
+                    out = result
+                else:
+                    self._ready[it.seq] = result
+        except BaseException:
+            self.sink.drop_connection()  # later batches' replies may still be on it
+            if out is not None:
+                self._ready[head.seq] = out  # applied: only the rest is tried again
+            raise
+        assert out is not None
+        return out
+
+    def _group(self, head: Pending) -> list[Pending]:
+        with self.progress:
+            queued = list(itertools.islice(self.backlog, 1, PIPELINE_BATCHES))
+        group, changes = [head], head.changes
+        for it in queued:
+            if changes >= PIPELINE_CHANGES or it.rejected or it.slot_check or self._moves_epochs(group[-1]):
+                break
+            group.append(it)
+            changes += it.changes
+        return group
+
+    def _moves_epochs(self, item: Pending) -> bool:
+        """A batch that bumps a table's counter (TRUNCATE, degraded transaction) or raises a floor: the values
+        after it must record the counter its replies return, so they are packed only once those were read."""
+        return bool(item.batch.floors) or any(t in self.sink.epochs for t in item.batch.tags)
 
     def _applied(self, item: Pending, result: ApplyResult) -> None:
         if result.restored:
