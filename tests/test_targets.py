@@ -140,7 +140,9 @@ def test_target_killed_mid_stream_others_go_on_and_both_converge(
         writer.start()
         wait_until(lambda: daemon.targets[1].applied_position > 0, what="target b applied something")
         b.stop()  # SIGKILL: b is gone with everything it held
-        wait_until(lambda: not daemon.targets[1].connected, timeout=5, what="target b noticed as down")
+        # b's own thread failed (not only the monitor's ping): from now on it cannot apply anything
+        wait_until(lambda: daemon.metrics.retries.labels("redis:b")._value.get() > 0, timeout=5,
+                   what="target b's thread noticed it down")
         b_at_kill = daemon.targets[1].applied_position
         a_at_kill = daemon.targets[0].applied_position
         names_at_kill = _cached_names(ra, p, range(1, 151))
@@ -177,8 +179,6 @@ def test_target_killed_mid_stream_others_go_on_and_both_converge(
     assert d.error is None
     assert watch.samples > 20
     assert not watch.violations, watch.violations[:5]
-    assert daemon.metrics.retries.labels("redis:b")._value.get() > 0
-    assert daemon.metrics.retries.labels("redis:a")._value.get() == 0
     # each target's applied state holds its own watermark and backplane sequence (the daemon's run id)
     wa, wb = (int(x.hget(f"{p}#cdcd:applied", "watermark") or 0) for x in (ra, rb))
     assert wa > 0 and wb > 0
