@@ -304,6 +304,7 @@ class MultiTargetDaemon(Daemon):
         out = super().status()
         targets = {t.name: t.describe() for t in self.targets}
         out["targets"] = targets
+        out["backplane_seq"] = {name: t["backplane_seq"] for name, t in targets.items()}  # each its own sequence
         out["slowest_target"] = max(targets, key=lambda n: (targets[n]["pending_changes"], targets[n]["lag_s"]))
         out["backpressure"] = sorted(self._held_by)
         return out
