@@ -34,8 +34,9 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cdcd.daemon import Daemon, HttpBindError
+    from cdcd.daemon import HttpBindError
     from cdcd.logs import configure
+    from cdcd.multitarget import build_daemon
     from cdcd.sources.base import SourceError
 
     config = _load(args.config)
@@ -43,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure(args.log_format or config.log.format, args.log_level or config.log.level)
     try:
-        daemon = Daemon(config)  # refuses settings that cannot work together (daemon.dead_letters: kafka)
+        daemon = build_daemon(config)  # refuses settings that cannot work together (daemon.dead_letters: kafka)
     except SourceError as exc:
         _err(str(exc))
         return EXIT_CONFIG
@@ -188,6 +189,12 @@ def format_status(s: dict[str, Any]) -> str:
         fp = xf.get("fp_estimate")
         rows.append((f"exists filter {rel}", "seeded, est. fp " + (f"{fp:.2e}" if fp is not None else "?")
                      if xf.get("seeded") else "not seeded (answers 'maybe')"))
+    for name, t in (s.get("targets") or {}).items():  # several Redis targets (docs/multi-target.md)
+        slowest = " (slowest)" if name == s.get("slowest_target") and len(s["targets"]) > 1 else ""
+        held = ", BACKPRESSURE" if name in (s.get("backpressure") or []) else ""
+        rows.append((f"target {name}", f"{'up' if t.get('connected') else 'DOWN'}, applied "
+                                       f"{t.get('applied_position')}, {t.get('pending_changes')} changes pending "
+                                       f"({t.get('lag_s')} s){slowest}{held}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -201,6 +208,11 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     configure(config.log.format, config.log.level)
+    try:
+        config.redis = config.redis_for(args.target)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_CONFIG
     if args.hot:
         if args.table:
             _err("--hot warms the fleet's hot keys of every table: drop --table")
@@ -253,10 +265,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import psycopg
     import redis
 
+    from cdcd.config import ConfigError
     from cdcd.inspect import EXIT_STALE, InspectError, run_inspect
 
     config = _load(args.config)
     if config is None:
+        return EXIT_CONFIG
+    try:
+        config.redis = config.redis_for(args.target)
+    except ConfigError as exc:
+        _err(str(exc))
         return EXIT_CONFIG
     if args.watch:
         return _watch(args, config)
@@ -412,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --hot: read the hot set from this Redis (the one clients publish to, e.g. the old "
                            "one before traffic moves) and fill the configuration's Redis")
     warm.add_argument("--json", action="store_true", help="with --hot: print the report as JSON")
+    warm.add_argument("--target", help="with targets: in the configuration, the target to warm (or, with --hot, to fill)")
     warm.set_defaults(fn=cmd_warm)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")
@@ -438,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--clock-margin", type=float, default=0.05,
                          help="seconds of clock uncertainty tolerated when dating application values")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--target", help="with targets: in the configuration, the target to inspect")
     watch = inspect.add_argument_group(
         "--watch", "sample reads continuously and report consistency in nines within time bounds "
                    "(docs/consistency-nines.md); exit 1 when below --min-nines at --nines-bound, 3 without reads")

@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
@@ -57,6 +67,19 @@ class RedisSettings(BaseModel):
         return kw
 
 
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+class TargetSettings(RedisSettings):
+    """One named Redis target of ``targets:`` (docs/multi-target.md): the Redis settings of ``redis:``
+    plus how far this target may fall behind before the daemon stops reading the source."""
+
+    max_pending_changes: int = Field(
+        default=100_000, gt=0,
+        description="row changes read but not yet applied to this target; at the bound the daemon stops "
+                    "reading the source (backpressure) instead of buffering more")
+
+
 def _bytes(v: Any) -> Any:
     """Accept 1073741824, "1GB", "512MiB", "64 MB"."""
     if isinstance(v, str):
@@ -86,6 +109,9 @@ class MonitorSettings(BaseModel):
                                   description="warn when the slot keeps more WAL than this (bytes or 1GB)")
     ready_max_lag: int | None = Field(default=256 * 1024**2,
                                       description="not ready while the slot lags more than this (bytes); null = off")
+    ready_max_target_lag: float | None = Field(
+        default=30.0, gt=0, description="with targets: not ready while a target's oldest unapplied batch was read "
+                                        "more than this many seconds ago (the reason names it); null = off")
 
     _sizes = field_validator("max_retained_wal", "ready_max_lag", mode="before")(_bytes)
 
@@ -131,6 +157,9 @@ class Config(BaseSettings):
 
     source: SourceSettings
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    targets: dict[str, TargetSettings] | None = Field(
+        default=None, description="several named Redis targets fed the same stream (docs/multi-target.md); "
+                                  "instead of redis:")
     keyspace: KeyspaceSettings = Field(default_factory=KeyspaceSettings)
     defaults: Defaults = Field(default_factory=Defaults)
     tables: dict[str, TableRule]
@@ -157,6 +186,51 @@ class Config(BaseSettings):
             if name.count(".") > 1 or not all(name.split(".")):
                 raise ValueError(f"{name!r} is not a table name (use table or schema.table)")
         return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: dict[str, TargetSettings] | None) -> dict[str, TargetSettings] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("no targets: name at least one Redis target (or use redis: for a single one)")
+        by_url: dict[str, str] = {}
+        for name, target in v.items():
+            if not TARGET_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a target name (letters, digits, '_', '-', '.'; at most 63, "
+                                 "starting with a letter or digit): it labels metrics and log lines")
+            other = by_url.get(target.url)
+            if other is not None:
+                raise ValueError(f"targets {other!r} and {name!r} have the same url {target.url!r}: one Redis "
+                                 "would get every write twice and both targets' applied state in one key")
+            by_url[target.url] = name
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind_of_target(self) -> Config:
+        if self.targets is not None and "redis" in self.model_fields_set:
+            raise ValueError("give either redis: (one target) or targets: (several named ones), not both; "
+                             "move the redis: settings under a target name")
+        return self
+
+    def target_settings(self) -> dict[str, RedisSettings]:
+        """Every Redis target by name: the ``targets:`` mapping, or ``redis:`` as the single target ``redis``."""
+        if self.targets is None:
+            return {"redis": self.redis}
+        return dict(self.targets)
+
+    def redis_for(self, target: str | None) -> RedisSettings:
+        """The Redis a one-Redis command (``warm``, ``inspect``) works on: ``redis:``, or the named target."""
+        if self.targets is None:
+            if target not in (None, "redis"):
+                raise ConfigError(f"--target {target}: this configuration has no targets: section (one redis:)")
+            return self.redis
+        if target is None:
+            raise ConfigError(f"this configuration has several Redis targets ({', '.join(self.targets)}): "
+                              "name one with --target")
+        if target not in self.targets:
+            raise ConfigError(f"--target {target}: no such target (targets: {', '.join(self.targets)})")
+        return self.targets[target]
 
     def rules(self) -> Rules:
         return Rules(self.tables, self.keyspace, self.defaults)
@@ -205,6 +279,23 @@ def postgres_source(config: Config, what: str) -> PostgresSourceSettings:
     return config.source
 
 
+def _no_duplicate_targets(root: yaml.Node | None, filename: str) -> None:
+    """YAML keeps the last of two equal keys without a word: two targets given one name would silently
+    become one, and a cache would stop being fed."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        if key.value != "targets" or not isinstance(value, yaml.MappingNode):
+            continue
+        seen: dict[str, int] = {}
+        for name, _ in value.value:
+            line = name.start_mark.line + 1
+            if name.value in seen:
+                raise ConfigError(f"{filename}:{line}: targets: target {name.value!r} is named twice "
+                                  f"(first at line {seen[name.value]})")
+            seen[name.value] = line
+
+
 def parse_config(text: str, filename: str = "<config>") -> Config:
     try:
         data: Any = yaml.safe_load(text)
@@ -216,8 +307,9 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{filename}: expected a mapping at the top level, found {type(data).__name__}")
+    _no_duplicate_targets(root, filename)
     try:
-        return Config(**data)
+        config = Config(**data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -226,6 +318,23 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{filename}:{line}: {_loc(loc)}: {msg}" if line else f"{filename}: {_loc(loc)}: {msg}")
         raise ConfigError("\n".join(lines)) from None
+    _no_targets_from_the_environment_alone(config, data, filename)
+    return config
+
+
+def _no_targets_from_the_environment_alone(config: Config, data: dict[str, Any], filename: str) -> None:
+    """``CDCD_TARGETS__<NAME>__PASSWORD`` meant for a target of the file but spelled differently (environment
+    names are lower-cased and cannot hold ``-`` or ``.``) would add a target of its own, pointing at the
+    default Redis; refuse it rather than feed a cache nobody configured."""
+    in_file = data.get("targets")
+    if config.targets is None or not isinstance(in_file, dict):
+        return
+    extra = [name for name in config.targets if name not in in_file]
+    if extra:
+        raise ConfigError(f"{filename}: targets: {', '.join(repr(n) for n in extra)} come only from the environment "
+                          f"(CDCD_TARGETS__...); the file's targets are {', '.join(map(str, in_file))}. Environment "
+                          "overrides reach only targets whose names are lower case letters, digits and '_'; use "
+                          "password_file for the others")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -43,7 +43,8 @@ from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.metrics import Metrics
 from cdcd.ops import OpsServer
-from cdcd.redisfaults import REDIS_FAULTS
+from cdcd.retry import REDIS_ERRORS as REDIS_ERRORS  # re-exported: the loop's retryable faults
+from cdcd.retry import retry_delay as retry_delay  # re-exported
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.base import DeadLetters
 from cdcd.sinks.redis import ApplyResult, PendingApply, RedisDeadLetters, RedisSink
@@ -60,19 +61,6 @@ from cdcd.sources.base import (
 from cdcd.sources.schemaguard import SchemaGuard
 
 log = structlog.get_logger("cdcd.daemon")
-
-
-# Everything a Redis call can raise that means "try again later"; see cdcd.redisfaults.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, *REDIS_FAULTS)
-
-# redis-py 5 (our floor) computes ``base * 2**failures``, which overflows a float after ~1000 failures
-# (about an hour into an outage at the default 5 s cap); past this exponent the delay is at the cap anyway.
-_MAX_EXPONENT = 32
-
-
-def retry_delay(policy: AbstractBackoff, failures: int) -> float:
-    """The wait after the ``failures``-th consecutive failure (0-based), from redis-py's own backoff."""
-    return policy.compute(min(failures, _MAX_EXPONENT))
 
 
 class HttpBindError(OSError):
@@ -106,7 +94,8 @@ class Daemon:
         self.schema_guard: SchemaGuard = (self.source.schema_guard if isinstance(self.source, GuardsSchema)
                                           else SchemaGuard(self.rules.source, check_rows=True))
         self.sequencer = Sequencer("cdcd")
-        self.redis = config.redis.client()
+        # the single target (redis:), or the first of targets: (a multi-target daemon's dead letters go there)
+        self.redis = next(iter(config.target_settings().values())).client()
         self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
         self.dead_letters: DeadLetters = self._make_dead_letters()
         # exponential with equal jitter, so a fleet does not retry in lockstep
@@ -351,7 +340,6 @@ class Daemon:
     # ------------------------------------------------------------------ one batch
 
     def _process(self, items: Any) -> None:
-        m = self.metrics
         txns: list[Transaction] = []
         for item in items:
             if isinstance(item, Rejected):
@@ -361,6 +349,14 @@ class Daemon:
         version = self.last_version  # what a schema-guard transaction of its own is versioned at
         if self._inflight is not None and self._inflight.batch.version:
             version = max(version, self._inflight.batch.version)
+        batch = self._plan(txns, version)
+        self._settle()  # the previous batch: applied and acked before this one may go out
+        self._send(items, batch)
+
+    def _plan(self, txns: list[Transaction], version: int) -> Batch:
+        """Schema guard, then the rules: the batch of writes for these transactions (``version``: what a
+        schema-guard transaction of its own is versioned at)."""
+        m = self.metrics
         txns = self.schema_guard.filter(txns, version)
         self._schema_events()
         batch = self.rules.plan(txns)
@@ -371,8 +367,7 @@ class Daemon:
         for p in batch.problems:
             m.problems.labels(p.kind, p.relation).inc()
             log.warning(p.kind, table=p.relation, detail=p.detail, position=str(p.position))
-        self._settle()  # the previous batch: applied and acked before this one may go out
-        self._send(items, batch)
+        return batch
 
     def _send(self, items: Sequence[Any], batch: Batch) -> None:
         """Send the batch; its replies are read by :meth:`_settle`. If sending fails, settle at once
@@ -405,6 +400,13 @@ class Daemon:
 
     def _account(self, positions: Sequence[Any], batch: Batch, result: ApplyResult) -> None:
         """Counters, metrics and the batch log of an applied and acknowledged batch."""
+        self.metrics.count_apply(result)
+        self._count_acked(positions, batch, result.rtt, result.refused, result.tags)
+        if self.on_batch is not None:
+            self.on_batch(batch, result)
+
+    def _count_acked(self, positions: Sequence[Any], batch: Batch, rtt: float, refused: int, tags: int) -> None:
+        """What counts once per batch acknowledged to the source, however many targets applied it."""
         m = self.metrics
         now = time.time()
         self.applied_batches += 1
@@ -417,19 +419,9 @@ class Daemon:
             m.changes.labels(table, op).inc(n)
         m.transactions.inc(batch.transactions)
         m.batches.inc()
-        m.writes.labels("tombstone").inc(result.tombstones)
-        m.writes.labels("value").inc(result.values)
-        if result.floored:
-            m.writes.labels("floored").inc(result.floored)
-        m.stale_writes.inc(result.refused)
-        m.refused_fenced.inc(result.fenced)
-        m.fence_writes.inc(result.fences)
-        m.tag_bumps.inc(result.tags)
         if batch.degraded_transactions:
             m.degraded_transactions.inc(batch.degraded_transactions)
             m.degraded_changes.inc(batch.degraded_changes)
-        m.backplane.inc(result.messages)
-        m.redis_rtt.observe(result.rtt)
         if batch.commit_ts:
             m.commit_to_apply.observe(max(0.0, now - batch.commit_ts))
         if batch.version:
@@ -437,11 +429,9 @@ class Daemon:
         lsns = [p for p in positions if isinstance(p, int)]
         if lsns:
             m.position.set(max(lsns))
-        self.batch_log.add(batch.transactions, sum(batch.counts.values()), len(batch.writes), result.refused,
-                           result.tags, batch.version, result.rtt,
+        self.batch_log.add(batch.transactions, sum(batch.counts.values()), len(batch.writes), refused, tags,
+                           batch.version, rtt,
                            (now - batch.oldest_commit_ts) * 1000 if batch.oldest_commit_ts else None)
-        if self.on_batch is not None:
-            self.on_batch(batch, result)
 
     def _refused(self, result: ApplyResult) -> None:
         """Writes Redis refused for good were repaired by the sink; count, log and dead-letter each one
@@ -516,13 +506,7 @@ class Daemon:
         """Slot lag and retained WAL (or consumer lag) every ``monitor.interval``; warns past the bound."""
         mon = self.config.monitor
         while not self.stop_event.wait(mon.interval if self.source_stats is not None else 0.2):
-            try:
-                self.redis.ping()
-                self.redis_ok = True
-            except REDIS_ERRORS as exc:
-                self.redis_ok = False
-                self._error(f"redis: {exc}")
-            self.metrics.connected.labels("redis").set(1 if self.redis_ok else 0)
+            self._check_redis()
             if not isinstance(self.source, ReportsLag):
                 continue
             try:
@@ -546,6 +530,16 @@ class Daemon:
                                        "server's disk fills. Fix cdcd (or Redis) rather than dropping the slot: "
                                        "dropping it loses changes and forces a full invalidation")
                 self.lag_alarm = over
+
+    def _check_redis(self) -> None:
+        """The monitor's look at Redis (a target that fails while idle is noticed here)."""
+        try:
+            self.redis.ping()
+            self.redis_ok = True
+        except REDIS_ERRORS as exc:
+            self.redis_ok = False
+            self._error(f"redis: {exc}")
+        self.metrics.connected.labels("redis").set(1 if self.redis_ok else 0)
 
     def liveness(self) -> tuple[bool, str]:
         """Alive unless the main loop is stuck (it iterates at least every poll timeout or retry)."""

@@ -7,7 +7,12 @@ hot path aggregates per batch and touches these once per batch, not per change.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from cdcd.sinks.redis import ApplyResult
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -72,3 +77,33 @@ class Metrics:
         self.exists_builds = Counter("cdcd_exists_filter_builds_total", "Existence filter generations built from a "
                                      "snapshot, by table and reason", ["table", "reason"], registry=r)
         self.slot_retained = Gauge("cdcd_slot_retained_wal_bytes", "WAL the slot keeps on the server", registry=r)
+        # several Redis targets (targets:, docs/multi-target.md); a single redis: target has none of these
+        self.target_connected = Gauge("cdcd_target_connected", "1 while the target's Redis answers", ["target"],
+                                      registry=r)
+        self.target_position = Gauge("cdcd_target_applied_position", "Highest source position (Postgres LSN) the "
+                                     "target applied: every change up to it is in that Redis", ["target"],
+                                     registry=r)
+        self.target_batches = Counter("cdcd_target_batches_total", "Batches the target applied", ["target"],
+                                      registry=r)
+        self.target_pending = Gauge("cdcd_target_pending_changes", "Row changes read from the source but not yet "
+                                    "applied to the target (its backlog)", ["target"], registry=r)
+        self.target_lag = Gauge("cdcd_target_lag_seconds", "Age of the oldest batch the target has not applied "
+                                "(0 when caught up)", ["target"], registry=r)
+        self.backpressure = Gauge("cdcd_target_backpressure", "1 while the target's backlog is at "
+                                  "max_pending_changes and the daemon has stopped reading the source", ["target"],
+                                  registry=r)
+        self.backpressure_events = Counter("cdcd_target_backpressure_events_total", "Times the target's full "
+                                           "backlog stopped the daemon reading the source", ["target"], registry=r)
+
+    def count_apply(self, result: ApplyResult) -> None:
+        """The counters of one batch applied to one Redis (once per target with several targets)."""
+        self.writes.labels("tombstone").inc(result.tombstones)
+        self.writes.labels("value").inc(result.values)
+        if result.floored:
+            self.writes.labels("floored").inc(result.floored)
+        self.stale_writes.inc(result.refused)
+        self.refused_fenced.inc(result.fenced)
+        self.fence_writes.inc(result.fences)
+        self.tag_bumps.inc(result.tags)
+        self.backplane.inc(result.messages)
+        self.redis_rtt.observe(result.rtt)

@@ -19,6 +19,7 @@ import yaml
 
 from cdcd.config import Config, parse_config
 from cdcd.daemon import Daemon
+from cdcd.multitarget import build_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_RULES = ROOT / "config" / "cdcd.example.yaml"
@@ -59,7 +60,7 @@ class DaemonThread:
     """The daemon in-process: fast to start, and its metrics are inspectable."""
 
     def __init__(self, config: Config, source: Any = None) -> None:
-        self.daemon = Daemon(config) if source is None else Daemon(config, source=source)
+        self.daemon: Daemon = build_daemon(config, source=source)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

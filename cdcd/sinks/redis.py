@@ -280,6 +280,12 @@ class RedisSink:
             return self._send_packed(batch)
         return PendingApply(self, batch, None, [], 0, 0, 0, 0.0, done=self._apply_pipeline(batch))
 
+    def drop_connection(self) -> None:
+        """Close the sink's own connection (it reconnects on the next batch): after a failure in the middle of
+        batches sent back to back, replies of later ones may still be on it."""
+        if self._conn is not None:
+            self._conn.disconnect()
+
     def _apply(self, batch: Batch) -> ApplyResult:
         if self.packed and isinstance(self.client, redis.Redis):
             return self._send_packed(batch).wait()
