@@ -136,6 +136,7 @@ def run_daemon_process(data: dict[str, Any], r: redis.Redis, prefix: str, target
         wait_until(lambda: walsender_pid(data["source"]["dsn"], data["source"]["slot"]), 30, interval=0.005)
         wal_pid = walsender_pid(data["source"]["dsn"], data["source"]["slot"])
         wal_before = cpu_seconds(wal_pid) if wal_pid else 0.0
+        cpu["daemon_started"] = cpu_seconds(d.proc.pid)  # imports and startup: not the drain's cost
         wait_until(lambda: applied_version(r, prefix) >= target, timeout, interval=0.005, what="slot drained")
         wall = time.monotonic() - t0
         cpu["daemon"] = cpu_seconds(d.proc.pid)

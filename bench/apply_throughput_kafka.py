@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python bench/apply_throughput_kafka.py [--changes 200000] [--partitions 1] [--repeats 3] \\
         [--crc pure,native] [--fetch-max-wait-ms 500,30] [--max-poll-records 500,5000] [--no-schemas] \\
-        [--profile DIR] [--naive-seconds 0]
+        [--profile DIR] [--naive-seconds 0] [--root before=/path/to/checkout ...]
 
 A tansu broker (in memory) and Redis are started; ``--changes`` Debezium envelopes are produced once
 (the rotating mix of ``apply_throughput.py``: insert user, insert order, update user, update order; one
@@ -197,15 +197,20 @@ class Variant(NamedTuple):
     crc: str  # pure, native, or baseline (the --baseline code, pure CRC, its own fetch defaults)
     wait_ms: int
     max_poll: int
+    root: str = ""  # a --root name: that checkout's code with the same settings ("" = this tree)
 
     def label(self) -> str:
         if self.crc == "baseline":
             return f"before: --baseline code, pure CRC, fetch_max_wait_ms 500, max_poll_records {self.max_poll}"
-        return f"crc={self.crc}, fetch_max_wait_ms={self.wait_ms}, max_poll_records={self.max_poll}"
+        where = f"{self.root or 'this'}: " if self.root or _ROOTS else ""
+        return f"{where}crc={self.crc}, fetch_max_wait_ms={self.wait_ms}, max_poll_records={self.max_poll}"
+
+
+_ROOTS: dict[str, Path] = {}  # --root NAME=DIR
 
 
 def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: str, wait_ms: int, max_poll: int,
-               profile: Path | None, baseline: bool = False) -> dict[str, float]:
+               profile: Path | None, baseline: bool = False, code: Path = ROOT) -> dict[str, float]:
     """One drain; ``baseline``: the code in ``--baseline`` with its own fetch defaults (it may not know them)."""
     from kafka import KafkaAdminClient
 
@@ -215,7 +220,7 @@ def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: st
     if baseline:
         del data["source"]["fetch_max_wait_ms"]
     data["daemon"]["dead_letters"] = "redis"
-    d = KafkaDaemon(data, crc == "pure", profile, args.baseline if baseline else ROOT)
+    d = KafkaDaemon(data, crc == "pure", profile, args.baseline if baseline else code)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     d.start()
     assert d.proc is not None
@@ -296,14 +301,22 @@ def main() -> int:
                     help="a checkout of the code before (e.g. git archive main); adds its variant, pure CRC, run "
                          "with its own defaults (kafka-python's fetch_max_wait_ms 500)")
     ap.add_argument("--naive-seconds", type=float, default=0.0, help="also run the naive baseline this long")
+    ap.add_argument("--root", action="append", default=[], metavar="NAME=DIR",
+                    help="also run every variant with the code of checkout DIR (e.g. a worktree of main), same "
+                         "settings, alternating with this tree's runs (repeatable)")
     args = ap.parse_args()
+    for spec in args.root:
+        name, _, where = spec.partition("=")
+        if not where:
+            ap.error("--root takes NAME=DIR")
+        _ROOTS[name] = Path(where).resolve()
     crcs = [c.strip() for c in args.crc.split(",") if c.strip()]
     if not set(crcs) <= {"pure", "native"}:
         ap.error("--crc takes pure and/or native")
     waits = [int(w) for w in args.fetch_max_wait_ms.split(",")]
     polls = [int(m) for m in args.max_poll_records.split(",")]
     variants = [Variant("baseline", 500, polls[0])] if args.baseline else []
-    variants += [Variant(c, w, m) for c in crcs for w in waits for m in polls]
+    variants += [Variant(c, w, m, r) for r in ["", *_ROOTS] for c in crcs for w in waits for m in polls]
     kafka = KafkaServer()
     kafka.start()
     rs = RedisServer()
@@ -320,7 +333,7 @@ def main() -> int:
             for v in order:
                 base_ = v.crc == "baseline"
                 res = run_daemon(args, kafka.bootstrap, rs.url, "pure" if base_ else v.crc, v.wait_ms, v.max_poll,
-                                 None, baseline=base_)
+                                 None, baseline=base_, code=_ROOTS.get(v.root, ROOT))
                 results[v].append(res)
                 print(f"  run {rep + 1}: {v.label()}: {res['rate']:,.0f} changes/s, {res['cores']:.2f} cores, "
                       f"{res['cpu_us']:.1f} CPU µs/change", flush=True)
@@ -340,7 +353,7 @@ def main() -> int:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             for v in variants:
-                if v.crc == "baseline":
+                if v.crc == "baseline" or v.root:
                     continue
                 out = args.profile / f"kafka-{v.crc}-{v.wait_ms}-{v.max_poll}.txt"
                 run_daemon(args, kafka.bootstrap, rs.url, v.crc, v.wait_ms, v.max_poll, out)

@@ -14,7 +14,9 @@ schema, 10 per transaction; every slot and publication made before the fill):
   pipeline) of a minimal versioned compare-and-set script (HGET version, compare, HSET): what Redis and
   its client allow; Redis time per call from ``INFO commandstats``.
 * **(c) cdcd run**: the daemon in its own process draining the slot (``apply_throughput.run_daemon_process``:
-  changes after the first batch over the time to the last one, from its batch log).
+  changes after the first batch over the time to the last one, from its batch log). Its CPU per change
+  while draining (from replication start to the drained slot, so without imports and startup) is the
+  figure a busy machine disturbs least: compare that when the load average is high.
 
 ratio = c / min(a, b), per round and of the medians (the goal of issue 9 is >= 0.7). ``--root
 NAME=DIR`` (repeatable) adds a (c) per checkout, e.g. a worktree of main for before/after: the rounds
@@ -124,7 +126,7 @@ def main() -> int:
             target = heartbeat(conn)  # every reader passes this only after every filled change
         print(f"filled {args.changes} row changes ({args.txn_size}/txn) in {fill_s:.1f}s into "
               f"{len(plans) * (1 + len(roots))} slots; checkouts: " + ", ".join(f"{n}={p}" for n, p in roots))
-        runs: dict[str, list[float]] = {"a": [], "b": [], **{f"c:{n}": [] for n, _ in roots}}
+        runs: dict[str, list[float]] = {"a": [], "b": [], **{f"{k}:{n}": [] for n, _ in roots for k in ("c", "us")}}
         rows = []
         for i, plan in enumerate(plans):
             load_avg = load_average()
@@ -139,18 +141,23 @@ def main() -> int:
                 c, _wall, batches, cpu = run_daemon_process(data, r, data["keyspace"]["prefix"], target, 900,
                                                            rs.proc.pid, root=path)
                 runs[f"c:{name}"].append(c)
+                us = (cpu["daemon"] - cpu["daemon_started"]) / args.changes * 1e6
+                runs[f"us:{name}"].append(us)
                 rows.append([i + 1, load_avg, f"{a:,.0f}", f"{b:,.0f} ({usec:.1f} µs)", name, f"{c:,.0f}",
-                             batches, f"{cpu['daemon']:.1f}", f"{cpu['redis']:.1f}", f"{c / min(a, b):.2f}"])
+                             batches, f"{cpu['daemon']:.1f}", f"{us:.1f}", f"{cpu['redis']:.1f}",
+                             f"{c / min(a, b):.2f}"])
             print(f"round {i + 1} done (load average before it: {load_avg})", flush=True)
         print(table(["round", "load avg", "(a) slot drain/s", "(b) minimal CAS/s (Redis/call)", "checkout",
-                     "(c) cdcd run/s", "batches", "daemon CPU s", "Redis CPU s", "c/min(a,b)"], rows))
+                     "(c) cdcd run/s", "batches", "daemon CPU s", "drain CPU µs/change", "Redis CPU s",
+                     "c/min(a,b)"], rows))
         med = {k: statistics.median(v) for k, v in runs.items()}
         limit = min(med["a"], med["b"])
         print(f"\nmedians of {args.rounds}: (a) {med['a']:,.0f} changes/s, (b) {med['b']:,.0f} calls/s, "
               f"physical limit min(a, b) = {limit:,.0f}/s")
         for name, _ in roots:
             c = med[f"c:{name}"]
-            print(f"  (c) {name}: {c:,.0f} changes/s, ratio c / min(a, b) = {c / limit:.2f}")
+            print(f"  (c) {name}: {c:,.0f} changes/s, ratio c / min(a, b) = {c / limit:.2f}; daemon CPU per change "
+                  f"while draining {med[f'us:{name}']:.1f} µs")
         print(f"load average at the end: {load_average()}")
     return 0
 

@@ -81,15 +81,16 @@ class Sequencer:
         self.watermark = ""  # stamped on every message: the daemon sets it once Redis confirmed a position
 
     def messages(self, keys: Iterable[str], tags: Iterable[str], version: str, ts: float) -> Iterator[Message]:
-        items = [(True, k) for k in keys] + [(False, t) for t in tags]
-        if not items:
-            return
-        for start in range(0, len(items), MAX_ITEMS_PER_MESSAGE):
-            chunk = items[start:start + MAX_ITEMS_PER_MESSAGE]
+        """Keys then tags, MAX_ITEMS_PER_MESSAGE items a message. Slices of the two lists, not a list of
+        (is_key, item) pairs filtered twice: this runs for every key of every batch (4% of the daemon)."""
+        keys, tags = list(keys), list(tags)
+        nkeys = len(keys)
+        for start in range(0, nkeys + len(tags), MAX_ITEMS_PER_MESSAGE):
+            stop = start + MAX_ITEMS_PER_MESSAGE
             self.seq += 1
             yield Message(
                 origin=self.origin, run=self.run, seq=self.seq, version=version,
-                keys=[k for is_key, k in chunk if is_key], tags=[t for is_key, t in chunk if not is_key], ts=ts,
+                keys=keys[start:stop], tags=tags[max(0, start - nkeys):max(0, stop - nkeys)], ts=ts,
                 watermark=self.watermark,
             )
 

@@ -35,6 +35,7 @@ def _load(path: str) -> Config | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cdcd.daemon import HttpBindError
+    from cdcd.gcpolicy import tune_for_daemon
     from cdcd.logs import configure
     from cdcd.multitarget import build_daemon
     from cdcd.sources.base import SourceError
@@ -49,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_CONFIG
     daemon.install_signal_handlers()
+    tune_for_daemon()
     try:
         daemon.run()
     except SourceError as exc:

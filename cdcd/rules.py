@@ -62,7 +62,21 @@ def _json_default(v: Any) -> Any:
 _FAST_DEFAULT: dict[type, Any] = {datetime: datetime.isoformat, Decimal: str, date: date.isoformat}
 
 
+_last_datetime: tuple[datetime | None, str] = (None, "")
+
+
 def _fast_default(v: Any) -> Any:
+    global _last_datetime
+    if type(v) is datetime:
+        # The rows of a transaction usually share a timestamp object (the decoder's ``_last_one``), and
+        # isoformat of an aware datetime was half of a projection's cost: remember the last one. By
+        # identity: the cache holds the object, so its id cannot be reused meanwhile.
+        last = _last_datetime
+        if v is last[0]:
+            return last[1]
+        text = v.isoformat()
+        _last_datetime = (v, text)
+        return text
     f = _FAST_DEFAULT.get(type(v))
     return f(v) if f is not None else _json_default(v)
 

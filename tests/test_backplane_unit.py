@@ -26,3 +26,17 @@ def test_wire_format_uses_the_documented_compact_names() -> None:
     assert json.loads(msg.encode()) == {"o": "cdcd", "r": "3f2a", "s": 17, "v": "26535080", "k": ["v1:user:1"],
                                         "t": ["tenant:7"], "ts": 1795418158.95}
     assert Message.decode(msg.encode()) == msg
+
+
+def test_split_matches_the_item_by_item_split_for_every_boundary() -> None:
+    """Keys then tags, MAX_ITEMS_PER_MESSAGE items a message, whatever the counts (slices vs a reference)."""
+    M = MAX_ITEMS_PER_MESSAGE
+    for nk, nt in [(0, 1), (1, 0), (M, 0), (0, M), (M - 1, 1), (M - 1, 2), (M, 1), (M + 1, M - 1), (2 * M + 3, 7),
+                   (3, 2 * M + 1)]:
+        keys, tags = [f"k{i}" for i in range(nk)], [f"t{i}" for i in range(nt)]
+        items = [(True, k) for k in keys] + [(False, t) for t in tags]
+        chunks = [items[s:s + M] for s in range(0, len(items), M)]
+        want = [([x for is_key, x in c if is_key], [x for is_key, x in c if not is_key]) for c in chunks]
+        msgs = list(Sequencer("cdcd", run="r").messages(iter(keys), iter(tags), "1", 0.0))
+        assert [(m.keys, m.tags) for m in msgs] == want, (nk, nt)
+        assert [m.seq for m in msgs] == list(range(1, len(want) + 1))

@@ -28,18 +28,32 @@ def _bytea(s: str) -> bytes | str:
     return s  # escape format: only with bytea_output=escape, which the session does not set
 
 
-def _timestamp(s: str) -> datetime | str:
+def _parse_timestamp(s: str) -> datetime | str:
     try:
         return datetime.fromisoformat(s)
     except ValueError:
         return s  # 'infinity', '-infinity', BC dates: keep the text
 
 
-def _timestamptz(s: str) -> datetime | str:
-    try:
-        return datetime.fromisoformat(s)
-    except ValueError:
-        return s
+def _last_one(parse: Converter) -> Converter:
+    """``parse`` remembering its last text and result: the rows of one transaction usually carry the same
+    ``now()`` (an ``updated_at``), so most parses of a batch are of the text just parsed. The value is
+    immutable, so rows may share it; one (text, value) pair swapped whole, so threads cannot mix them."""
+    last: list[tuple[str | None, Any]] = [(None, None)]
+
+    def conv(s: str) -> Any:
+        text, value = last[0]
+        if s == text:
+            return value
+        value = parse(s)
+        last[0] = (s, value)
+        return value
+
+    return conv
+
+
+_timestamp = _last_one(_parse_timestamp)
+_timestamptz = _last_one(_parse_timestamp)
 
 
 def _date(s: str) -> date | str:

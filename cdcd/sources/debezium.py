@@ -46,6 +46,11 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any, Literal
 
+try:
+    import msgspec
+except ImportError:  # pragma: no cover - the kafka extra installs it; without it the json path parses
+    msgspec = None  # type: ignore[assignment]
+
 from cdcd.change import UNAVAILABLE, Change, Op, Rejected, Row, Transaction
 from cdcd.pg.pgoutput import MESSAGE_PREFIX, parse_invalidation
 
@@ -78,6 +83,8 @@ def _b64(v: Any) -> bytes:
 
 
 def _int(v: Any) -> int:
+    if type(v) is int:  # what JSON integers decode to (bool is a subclass, refused below)
+        return v
     if isinstance(v, bool) or not isinstance(v, int | Decimal | float):
         raise ParseError(f"expected an integer, got {v!r}")
     i = int(v)
@@ -368,7 +375,7 @@ class ParseOptions:
     placeholder: str = PLACEHOLDER
     _hinted: dict[str, Converter] = field(default_factory=dict, init=False, repr=False, compare=False)
     _placeholders: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
-    _decoders: dict[str, _RowDecoder] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _decoders: dict[bytes | str, _RowDecoder] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Schema text (as it appears in a record) -> the row decoder built from it; see :func:`_envelope`."""
 
     def __post_init__(self) -> None:
@@ -412,7 +419,57 @@ _TAIL = re.compile(f"{_WS}\\}}{_WS}")
 _DECODERS_MAX = 256  # distinct schemas remembered per topic options (a table's schema changes rarely)
 
 
+if msgspec is not None:
+    class _Enveloped(msgspec.Struct, forbid_unknown_fields=True):
+        """``{"schema": S, "payload": P}`` and nothing else (a missing or extra key fails the decode)."""
+
+        schema: msgspec.Raw
+        payload: Any
+
+    _FAST: Any = msgspec.json.Decoder(_Enveloped, float_hook=Decimal)
+    _FAST_ANY: Any = msgspec.json.Decoder(float_hook=Decimal)
+    _FAST_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, RecursionError)  # json says why
+else:  # pragma: no cover - msgspec is part of the kafka extra
+    _FAST = _FAST_ANY = None
+    _FAST_ERRORS = ()
+
+
 def _envelope(value: bytes | str, options: ParseOptions) -> tuple[Any, _RowDecoder]:
+    """A record value -> (payload, the row decoder for its schema); msgspec when it can, else the json path.
+
+    msgspec decodes the envelope in one pass in C: the payload into the same Python objects as
+    ``json.loads(..., parse_float=Decimal)`` (``float_hook=Decimal``; integers of any size stay ``int``),
+    the schema only skipped over and kept as raw bytes, which are the cache key. It accepts only a
+    document that is exactly ``{"schema": S, "payload": P}`` in strict UTF-8 JSON; anything else (no
+    schema, another key, ``NaN``, a lone surrogate escape, another encoding, a malformed record) takes
+    a plain msgspec decode of the whole document, and what msgspec refuses :func:`_envelope_json`, so the
+    result, and the error for bad input, is the one the json path gives.
+    """
+    if _FAST is not None:
+        try:
+            env = _FAST.decode(value)
+        except _FAST_ERRORS:  # not exactly an envelope: any JSON document, else the json path
+            try:
+                payload, schema = _unwrap(_FAST_ANY.decode(value))
+            except _FAST_ERRORS:
+                return _envelope_json(value, options)
+            return payload, _RowDecoder(schema, options)
+        else:
+            key = bytes(env.schema)
+            decoder = options._decoders.get(key)
+            if decoder is None:
+                try:
+                    schema = _FAST_ANY.decode(key)
+                except _FAST_ERRORS:
+                    return _envelope_json(value, options)
+                if len(options._decoders) >= _DECODERS_MAX:
+                    options._decoders.clear()
+                decoder = options._decoders[key] = _RowDecoder(schema if isinstance(schema, dict) else None, options)
+            return env.payload, decoder
+    return _envelope_json(value, options)
+
+
+def _envelope_json(value: bytes | str, options: ParseOptions) -> tuple[Any, _RowDecoder]:
     """A record value -> (payload, the row decoder for its schema), parsing a repeated schema only once.
 
     With ``schemas.enable=true`` every record repeats its table's schema, and the schema is most of
@@ -587,11 +644,17 @@ class _RowDecoder:
             if v is None:
                 out[column] = None
                 continue
-            if (isinstance(v, str) and v in placeholders) or (
-                    isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0] in placeholders):
+            if isinstance(v, str):
+                if v in placeholders:
+                    out[column] = UNAVAILABLE
+                    continue
+            elif isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0] in placeholders:
                 out[column] = UNAVAILABLE
                 continue
             conv = convs[column] if column in convs else self._conv(column)
+            if conv is _text:  # the identity: no call (string columns, most of a row)
+                out[column] = v
+                continue
             try:
                 out[column] = conv(v) if conv is not None else _generic(v)
             except ParseError as exc:
@@ -623,8 +686,13 @@ def _mark_key_only(before: Row, key_columns: set[str] | None) -> None:
     """
     if not key_columns:
         return
-    others = [c for c in before if c not in key_columns]
-    if others and all(before[c] is None for c in others) and all(c in before for c in key_columns):
+    others = []
+    for c, v in before.items():
+        if c not in key_columns:
+            if v is not None:
+                return  # a value beside the key: the row was sent whole (the common case, decided here)
+            others.append(c)
+    if others and all(c in before for c in key_columns):
         for c in others:
             before[c] = UNAVAILABLE
 
