@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --hot: read the hot set from this Redis (the one clients publish to, e.g. the old "
                            "one before traffic moves) and fill the configuration's Redis")
     warm.add_argument("--json", action="store_true", help="with --hot: print the report as JSON")
-    warm.add_argument("--target", help="with targets: in the configuration, the target to warm (or, with --hot, to fill)")
+    warm.add_argument("--target", help="with targets: the target to warm (with --hot: to fill)")
     warm.set_defaults(fn=cmd_warm)
 
     demo = sub.add_parser("demo", help="throwaway Postgres + Redis, example rules, the daemon, a few writes")

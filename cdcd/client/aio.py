@@ -47,8 +47,8 @@ from .consistency import (
     read_your_writes,
 )
 from .decorated import AsyncCachedFunction
-from .hotkeys import HotKeys
 from .existence import ExistenceFilters, aabsent
+from .hotkeys import HotKeys
 from .l1 import L1, L1Entry
 from .link import UNLOCK, AsyncLink, Command, L2Unavailable
 from .options import CacheOptions, Duration, EntryOptions

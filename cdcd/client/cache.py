@@ -54,8 +54,8 @@ from .consistency import (
     read_your_writes,
 )
 from .decorated import CachedFunction
-from .hotkeys import HotKeys
 from .existence import ExistenceFilters, absent
+from .hotkeys import HotKeys
 from .l1 import L1, L1Entry
 from .link import UNLOCK, Command, L2Unavailable, Link
 from .options import CacheOptions, Duration, EntryOptions
