@@ -107,7 +107,9 @@ class Daemon:
                                           else SchemaGuard(self.rules.source, check_rows=True))
         self.sequencer = Sequencer("cdcd")
         self.redis = config.redis.client()
-        self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
+        rs = config.redis
+        self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name, pubsub=rs.pubsub,
+                              wait_replicas=rs.wait_replicas)
         self.dead_letters: DeadLetters = self._make_dead_letters()
         # exponential with equal jitter, so a fleet does not retry in lockstep
         self.backoff: AbstractBackoff = EqualJitterBackoff(cap=config.daemon.retry_max,

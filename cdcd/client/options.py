@@ -165,6 +165,9 @@ class CacheOptions:
     others get. Off: every caller shares L1's one object (treat it as read-only), and a hit costs no decode."""
     entry: EntryOptions = field(default_factory=EntryOptions)
     """Defaults for every entry."""
+    cluster_pubsub: Literal["sharded", "classic"] = "sharded"
+    """On Redis Cluster, how the backplane travels: ``sharded`` (SSUBSCRIBE/SPUBLISH on the channel's shard)
+    or ``classic`` (PUBLISH, broadcast to every node). Must match the daemon's ``redis.pubsub``."""
 
     if TYPE_CHECKING:  # durations as seconds or strings, as for EntryOptions
         def __init__(self, prefix: str = ..., channel: str | None = ..., l1_max_entries: int = ...,
@@ -174,7 +177,8 @@ class CacheOptions:
                      backplane_ping: Duration = ..., registry_refresh: Duration = ..., require_registry: bool = ...,
                      lock_poll: Duration = ..., ryw_timeout: Duration = ...,
                      ryw_on_timeout: Literal["bypass", "raise"] = ..., background_workers: int = ...,
-                     l1_copy: bool = ..., entry: EntryOptions = ...) -> None: ...
+                     l1_copy: bool = ..., entry: EntryOptions = ...,
+                     cluster_pubsub: Literal["sharded", "classic"] = ...) -> None: ...
 
     def __post_init__(self) -> None:
         _durations(self, _CACHE_DURATIONS)

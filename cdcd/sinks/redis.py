@@ -37,6 +37,7 @@ from typing import Any
 
 import redis
 import structlog
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from cdcd.backplane import Sequencer
@@ -173,8 +174,18 @@ def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0)
 
 
 class RedisSink:
-    def __init__(self, client: redis.Redis, rules: Rules, sequencer: Sequencer, source_name: str = "") -> None:
-        self.client = client
+    def __init__(self, client: redis.Redis | RedisCluster, rules: Rules, sequencer: Sequencer, source_name: str = "",
+                 pubsub: str = "sharded", wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
+        self.client: Any = client
+        # On Redis Cluster the batch goes through redis-py's ClusterPipeline (one connection per node, MOVED
+        # and ASK followed) in two steps: writes first, then the applied position and the backplane, so no
+        # subscriber hears of a change before every node acknowledged it (docs/redis-cluster.md).
+        self.cluster = isinstance(client, RedisCluster)
+        self.publish_verb = "SPUBLISH" if self.cluster and pubsub == "sharded" else "PUBLISH"
+        # WAIT for this many replicas on every master a batch wrote to, before acknowledging it: an
+        # acknowledged write a master had not yet replicated is lost when it fails over.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.rules = rules
         self.ks = rules.keyspace
         self.sequencer = sequencer
@@ -241,7 +252,7 @@ class RedisSink:
         restored). Raises RedisFault/RedisError when Redis cannot be reached."""
         try:
             pipe: Any = self.client.pipeline(transaction=False)
-            pipe.publish(self.ks.channel, message)
+            pipe.execute_command(self.publish_verb, self.ks.channel, message)
             pipe.exists(self.ks.registry)
             if pipe.execute()[1]:
                 return False
@@ -251,7 +262,7 @@ class RedisSink:
             raise translate(exc) from exc
 
     def applied_state(self) -> dict[str, str]:
-        raw: dict[bytes, bytes] = self.client.hgetall(self.ks.applied)  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.client.hgetall(self.ks.applied)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def apply(self, batch: Batch) -> ApplyResult:
@@ -312,8 +323,9 @@ class RedisSink:
                      "ts", repr(time.time()), "source", self.source_name,
                      "watermark", self.sequencer.watermark or "0"))
         channel = ks.channel
+        verb = self.publish_verb
         for m in messages:
-            cmds.append(("PUBLISH", channel, m.encode()))
+            cmds.append((verb, channel, m.encode()))
         cmds.append(("EXISTS", ks.registry))  # the run marker: 0 after Redis lost its memory
         return cmds, tags, restored, len(messages)
 
@@ -524,10 +536,48 @@ class RedisSink:
         for g in calls.groups if calls is not None else []:
             cmd("EVALSHA", _MANY.sha, len(g), *(entries[i][0] for i in g), *(a for i in g for a in entries[i][1:]))
         tail, tags, restored, messages = self._tail(batch, {t: s for t, s in snaps.items() if s})
+        if self.cluster:
+            return self._apply_cluster(pipe, batch, tail, tags, restored, tombstones, messages, floored, calls)
         for c in tail:
             cmd(*c)
         t0 = time.perf_counter()
         results = pipe.execute(raise_on_error=False)
+        rtt = time.perf_counter() - t0
+        return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored, calls)
+
+    def _apply_cluster(self, pipe: Any, batch: Batch, tail: list[tuple[Any, ...]], tags: list[str], restored: int,
+                       tombstones: int, messages: int, floored: int, calls: Layout | None) -> ApplyResult:
+        """The cluster batch: entry writes, epoch restores, tag bumps and floors (and WAIT, when asked) in one
+        ClusterPipeline, which sends each node its commands on one connection and reads the answers; only
+        when all of them were acknowledged, the applied position, the backplane and the run marker in a
+        second one. A failure in the first step raises before anything is announced or recorded, and the
+        daemon applies the whole batch again (versioned writes: the repeat is harmless)."""
+        n_after = 2 + messages  # HSET applied, the messages, EXISTS registry: the end of ``tail``
+        writes_tail, announce = tail[:-n_after], tail[-n_after:]
+        for c in writes_tail:
+            pipe.execute_command(*c)
+        waits = 0
+        if self.wait_replicas > 0:
+            for node in self.client.get_primaries():
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node)
+                waits += 1
+        t0 = time.perf_counter()
+        first: list[Any] = pipe.execute(raise_on_error=False)
+        for r in first[len(first) - waits:]:
+            if isinstance(r, Exception):
+                raise translate(r)
+            if int(r) < self.wait_replicas:
+                raise redis.ConnectionError(f"WAIT: {r} of {self.wait_replicas} replicas acknowledged the batch")
+        first = first[:len(first) - waits]
+        for r in first:
+            if isinstance(r, Exception) and refusal_reason(r) is None:
+                if isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"):
+                    raise NoScriptError(str(r))
+                raise r
+        second: Any = self.client.pipeline(transaction=False)
+        for c in announce:
+            second.execute_command(*c)
+        results = first + second.execute(raise_on_error=False)
         rtt = time.perf_counter() - t0
         return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored, calls)
 
@@ -550,7 +600,7 @@ class RedisSink:
         try:
             pipe: Any = self.client.pipeline(transaction=False)
             pipe.hset(self.ks.applied, "watermark", message.watermark)
-            pipe.publish(self.ks.channel, message.encode())
+            pipe.execute_command(self.publish_verb, self.ks.channel, message.encode())
             pipe.execute()
         except REDIS_FAULTS as exc:
             raise translate(exc) from exc

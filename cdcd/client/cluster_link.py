@@ -1,0 +1,294 @@
+"""The cache's link to a Redis Cluster: the same ``call(commands) -> replies`` as :mod:`.link`, per node.
+
+A single node takes a batch (entry, its TTL, its tag counters, a publish) on one connection in one round
+trip. On a cluster those keys live in different hash slots, so on different nodes; the batch goes through
+redis-py's ``ClusterPipeline``, which groups the commands per node, sends every node its group on one
+connection before reading any answer (the nodes work concurrently: one round trip of wall time, not one
+per node), follows ``MOVED``/``ASK`` and refreshes its slot map after a failover. Measured against our own
+per-node grouping it costs more Python per command (docs/redis-cluster.md); it is kept because the
+redirect and failover handling is the part that is easy to get wrong.
+
+Two differences from a single node, both for the same invariant as the daemon's (a subscriber hears of a
+change only after Redis holds it): publish commands leave in a second step, after every node acknowledged
+the rest of the batch; and on ``pubsub="sharded"`` they are ``SPUBLISH`` to the channel's shard (the
+daemon's choice must match: docs/redis-cluster.md).
+
+The cache's timeouts apply: the link builds its own cluster client from the application's (its nodes, auth
+and TLS) with the cache's socket timeouts and one retry (a redirect or a refreshed slot map), so a dead
+node costs a bounded time before the circuit breaker opens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+
+from .breaker import CircuitBreaker
+from .link import CLIENT_SCRIPTS, AsyncLink, L2Unavailable, Link, raise_errors
+from .options import CacheOptions
+from .stats import Stats
+
+Command = tuple[Any, ...]
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# connection arguments the link sets itself, or that belong to the application's client object
+_OWN = frozenset({"socket_timeout", "socket_connect_timeout", "retry", "db", "host", "port", "redis_connect_func",
+                  "oss_cluster_maint_notifications_handler", "health_check_interval", "himport_registry",
+                  "maint_notifications_config", "orig_host_address", "orig_socket_timeout",
+                  "orig_socket_connect_timeout", "decode_responses"})
+
+
+def cluster_url(url: str) -> str | None:
+    """The plain ``redis://`` seed URL of a ``redis+cluster://`` (or ``rediss+cluster://``) URL, else None."""
+    parts = urlsplit(url)
+    plain = CLUSTER_SCHEMES.get(parts.scheme)
+    return urlunsplit(parts._replace(scheme=plain)) if plain else None
+
+
+def is_cluster(client: Any) -> bool:
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def _connection_kwargs(client: Any) -> dict[str, Any]:
+    """Auth, TLS and the like of the application's cluster client, without what the link sets itself."""
+    manager = client.nodes_manager
+    kwargs = getattr(manager, "connection_kwargs", None)
+    if kwargs is None:  # redis.asyncio: the nodes carry them
+        kwargs = next(iter(manager.startup_nodes.values())).connection_kwargs
+    return {k: v for k, v in kwargs.items() if k not in _OWN}
+
+
+def _seeds(client: Any, node_class: Any) -> list[Any]:
+    """The application client's known nodes (its seeds, and the whole cluster once it has connected)."""
+    manager = client.nodes_manager
+    known = {**manager.startup_nodes, **manager.nodes_cache}
+    return [node_class(n.host, n.port) for n in known.values()]
+
+
+def _split(cmds: Sequence[Command], verb: str) -> tuple[list[int], list[Command], list[int], list[Command]]:
+    """Commands before publishing, and the publishes (renamed to ``verb``), each with their batch index."""
+    first_i: list[int] = []
+    first: list[Command] = []
+    pub_i: list[int] = []
+    pubs: list[Command] = []
+    for i, c in enumerate(cmds):
+        if c[0] == "PUBLISH":
+            pub_i.append(i)
+            pubs.append((verb, *c[1:]))
+        else:
+            first_i.append(i)
+            first.append(c)
+    return first_i, first, pub_i, pubs
+
+
+def _merge(n: int, first_i: list[int], first: list[Any], pub_i: list[int], pubs: list[Any]) -> list[Any]:
+    out: list[Any] = [None] * n
+    for i, r in zip(first_i, first, strict=True):
+        out[i] = r
+    for i, r in zip(pub_i, pubs, strict=True):
+        out[i] = r
+    return out
+
+
+def _failed(replies: Sequence[Any]) -> BaseException | None:
+    """A reply that is a failure of the call, not of one command (a node unreachable, the cluster down)."""
+    for r in replies:
+        if isinstance(r, RedisError) and not (type(r) is ResponseError or isinstance(r, NoScriptError)):
+            return r
+    return None
+
+
+_FAILURES = (RedisError, RedisClusterException, OSError)
+
+
+class ClusterLink:
+    """Sync command batches over a ``redis.cluster.RedisCluster``, with the breaker. Thread-safe."""
+
+    def __init__(self, client: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
+                 stats: Stats, pubsub: str = "sharded") -> None:
+        from redis.backoff import NoBackoff
+        from redis.cluster import ClusterNode, RedisCluster
+        from redis.retry import Retry
+
+        self.breaker = breaker
+        self.stats = stats
+        self.sharded = pubsub == "sharded"
+        self.publish_verb = "SPUBLISH" if self.sharded else "PUBLISH"
+        self.rc: Any = RedisCluster(startup_nodes=_seeds(client, ClusterNode), socket_timeout=timeout,
+                                    socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
+                                    **_connection_kwargs(client))
+        self._stale_map = False
+
+    def call(self, cmds: Sequence[Command]) -> list[Any]:
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = self._run(cmds)
+            if any(isinstance(r, NoScriptError) for r in out):  # a promoted replica, a restarted node
+                for s in CLIENT_SCRIPTS:
+                    self.rc.script_load(s.source)  # every primary
+                out = self._run(cmds)
+        except _FAILURES as exc:
+            self._stale_map = True
+            self.stats.redis_errors += 1
+            if self.breaker.failure():
+                self.stats.breaker_open += 1
+            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.breaker.success()
+        return out
+
+    def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = self.call(cmds)
+        raise_errors(out)
+        return out
+
+    def _pipeline(self, cmds: Sequence[Command]) -> list[Any]:
+        if not cmds:
+            return []
+        pipe = self.rc.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        out: list[Any] = pipe.execute(raise_on_error=False)
+        failed = _failed(out)
+        if failed is not None:
+            raise failed
+        return out
+
+    def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        if self._stale_map:  # the last call failed: a failover or a resharding may have moved slots
+            self._stale_map = False
+            self.rc.nodes_manager.initialize()
+        first_i, first, pub_i, pubs = _split(cmds, self.publish_verb)
+        done = self._pipeline(first)
+        return _merge(len(cmds), first_i, done, pub_i, self._pipeline(pubs))
+
+    def subscription(self, channel: str) -> tuple[Any, str]:
+        """A new connection for the backplane listener and its subscribe verb: the channel's shard with
+        ``SSUBSCRIBE``, or any node with ``SUBSCRIBE`` (classic pub/sub reaches every node)."""
+        self.rc.nodes_manager.initialize()  # (re)subscribing: the shard may have failed over or moved
+        node = (self.rc.nodes_manager.get_node_from_slot(self.rc.keyslot(channel)) if self.sharded
+                else self.rc.get_random_node())
+        pool = node.redis_connection.connection_pool
+        return pool.make_connection(), "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
+
+    def close(self) -> None:
+        self.rc.close()
+
+
+class AsyncClusterLink:
+    """The same over ``redis.asyncio.cluster.RedisCluster``."""
+
+    def __init__(self, client: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
+                 stats: Stats, pubsub: str = "sharded") -> None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.breaker = breaker
+        self.stats = stats
+        self.sharded = pubsub == "sharded"
+        self.publish_verb = "SPUBLISH" if self.sharded else "PUBLISH"
+        self.rc: Any = RedisCluster(startup_nodes=_seeds(client, ClusterNode), socket_timeout=timeout,
+                                    socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
+                                    **_connection_kwargs(client))
+        self._stale_map = False
+
+    async def call(self, cmds: Sequence[Command]) -> list[Any]:
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = await self._run(cmds)
+            if any(isinstance(r, NoScriptError) for r in out):
+                for s in CLIENT_SCRIPTS:
+                    await self.rc.script_load(s.source)
+                out = await self._run(cmds)
+        except _FAILURES as exc:
+            self._stale_map = True
+            self.stats.redis_errors += 1
+            if self.breaker.failure():
+                self.stats.breaker_open += 1
+            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.breaker.success()
+        return out
+
+    async def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = await self.call(cmds)
+        raise_errors(out)
+        return out
+
+    async def _pipeline(self, cmds: Sequence[Command]) -> list[Any]:
+        if not cmds:
+            return []
+        pipe = self.rc.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        out: list[Any] = await pipe.execute(raise_on_error=False)
+        failed = _failed(out)
+        if failed is not None:
+            raise failed
+        return out
+
+    async def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        if self._stale_map:
+            self._stale_map = False
+            await self.rc.initialize()
+        first_i, first, pub_i, pubs = _split(cmds, self.publish_verb)
+        done = await self._pipeline(first)
+        return _merge(len(cmds), first_i, done, pub_i, await self._pipeline(pubs))
+
+    async def subscription(self, channel: str) -> tuple[Any, str]:
+        await self.rc.initialize()  # an initialized client does nothing here: a new one reads the slot map
+        await self.rc.nodes_manager.initialize()
+        node = (self.rc.nodes_manager.get_node_from_slot(self.rc.keyslot(channel)) if self.sharded
+                else self.rc.get_random_node())
+        return node.connection_class(**node.connection_kwargs), "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
+
+    async def close(self) -> None:
+        await self.rc.aclose()
+
+
+def open_client(client: Any) -> Any:
+    """A URL becomes a client: ``redis+cluster://`` a ``redis.cluster.RedisCluster``, else a ``redis.Redis``."""
+    import redis
+
+    if not isinstance(client, str):
+        return client
+    seed = cluster_url(client)
+    if seed is not None:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(seed)
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(client))
+
+
+def open_async_client(client: Any) -> Any:
+    import redis.asyncio as aredis
+
+    if not isinstance(client, str):
+        return client
+    seed = cluster_url(client)
+    if seed is not None:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(seed)
+    return aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(client))
+
+
+def make_link(client: Any, opts: CacheOptions, breaker: CircuitBreaker, stats: Stats) -> Link | ClusterLink:
+    """The link for an application's client: its pool settings on a single node, its nodes on a cluster."""
+    if is_cluster(client):
+        return ClusterLink(client, opts.redis_timeout, opts.connect_timeout_s, breaker, stats, opts.cluster_pubsub)
+    return Link(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, breaker, stats)
+
+
+def make_async_link(client: Any, opts: CacheOptions, breaker: CircuitBreaker,
+                    stats: Stats) -> AsyncLink | AsyncClusterLink:
+    if is_cluster(client):
+        return AsyncClusterLink(client, opts.redis_timeout, opts.connect_timeout_s, breaker, stats,
+                                opts.cluster_pubsub)
+    return AsyncLink(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, breaker, stats)
