@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -311,6 +312,41 @@ class RedisClusterServer:
                 if int(lo) <= slot <= int(hi or lo):
                     return int(parts[1].split("@")[0].rsplit(":", 1)[1])
         raise LookupError(f"no master serves slot {slot}")
+
+    def node_id(self, port: int) -> str:
+        return self.cli(port, "cluster", "myid").strip()
+
+    def migrate_slot(self, slot: int, to_port: int, batch: int = 10, pause: float = 0.0) -> int:
+        """Move one slot, keys and all, to the master on ``to_port`` the way ``redis-cli --cluster reshard``
+        does (IMPORTING/MIGRATING, MIGRATE in batches, SETSLOT NODE everywhere), ``pause`` seconds between
+        batches so clients meet the ASK window. Returns the number of keys moved."""
+        import redis
+
+        from_port = self.port_of_slot(slot)
+        if from_port == to_port:
+            return 0
+        src: Any = redis.Redis(port=from_port)
+        dst: Any = redis.Redis(port=to_port)
+        src_id, dst_id = self.node_id(from_port), self.node_id(to_port)
+        moved = 0
+        try:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "REPLACE", "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(pause)
+            for port in dict.fromkeys([to_port, from_port, *self.master_ports()]):  # the new owner first
+                node: Any = redis.Redis(port=port)
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                node.close()
+        finally:
+            src.close()
+            dst.close()
+        return moved
 
     def kill_node(self, port: int) -> None:
         """SIGKILL: no goodbye to the cluster; its replica is promoted after ``node_timeout``."""

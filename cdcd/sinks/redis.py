@@ -558,7 +558,11 @@ class RedisSink:
             pipe.execute_command(*c)
         waits = 0
         if self.wait_replicas > 0:
-            for node in self.client.get_primaries():
+            # every master this batch wrote to (its entries, tag counters, floors): on the same connection
+            # as the writes, WAIT returns once that many replicas hold them
+            keys = [w.key for w in batch.writes.values()] + [c[3] if c[0] == "EVALSHA" else c[1] for c in writes_tail]
+            nodes = {n.name: n for n in (self.client.get_node_from_key(k) for k in keys)}
+            for node in nodes.values():
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node)
                 waits += 1
         t0 = time.perf_counter()
