@@ -56,11 +56,20 @@ def is_cluster(client: Any) -> bool:
 
 def _connection_kwargs(client: Any) -> dict[str, Any]:
     """Auth, TLS and the like of the application's cluster client, without what the link sets itself."""
+    import inspect
+
+    from redis.asyncio.cluster import RedisCluster
+
     manager = client.nodes_manager
-    kwargs = getattr(manager, "connection_kwargs", None)
-    if kwargs is None:  # redis.asyncio: the nodes carry them
-        kwargs = next(iter(manager.startup_nodes.values())).connection_kwargs
-    return {k: v for k, v in kwargs.items() if k not in _OWN}
+    if not isinstance(client, RedisCluster):  # redis.cluster: passed through to every node's connections as is
+        return {k: v for k, v in manager.connection_kwargs.items() if k not in _OWN}
+    # redis.asyncio.cluster: the nodes carry them, and the client takes only its named arguments (TLS as ssl=True)
+    node = next(iter(manager.startup_nodes.values()))
+    accepted = inspect.signature(RedisCluster.__init__).parameters
+    out = {k: v for k, v in node.connection_kwargs.items() if k not in _OWN and k in accepted}
+    if "SSL" in node.connection_class.__name__:
+        out["ssl"] = True
+    return out
 
 
 def _seeds(client: Any, node_class: Any) -> list[Any]:
