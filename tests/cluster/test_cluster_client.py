@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
