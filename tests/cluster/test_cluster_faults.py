@@ -44,6 +44,27 @@ class Writer(threading.Thread):
         self.join(10)
 
 
+class Reader(threading.Thread):
+    """Reads users through the cache all along (L2 through the cluster link: redirects, dead nodes)."""
+
+    def __init__(self, cache: Cache) -> None:
+        super().__init__(daemon=True)
+        self.cache = cache
+        self.stop_event = threading.Event()
+        self.reads = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.cache.get(f"user:{self.reads % N + 1}")
+            self.reads += 1
+            if self.reads % 50 == 0:
+                self.cache.l1.clear()  # so reads keep going to L2
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(10)
+
+
 def _db_names(sql: Any) -> dict[int, str]:
     return {i: n for i, n in sql("SELECT id, name FROM users").fetchall()}
 
@@ -77,11 +98,12 @@ def test_master_failover_under_writes(ccfg: dict[str, Any], rc: RedisCluster, sq
                                       redis_cluster: RedisClusterServer) -> None:
     ccfg["redis"]["wait_replicas"] = 1  # an acknowledged batch is on a replica too: a failover cannot lose it
     d, cache, p = _setup(ccfg, sql, rc)
-    writer = Writer(app_db)
+    writer, reader = Writer(app_db), Reader(cache)
     victim = redis_cluster.port_of_slot(rc.keyslot(f"{p}#cdcd:bp"))  # the backplane's shard: the hard case
     reconnects = cache.stats.backplane_reconnects
     try:
         writer.start()
+        reader.start()
         wait_until(lambda: writer.count > 50, what="writes flowing")
         redis_cluster.kill_node(victim)
         # its replica is promoted after the node timeout; the daemon retries meanwhile, the writes go on
@@ -92,6 +114,8 @@ def test_master_failover_under_writes(ccfg: dict[str, Any], rc: RedisCluster, sq
         redis_cluster.wait_ok()
         wait_until(lambda: writer.count > at_failover + 100, timeout=20, what="writes after the failover")
         writer.stop()
+        reader.stop()
+        assert reader.reads > 100
         db = _db_names(sql)
         wait_until(lambda: _converged(rc, p, cache, db), timeout=30, interval=0.1, what="cache equals the database")
         assert d.daemon.metrics.retries.labels("redis")._value.get() >= 1  # batches failed and were retried
@@ -100,6 +124,7 @@ def test_master_failover_under_writes(ccfg: dict[str, Any], rc: RedisCluster, sq
         assert d.daemon.metrics.changes.labels("public.users", "u")._value.get() >= writer.count
     finally:
         writer.stop()
+        reader.stop()
         cache.close()
         d.stop()
         if victim not in redis_cluster.alive():
@@ -111,12 +136,13 @@ def test_master_failover_under_writes(ccfg: dict[str, Any], rc: RedisCluster, sq
 def test_resharding_under_writes(ccfg: dict[str, Any], rc: RedisCluster, sql: Any, app_db: str,
                                  redis_cluster: RedisClusterServer) -> None:
     d, cache, p = _setup(ccfg, sql, rc)
-    writer = Writer(app_db)
+    writer, reader = Writer(app_db), Reader(cache)
     channel_slot = rc.keyslot(f"{p}#cdcd:bp")
     slots = list(dict.fromkeys([channel_slot, *(rc.keyslot(f"{p}user:{i}") for i in range(1, 9))]))
     reconnects = cache.stats.backplane_reconnects
     try:
         writer.start()
+        reader.start()
         wait_until(lambda: writer.count > 50, what="writes flowing")
         moved = 0
         for slot in slots:  # each to another master, in batches of one key: clients meet ASK and MOVED
@@ -128,12 +154,15 @@ def test_resharding_under_writes(ccfg: dict[str, Any], rc: RedisCluster, sql: An
         at_end = writer.count
         wait_until(lambda: writer.count > at_end + 100, timeout=20, what="writes after the resharding")
         writer.stop()
+        reader.stop()
+        assert reader.reads > 100
         db = _db_names(sql)
         wait_until(lambda: _converged(rc, p, cache, db), timeout=30, interval=0.1, what="cache equals the database")
         assert cache.stats.backplane_reconnects > reconnects  # the channel's slot moved: sunsubscribe, resubscribe
         assert d.daemon.metrics.changes.labels("public.users", "u")._value.get() >= writer.count
     finally:
         writer.stop()
+        reader.stop()
         cache.close()
         d.stop()
         redis_cluster.wait_ok()
