@@ -109,7 +109,8 @@ class Daemon:
         self.redis = config.redis.client()
         rs = config.redis
         self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name, pubsub=rs.pubsub,
-                              wait_replicas=rs.wait_replicas)
+                              wait_replicas=rs.wait_replicas,
+                              wait_timeout_ms=max(1, int(min(1.0, rs.socket_timeout / 2) * 1000)))
         self.dead_letters: DeadLetters = self._make_dead_letters()
         # exponential with equal jitter, so a fleet does not retry in lockstep
         self.backoff: AbstractBackoff = EqualJitterBackoff(cap=config.daemon.retry_max,

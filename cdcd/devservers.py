@@ -348,6 +348,16 @@ class RedisClusterServer:
             dst.close()
         return moved
 
+    def replica_ports(self, master_port: int) -> list[int]:
+        """Ports of the live replicas of the master on ``master_port``."""
+        master_id = self.node_id(master_port)
+        out = []
+        for ln in self.cli(self.alive()[0], "cluster", "nodes").splitlines():
+            parts = ln.split()
+            if parts[3] == master_id and "fail" not in parts[2]:
+                out.append(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
+        return out
+
     def kill_node(self, port: int) -> None:
         """SIGKILL: no goodbye to the cluster; its replica is promoted after ``node_timeout``."""
         proc = self.procs[port]

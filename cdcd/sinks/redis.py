@@ -102,6 +102,26 @@ def key_slot(key: bytes) -> int:
     return crc_hqx(key, 0) & 16383
 
 
+_SLOT_TAGS: list[str] = []
+
+
+def slot_tag(slot: int) -> str:
+    """A short hash tag whose slot is ``slot``: ``{<it>}`` places a key on that slot (the table is built once,
+    on first use, by trying decimal strings; ~0.2 s)."""
+    if not _SLOT_TAGS:
+        table: list[str | None] = [None] * 16384
+        missing, n = 16384, 0
+        while missing:
+            s = str(n)
+            i = crc_hqx(s.encode(), 0) & 16383
+            if table[i] is None:
+                table[i] = s
+                missing -= 1
+            n += 1
+        _SLOT_TAGS.extend(t for t in table if t is not None)
+    return _SLOT_TAGS[slot]
+
+
 def tag_groups(keys: list[bytes]) -> list[list[int]] | None:
     """Entry indexes of keys with the same hash tag (the same slot, by :func:`key_slot`'s rule, without
     computing it), in batch order, for tags more than one key carries; ``None`` when there is none.
@@ -558,19 +578,28 @@ class RedisSink:
             pipe.execute_command(*c)
         waits = 0
         if self.wait_replicas > 0:
-            # every master this batch wrote to (its entries, tag counters, floors): on the same connection
-            # as the writes, WAIT returns once that many replicas hold them
+            # Every slot this batch wrote to (entries, tag counters, floors), one per master: a marker write on
+            # that slot, then WAIT, on the master's pipeline connection. WAIT waits for the replication offset
+            # of the connection's last write; the marker makes that the master's offset now, so it covers
+            # every earlier write to that master too, including those of an attempt that timed out (a repeat
+            # refused as not newer writes nothing, and a new connection has no offset of its own).
             keys = [w.key for w in batch.writes.values()] + [c[3] if c[0] == "EVALSHA" else c[1] for c in writes_tail]
-            nodes = {n.name: n for n in (self.client.get_node_from_key(k) for k in keys)}
-            for node in nodes.values():
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node)
-                waits += 1
+            by_node: dict[str, int] = {}
+            for k in keys:
+                slot = key_slot(k.encode())
+                by_node.setdefault(self.client.nodes_manager.get_node_from_slot(slot).name, slot)
+            for slot in by_node.values():
+                marker = self.ks.system("wait:{" + slot_tag(slot) + "}")
+                pipe.execute_command("SET", marker, self.sequencer.run, "PX", 60_000)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms,
+                                     target_nodes=self.client.nodes_manager.get_node_from_slot(slot))
+                waits += 2
         t0 = time.perf_counter()
         first: list[Any] = pipe.execute(raise_on_error=False)
         for r in first[len(first) - waits:]:
             if isinstance(r, Exception):
                 raise translate(r)
-            if int(r) < self.wait_replicas:
+            if not isinstance(r, bool) and int(r) < self.wait_replicas:  # True: the marker's SET
                 raise redis.ConnectionError(f"WAIT: {r} of {self.wait_replicas} replicas acknowledged the batch")
         first = first[:len(first) - waits]
         for r in first:

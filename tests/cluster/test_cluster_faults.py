@@ -166,3 +166,35 @@ def test_resharding_under_writes(ccfg: dict[str, Any], rc: RedisCluster, sql: An
         cache.close()
         d.stop()
         redis_cluster.wait_ok()
+
+
+def test_wait_replicas_holds_the_ack_while_a_master_has_no_replica(
+        ccfg: dict[str, Any], rc: RedisCluster,
+        sql: Any, redis_cluster: RedisClusterServer) -> None:
+    """With ``wait_replicas: 1`` a batch whose master cannot replicate it is not acknowledged: the applied
+    position (and so the slot's) stays behind and nothing is announced, until a replica is back."""
+    ccfg["redis"]["wait_replicas"] = 1
+    p = ccfg["keyspace"]["prefix"]
+    d = DaemonThread(make_config(ccfg)).start()
+    master = redis_cluster.port_of_slot(rc.keyslot(f"{p}user:1"))
+    (replica,) = redis_cluster.replica_ports(master)
+    try:
+        sql("INSERT INTO users (id, email, name, tenant_id) VALUES (2, 'b@x', 'b', 1)")
+        wait_until(lambda: entry(rc, f"{p}user:2").get("d"), what="first change applied")
+        applied = int(rc.hget(f"{p}#cdcd:applied", "version") or 0)
+        retries = d.daemon.metrics.retries.labels("redis")._value.get()
+        redis_cluster.kill_node(replica)
+        sql("INSERT INTO users (id, email, name, tenant_id) VALUES (1, 'a@x', 'a', 1)")
+        wait_until(lambda: d.daemon.metrics.retries.labels("redis")._value.get() >= retries + 2, timeout=15,
+                   what="the batch refused for want of a replica, twice")
+        assert entry(rc, f"{p}user:1").get("d")  # the master holds it (versioned: the retries are harmless)...
+        assert int(rc.hget(f"{p}#cdcd:applied", "version") or 0) == applied  # ...but it was not acknowledged
+        redis_cluster.restart_node(replica)
+        redis_cluster.wait_ok()
+        wait_until(lambda: int(rc.hget(f"{p}#cdcd:applied", "version") or 0) > applied, timeout=20,
+                   what="acknowledged once the replica is back")
+    finally:
+        d.stop()
+        if replica not in redis_cluster.alive():
+            redis_cluster.restart_node(replica)
+        redis_cluster.wait_ok()

@@ -8,7 +8,7 @@ from redis.cluster import RedisCluster
 from cdcd.backplane import Sequencer
 from cdcd.devservers import RedisClusterServer
 from cdcd.rules import Batch, Write
-from cdcd.sinks.redis import RedisSink, key_slot
+from cdcd.sinks.redis import RedisSink, key_slot, slot_tag
 from tests.helpers import config_dict, entry, make_config, unique
 
 
@@ -17,6 +17,9 @@ def test_key_slot_matches_the_cluster(rc: RedisCluster) -> None:
             b"a{b", "v1:user:\u00e9".encode(), b"p:#tag:tenant:7", b"p:#cdcd:bp"]
     for k in keys:
         assert key_slot(k) == int(rc.execute_command("CLUSTER KEYSLOT", k)), k  # type: ignore[no-untyped-call]
+    for slot in (0, 1, 5460, 5461, 12739, 16383):  # the WAIT markers' hash tags (wait_replicas)
+        marker = f"p:#cdcd:wait:{{{slot_tag(slot)}}}".encode()
+        assert int(rc.execute_command("CLUSTER KEYSLOT", marker)) == slot  # type: ignore[no-untyped-call]
 
 
 def test_apply_many_on_cluster_one_call_per_slot(redis_cluster: RedisClusterServer, rc: RedisCluster) -> None:
