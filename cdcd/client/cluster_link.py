@@ -1,20 +1,21 @@
 """The cache's link to a Redis Cluster: the same ``call(commands) -> replies`` as :mod:`.link`, per node.
 
 A single node takes a batch (entry, its TTL, its tag counters, a publish) on one connection in one round
-trip. On a cluster those keys live in different hash slots, so on different nodes; the batch goes through
-redis-py's ``ClusterPipeline``, which groups the commands per node, sends every node its group on one
-connection before reading any answer (the nodes work concurrently: one round trip of wall time, not one
-per node), follows ``MOVED``/``ASK`` and refreshes its slot map after a failover. Measured against our own
-per-node grouping it costs more Python per command (docs/redis-cluster.md); it is kept because the
-redirect and failover handling is the part that is easy to get wrong.
+trip. On a cluster those keys live in different hash slots, so on different masters. The link groups a
+batch per master by the cluster client's slot map, writes every master its group (packed, on an idle
+connection of its own, as :mod:`.link` does) before reading any answer, so the masters work concurrently
+and the wall time is about one round trip. Redirect answers (``MOVED``/``ASK``, ``TRYAGAIN``,
+``CLUSTERDOWN``: a resharding or a failover) and batches hit by a dead connection go through redis-py's
+``ClusterPipeline``, which follows redirects and refreshes the slot map. The pipeline alone was measured
+~2x slower per call (bench/client_cluster.py, BENCHMARKS.md section 18).
 
 Two differences from a single node, both for the same invariant as the daemon's (a subscriber hears of a
-change only after Redis holds it): publish commands leave in a second step, after every node acknowledged
-the rest of the batch; and on ``pubsub="sharded"`` they are ``SPUBLISH`` to the channel's shard (the
-daemon's choice must match: docs/redis-cluster.md).
+change only after Redis holds it): publish commands leave in a second step, after every master
+acknowledged the rest of the batch; and on ``pubsub="sharded"`` they are ``SPUBLISH`` to the channel's
+shard (the daemon's choice must match: docs/redis-cluster.md).
 
 The cache's timeouts apply: the link builds its own cluster client from the application's (its nodes, auth
-and TLS) with the cache's socket timeouts and one retry (a redirect or a refreshed slot map), so a dead
+and TLS) with the cache's socket timeouts and one retry, and its own connections without retries, so a dead
 node costs a bounded time before the circuit breaker opens.
 """
 
@@ -154,8 +155,7 @@ class ClusterLink:
     one node), then every master's answers read. A redirect answer (``MOVED``/``ASK``: the slot moved;
     ``TRYAGAIN``, ``CLUSTERDOWN``) sends just those commands again through redis-py's ``ClusterPipeline``,
     which follows it; a connection failure drops the idle connections, refreshes the slot map and runs the
-    batch once through the pipeline (every batch is safe to repeat: see :mod:`.link`). Measured: a ``get``
-    costs about 5x a single node's through the pipeline alone (bench/client_cluster.py).
+    batch once through the pipeline (every batch is safe to repeat: see :mod:`.link`).
     """
 
     def __init__(self, client: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
@@ -312,7 +312,8 @@ class ClusterLink:
 
 
 class AsyncClusterLink:
-    """The same over ``redis.asyncio.cluster.RedisCluster``."""
+    """The same over ``redis.asyncio.cluster.RedisCluster``, with the same fast path (see :class:`ClusterLink`).
+    A cancelled call closes the connections it was using."""
 
     def __init__(self, client: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
                  stats: Stats, pubsub: str = "sharded") -> None:
@@ -328,6 +329,86 @@ class AsyncClusterLink:
                                     socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
                                     **_connection_kwargs(client))
         self._stale_map = False
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._no_retry = Retry(NoBackoff(), 0)
+        self._idle: dict[str, collections.deque[Any]] = {}
+        self._ready = False
+        self.direct = True
+
+    def _connection(self, node: Any) -> Any:
+        idle = self._idle.get(node.name)
+        if idle:
+            try:
+                return idle.pop()
+            except IndexError:
+                pass
+        kwargs = dict(node.connection_kwargs)
+        kwargs.update(socket_timeout=self.timeout, socket_connect_timeout=self.connect_timeout,
+                      retry=self._no_retry, health_check_interval=0)
+        return node.connection_class(**kwargs)
+
+    async def _direct(self, cmds: Sequence[Command]) -> list[Any]:
+        if not self._ready:
+            await self.rc.initialize()
+            self._ready = True
+        manager = self.rc.nodes_manager
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, c in enumerate(cmds):
+            key = _key_of(c)
+            node = manager.get_node_from_slot(_slot(key)) if key is not None else self.rc.get_default_node()
+            group = groups.get(node.name)
+            if group is None:
+                groups[node.name] = (node, [i])
+            else:
+                group[1].append(i)
+        out: list[Any] = [None] * len(cmds)
+        conns: list[tuple[str, Any, list[int]]] = []
+        try:
+            for name, (node, idx) in groups.items():
+                conn = self._connection(node)
+                conns.append((name, conn, idx))
+                await conn.send_packed_command([pack([cmds[i] for i in idx])], check_health=False)
+            for _, conn, idx in conns:
+                for i in idx:
+                    try:
+                        out[i] = await conn.read_response()
+                    except ResponseError as exc:
+                        out[i] = exc
+        except BaseException:
+            for _, conn, _ in conns:
+                await conn.disconnect(nowait=True)
+            raise
+        for name, conn, _ in conns:
+            self._idle.setdefault(name, collections.deque()).append(conn)
+        moved = [i for i, r in enumerate(out) if isinstance(r, _REDIRECTS)]
+        if moved:
+            for i, r in zip(moved, await self._pipeline([cmds[i] for i in moved]), strict=True):
+                out[i] = r
+        return out
+
+    async def _send(self, cmds: Sequence[Command]) -> list[Any]:
+        if not cmds:
+            return []
+        if not self.direct:
+            return await self._pipeline(cmds)
+        try:
+            return await self._direct(cmds)
+        except _CONNECTION_FAILURES:
+            await self._drop_idle()
+            await self.rc.nodes_manager.initialize()
+            return await self._pipeline(cmds)
+
+    async def _drop_idle(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                try:
+                    conn = idle.pop()
+                except IndexError:
+                    break
+                try:
+                    await conn.disconnect(nowait=True)
+                except Exception:  # closing a dead socket may fail
+                    continue
 
     async def call(self, cmds: Sequence[Command]) -> list[Any]:
         if not self.breaker.allow():
@@ -367,10 +448,15 @@ class AsyncClusterLink:
     async def _run(self, cmds: Sequence[Command]) -> list[Any]:
         if self._stale_map:
             self._stale_map = False
-            await self.rc.initialize()
+            await self._drop_idle()
+            await self.rc.initialize()  # the first time; then the slot map is read again below
+            await self.rc.nodes_manager.initialize()
         first_i, first, pub_i, pubs = _split(cmds, self.publish_verb)
-        done = await self._pipeline(first)
-        return _merge(len(cmds), first_i, done, pub_i, await self._pipeline(pubs))
+        done = await self._send(first)
+        failed = _failed(done)
+        if failed is not None:
+            raise failed
+        return _merge(len(cmds), first_i, done, pub_i, await self._send(pubs))
 
     async def subscription(self, channel: str) -> tuple[Any, str]:
         await self.rc.initialize()  # an initialized client does nothing here: a new one reads the slot map
@@ -380,6 +466,7 @@ class AsyncClusterLink:
         return node.connection_class(**node.connection_kwargs), "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
 
     async def close(self) -> None:
+        await self._drop_idle()
         await self.rc.aclose()
 
 

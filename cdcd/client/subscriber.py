@@ -36,7 +36,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from cdcd.backplane import Message
 
@@ -179,7 +179,7 @@ class Subscriber(threading.Thread):
                     if now - last_purge > PURGE_EVERY:
                         cache.l1.purge_dead(now)
                         last_purge = now
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 if self.connected.is_set():
                     self.connected.clear()
                     log.debug("backplane_lost", error=str(exc))
@@ -250,7 +250,7 @@ class AsyncSubscriber:
                     if now - last_purge > PURGE_EVERY:
                         cache.l1.purge_dead(now)
                         last_purge = now
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 if self.connected.is_set():
                     self.connected.clear()
                     log.debug("backplane_lost", error=str(exc))

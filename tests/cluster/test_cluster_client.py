@@ -11,7 +11,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from cdcd.client import AsyncCache, Cache, CacheOptions, EntryOptions
-from cdcd.client.cluster_link import ClusterLink, cluster_url
+from cdcd.client.cluster_link import AsyncClusterLink, ClusterLink, cluster_url
 from cdcd.devservers import RedisClusterServer
 from cdcd.fillguard import FillGuard
 from cdcd.keyspace import Keyspace
@@ -83,6 +83,15 @@ def test_async_cache_on_cluster(redis_cluster: RedisClusterServer) -> None:
                 await asyncio.sleep(0.01)
             assert "k:5" not in cache.l1.data, "backplane did not reach the async cache"
             assert await cache.get("k:5") is None and await cache.get("k:4") == {"v": 1}
+            assert isinstance(cache.link, AsyncClusterLink) and cache.link._ready  # the link's own batches
+            # the slot of k:1 moves to another master: the link's slot map is stale, MOVED is followed
+            slot = client.keyslot(f"{p}k:1")
+            owner = redis_cluster.port_of_slot(slot)
+            target = next(m for m in redis_cluster.master_ports() if m != owner)
+            assert redis_cluster.migrate_slot(slot, target) >= 1
+            cache.l1.clear()
+            assert await cache.get("k:1") == {"v": 1}
+            assert await cache.get_or_load("k:1", loader) == {"v": 1}
         finally:
             await cache.close()
             await other.close()
