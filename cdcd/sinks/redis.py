@@ -122,6 +122,15 @@ def slot_tag(slot: int) -> str:
     return _SLOT_TAGS[slot]
 
 
+class _Redirected(Exception):
+    """A write answered MOVED/ASK/TRYAGAIN/CLUSTERDOWN on the sink's own cluster connections."""
+
+
+_REDIRECTS = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+_REDIRECT_CODES = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+_DIRECT_FALLBACK: tuple[type[BaseException], ...] = (_Redirected, *REDIS_FAULTS)
+
+
 def tag_groups(keys: list[bytes]) -> list[list[int]] | None:
     """Entry indexes of keys with the same hash tag (the same slot, by :func:`key_slot`'s rule, without
     computing it), in batch order, for tags more than one key carries; ``None`` when there is none.
@@ -206,6 +215,8 @@ class RedisSink:
         # acknowledged write a master had not yet replicated is lost when it fails over.
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
+        self.cluster_direct = True  # False: the first step through redis-py's ClusterPipeline too
+        self._node_conns: dict[str, Any] = {}  # master name -> the sink's own connection (cluster_direct)
         self.rules = rules
         self.ks = rules.keyspace
         self.sequencer = sequencer
@@ -550,14 +561,18 @@ class RedisSink:
             entries.append((w.key, w.version, "v", w.ttl_ms, w.data, snap))
         calls = layout([e[0].encode() for e in entries])
         grouped = set() if calls is None else {i for g in calls.groups for i in g}
-        for i, e in enumerate(entries):
-            if i not in grouped:
-                cmd("EVALSHA", _APPLY.sha, 1, *e)
+        step: list[tuple[Any, ...]] = [("EVALSHA", _APPLY.sha, 1, *e)
+                                       for i, e in enumerate(entries) if i not in grouped]
         for g in calls.groups if calls is not None else []:
-            cmd("EVALSHA", _MANY.sha, len(g), *(entries[i][0] for i in g), *(a for i in g for a in entries[i][1:]))
+            step.append(("EVALSHA", _MANY.sha, len(g), *(entries[i][0] for i in g),
+                         *(a for i in g for a in entries[i][1:])))
         tail, tags, restored, messages = self._tail(batch, {t: s for t, s in snaps.items() if s})
         if self.cluster:
-            return self._apply_cluster(pipe, batch, tail, tags, restored, tombstones, messages, floored, calls)
+            n_after = 2 + messages  # HSET applied, the messages, EXISTS registry: the end of ``tail``
+            return self._apply_cluster(batch, step + tail[:-n_after], tail[-n_after:], tags, restored, tombstones,
+                                       messages, floored, calls)
+        for c in step:
+            cmd(*c)
         for c in tail:
             cmd(*c)
         t0 = time.perf_counter()
@@ -565,43 +580,29 @@ class RedisSink:
         rtt = time.perf_counter() - t0
         return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored, calls)
 
-    def _apply_cluster(self, pipe: Any, batch: Batch, tail: list[tuple[Any, ...]], tags: list[str], restored: int,
-                       tombstones: int, messages: int, floored: int, calls: Layout | None) -> ApplyResult:
-        """The cluster batch: entry writes, epoch restores, tag bumps and floors (and WAIT, when asked) in one
-        ClusterPipeline, which sends each node its commands on one connection and reads the answers; only
-        when all of them were acknowledged, the applied position, the backplane and the run marker in a
-        second one. A failure in the first step raises before anything is announced or recorded, and the
-        daemon applies the whole batch again (versioned writes: the repeat is harmless)."""
-        n_after = 2 + messages  # HSET applied, the messages, EXISTS registry: the end of ``tail``
-        writes_tail, announce = tail[:-n_after], tail[-n_after:]
-        for c in writes_tail:
-            pipe.execute_command(*c)
-        waits = 0
-        if self.wait_replicas > 0:
-            # Every slot this batch wrote to (entries, tag counters, floors), one per master: a marker write on
-            # that slot, then WAIT, on the master's pipeline connection. WAIT waits for the replication offset
-            # of the connection's last write; the marker makes that the master's offset now, so it covers
-            # every earlier write to that master too, including those of an attempt that timed out (a repeat
-            # refused as not newer writes nothing, and a new connection has no offset of its own).
-            keys = [w.key for w in batch.writes.values()] + [c[3] if c[0] == "EVALSHA" else c[1] for c in writes_tail]
-            by_node: dict[str, int] = {}
-            for k in keys:
-                slot = key_slot(k.encode())
-                by_node.setdefault(self.client.nodes_manager.get_node_from_slot(slot).name, slot)
-            for slot in by_node.values():
-                marker = self.ks.system("wait:{" + slot_tag(slot) + "}")
-                pipe.execute_command("SET", marker, self.sequencer.run, "PX", 60_000)
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms,
-                                     target_nodes=self.client.nodes_manager.get_node_from_slot(slot))
-                waits += 2
+    def _apply_cluster(self, batch: Batch, writes: list[tuple[Any, ...]], announce: list[tuple[Any, ...]],
+                       tags: list[str], restored: int, tombstones: int, messages: int, floored: int,
+                       calls: Layout | None) -> ApplyResult:
+        """The cluster batch in two steps. First the writes (entry writes, epoch restores, tag bumps, floors;
+        and the ``WAIT`` of :meth:`_wait_commands` when asked), each master's on one connection, every master
+        written before any answer is read; only when all of them were acknowledged, the applied position, the
+        backplane and the run marker. A failure in the first step raises before anything is announced or
+        recorded, and the daemon applies the whole batch again (versioned writes: the repeat is harmless).
+
+        The first step takes the sink's own per-master connections (:meth:`_cluster_direct`); a redirect
+        (the slot map is out of date: resharding, failover) or a dead connection sends it again through
+        redis-py's ``ClusterPipeline``, which follows redirects and refreshes the slot map.
+        """
         t0 = time.perf_counter()
-        first: list[Any] = pipe.execute(raise_on_error=False)
-        for r in first[len(first) - waits:]:
-            if isinstance(r, Exception):
-                raise translate(r)
-            if not isinstance(r, bool) and int(r) < self.wait_replicas:  # True: the marker's SET
-                raise redis.ConnectionError(f"WAIT: {r} of {self.wait_replicas} replicas acknowledged the batch")
-        first = first[:len(first) - waits]
+        first: list[Any] | None = None
+        if self.cluster_direct:
+            try:
+                first = self._cluster_direct(writes)
+            except _DIRECT_FALLBACK as exc:
+                self._drop_node_conns()
+                log.debug("cluster_direct_fallback", error=str(exc))
+        if first is None:
+            first = self._cluster_pipeline(writes)
         for r in first:
             if isinstance(r, Exception) and refusal_reason(r) is None:
                 if isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"):
@@ -614,6 +615,99 @@ class RedisSink:
         rtt = time.perf_counter() - t0
         return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored, calls)
 
+    def _wait_commands(self, slot: int) -> list[tuple[Any, ...]]:
+        """A marker write on ``slot`` and ``WAIT``, sent last on the connection of the master serving it.
+
+        ``WAIT`` waits for the replication offset of its connection's last write; the marker makes that the
+        master's offset now, so it covers every earlier write to that master too, including those of an
+        attempt that timed out (a repeat refused as not newer writes nothing, and a new connection has no
+        offset of its own).
+        """
+        marker = self.ks.system("wait:{" + slot_tag(slot) + "}")
+        return [("SET", marker, self.sequencer.run, "PX", 60_000),
+                ("WAIT", self.wait_replicas, self.wait_timeout_ms)]
+
+    def _check_wait(self, replies: list[Any]) -> None:
+        """The marker's and WAIT's answers: WAIT must count ``wait_replicas`` replicas."""
+        for r in replies:
+            if isinstance(r, Exception):
+                raise translate(r)
+        acked = replies[-1]
+        if int(acked) < self.wait_replicas:
+            raise redis.ConnectionError(f"WAIT: {acked} of {self.wait_replicas} replicas acknowledged the batch")
+
+    @staticmethod
+    def _key_of(cmd: tuple[Any, ...]) -> bytes:
+        key = cmd[3] if cmd[0] == "EVALSHA" else cmd[1]  # every write is keyed: a script's first key, or SET's
+        return key if isinstance(key, bytes) else str(key).encode()
+
+    def _cluster_direct(self, writes: list[tuple[Any, ...]]) -> list[Any]:
+        """The writes on the sink's own connection to each master (by the cluster client's slot map), packed,
+        every master written before any answer is read. Raises :class:`_Redirected` on a redirect answer."""
+        manager = self.client.nodes_manager
+        groups: dict[str, tuple[Any, list[int], int]] = {}
+        for i, c in enumerate(writes):
+            slot = key_slot(self._key_of(c))
+            node = manager.get_node_from_slot(slot)
+            group = groups.get(node.name)
+            if group is None:
+                groups[node.name] = (node, [i], slot)
+            else:
+                group[1].append(i)
+        out: list[Any] = [None] * len(writes)
+        sent: list[tuple[Any, list[int], int]] = []
+        for name, (node, idx, slot) in groups.items():
+            conn = self._node_conns.get(name)
+            if conn is None:
+                conn = self._node_conns[name] = node.redis_connection.connection_pool.make_connection()
+            extra = self._wait_commands(slot) if self.wait_replicas > 0 else []
+            try:
+                conn.connect()
+                conn.send_packed_command(conn.pack_commands([writes[i] for i in idx] + extra), check_health=False)
+            except BaseException:
+                conn.disconnect()
+                raise
+            sent.append((conn, idx, len(extra)))
+        for conn, idx, n_extra in sent:
+            try:
+                replies = _read_replies(conn, len(idx) + n_extra)
+            except BaseException:
+                conn.disconnect()
+                raise
+            for r in replies:  # the WAIT marker's too: its slot moves with the others
+                if isinstance(r, _REDIRECTS) or (isinstance(r, ResponseError) and str(r).startswith(_REDIRECT_CODES)):
+                    raise _Redirected(str(r))
+            if n_extra:
+                self._check_wait(replies[len(idx):])
+            for i, r in zip(idx, replies, strict=False):
+                out[i] = r
+        return out
+
+    def _cluster_pipeline(self, writes: list[tuple[Any, ...]]) -> list[Any]:
+        """The writes through redis-py's ``ClusterPipeline`` (redirects followed, slot map refreshed)."""
+        pipe: Any = self.client.pipeline(transaction=False)
+        for c in writes:
+            pipe.execute_command(*c)
+        manager = self.client.nodes_manager
+        by_node: dict[str, int] = {}
+        if self.wait_replicas > 0:
+            for c in writes:
+                slot = key_slot(self._key_of(c))
+                by_node.setdefault(manager.get_node_from_slot(slot).name, slot)
+        for slot in by_node.values():
+            marker, wait = self._wait_commands(slot)
+            pipe.execute_command(*marker)
+            pipe.execute_command(*wait, target_nodes=manager.get_node_from_slot(slot))
+        out: list[Any] = pipe.execute(raise_on_error=False)
+        for j in range(len(writes), len(out), 2):
+            self._check_wait(out[j:j + 2])
+        return out[:len(writes)]
+
+    def _drop_node_conns(self) -> None:
+        """After a failure: the per-master connections go (a half-read reply must not reach the next batch)."""
+        for conn in self._node_conns.values():
+            conn.disconnect()
+        self._node_conns.clear()
 
     # ------------------------------------------------------------------ writes outside a batch
     # Every Redis write the daemon makes goes through this sink (dead letters through their own
