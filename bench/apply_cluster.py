@@ -10,7 +10,9 @@ bench/apply_throughput.py: insert user, insert order, update user, update order)
 one slot per variant; then ``cdcd run`` in its own process drains each slot in turn:
 
 * **1 node**: the packed single-connection path (``RedisSink._send_packed``);
-* **cluster 3 masters**: ``redis.cluster: true`` (the ClusterPipeline path: writes, then the backplane);
+* **cluster 3 masters**: ``redis.cluster: true`` (writes on the sink's own connection per master, then the
+  backplane); with ``--base-rev REV`` also the cdcd of that revision (exported with ``git archive``) on the
+  same cluster, e.g. the revision whose writes went through redis-py's ``ClusterPipeline``;
 * **cluster 3+3, wait_replicas 1**: the same, acknowledging a batch only once a replica of every master it
   wrote to holds it (WAIT).
 
@@ -43,13 +45,15 @@ from _common import (
     unique,
     wait_until,
 )
+from apply_pack_micro import export
 from apply_throughput import cpu_seconds, fill
 
 from cdcd.devservers import RedisClusterServer
 
 
-def drain(data: dict[str, Any], reader: Any, prefix: str, target: int, redis_pids: list[int]) -> list[Any]:
-    d = DaemonProcess(data)
+def drain(data: dict[str, Any], reader: Any, prefix: str, target: int, redis_pids: list[int],
+          root: Path | None = None) -> list[Any]:
+    d = DaemonProcess(data) if root is None else DaemonProcess(data, root=root)
     before = sum(cpu_seconds(p) for p in redis_pids)
     d.start()
     assert d.proc is not None
@@ -67,7 +71,9 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=100_000)
     ap.add_argument("--txn-size", type=int, default=10)
     ap.add_argument("--max-batch", type=int, default=5000)
+    ap.add_argument("--base-rev", help="also drain the 3-master cluster with the cdcd of this git revision")
     args = ap.parse_args()
+    base = export(args.base_rev) if args.base_rev else None
 
     from cdcd.sources.postgres import PostgresSource
 
@@ -78,19 +84,23 @@ def main() -> int:
             bare.start()
             replicated.start()
             dsn = make_db(pg)
-            variants: list[tuple[str, dict[str, Any], Any, list[int]]] = []
+            variants: list[tuple[str, dict[str, Any], Any, list[int], Path | None]] = []
             import redis
 
             assert rs.proc is not None
             single = config_dict(dsn, rs.url, unique("a"), unique("p") + ":", max_batch=args.max_batch)
-            variants.append(("1 node", single, redis.Redis.from_url(rs.url), [rs.proc.pid]))
-            for name, cluster, extra in (("cluster 3 masters", bare, {}),
-                                         ("cluster 3+3, wait_replicas 1", replicated, {"wait_replicas": 1})):
+            variants.append(("1 node", single, redis.Redis.from_url(rs.url), [rs.proc.pid], None))
+            clusters: list[tuple[str, RedisClusterServer, dict[str, Any], Path | None]] = [
+                ("cluster 3 masters", bare, {}, None),
+                ("cluster 3+3, wait_replicas 1", replicated, {"wait_replicas": 1}, None)]
+            if base is not None:
+                clusters.insert(1, (f"cluster 3 masters, cdcd {args.base_rev}", bare, {}, base))
+            for name, cluster, extra, root in clusters:
                 data = config_dict(dsn, cluster.url, unique("a"), unique("p") + ":", max_batch=args.max_batch)
                 data["redis"].update({"cluster": True, **extra})
                 variants.append((name, data, RedisCluster.from_url(cluster.url),
-                                 [p.pid for p in cluster.procs.values()]))
-            for _, data, _, _ in variants:  # publication + slot before the changes
+                                 [p.pid for p in cluster.procs.values()], root))
+            for _, data, _, _, _ in variants:  # publication + slot before the changes
                 cfg = load(data)
                 PostgresSource(cfg.source, cfg.rules().source).setup()
             fill_s = fill(dsn, args.changes, args.txn_size)
@@ -99,8 +109,9 @@ def main() -> int:
             print(f"machine: {machine()}")
             print(f"filled {args.changes} row changes ({args.txn_size}/txn) in {fill_s:.1f}s, one slot per variant")
             rows = []
-            for name, data, reader, pids in variants:
-                rows.append([name, args.changes, *drain(data, reader, data["keyspace"]["prefix"], target, pids)])
+            for name, data, reader, pids, root in variants:
+                rows.append([name, args.changes,
+                             *drain(data, reader, data["keyspace"]["prefix"], target, pids, root)])
             print(table(["variant", "changes", "batches", "changes/s", "daemon CPU s", "redis CPU s"], rows))
         finally:
             bare.stop()

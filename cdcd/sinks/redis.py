@@ -17,7 +17,9 @@ dead-letters it) and the rest of the batch stands.
 Each script call touches one key, or several keys of one hash slot (computed here exactly as Redis
 Cluster does, hash tags included), so the same calls work on Redis Cluster. Keys group when they carry a
 hash tag (``{t7}:user:42``: see docs/apply.md); each entry still gets its own answer, so counts, refusals
-and repairs are per entry whatever the grouping.
+and repairs are per entry whatever the grouping. On Redis Cluster a batch leaves in two steps, writes on
+every master first, then the applied position and the backplane (:meth:`RedisSink._apply_cluster`,
+docs/redis-cluster.md).
 
 Table floors (TRUNCATE ordering): a value write of a table whose version is at or
 below the table's floor (the version of its newest truncate or degraded
