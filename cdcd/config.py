@@ -13,9 +13,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cdcd.lazycluster import LazyRedisCluster
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
 from cdcd.secret import ConfigError as ConfigError  # re-exported: the error every loader raises
 from cdcd.secret import read_secret
@@ -49,6 +60,18 @@ class RedisSettings(BaseModel):
         """A redis-py client for these settings (decode_responses off: values are bytes)."""
         return redis_client(self)
 
+    @model_validator(mode="after")
+    def _cluster_settings(self) -> RedisSettings:
+        if self.urls and not self.cluster:
+            raise ValueError("urls lists cluster seed nodes: set cluster: true, or use url alone")
+        if self.cluster:
+            from redis.connection import parse_url
+
+            for url in (self.url, *self.urls):
+                if int(parse_url(url).get("db", 0) or 0) != 0:  # type: ignore[no-untyped-call]
+                    raise ValueError(f"{url}: a Redis Cluster has only database 0")
+        return self
+
     def client_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
         if self.username:
@@ -73,8 +96,6 @@ def redis_client(settings: RedisSettings) -> Any:
 
     kw = settings.client_kwargs()
     if not settings.cluster:
-        if settings.urls:
-            raise ConfigError("redis.urls lists cluster seed nodes: set redis.cluster: true, or use redis.url alone")
         return redis.Redis.from_url(settings.url, health_check_interval=30, **kw)
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.cluster import ClusterNode, RedisCluster
@@ -88,10 +109,11 @@ def redis_client(settings: RedisSettings) -> Any:
     for url in settings.urls:
         parsed = parse_url(url)
         seeds.append(node(parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379))))
-    if int(parse_url(settings.url).get("db", 0) or 0) != 0:
-        raise ConfigError(f"redis.url {settings.url}: a cluster has only database 0")
-    return RedisCluster.from_url(settings.url, startup_nodes=seeds or None, health_check_interval=30,
-                                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3), **kw)
+    def build() -> Any:
+        return RedisCluster.from_url(settings.url, startup_nodes=seeds or None, health_check_interval=30,
+                                     retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3), **kw)
+
+    return LazyRedisCluster(build)  # connects on first use: a cluster down at start is retried, not a crash
 
 
 def _bytes(v: Any) -> Any:

@@ -38,6 +38,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cdcd.lazycluster import LazyRedisCluster
+
 from .breaker import CircuitBreaker
 from .link import CLIENT_SCRIPTS, AsyncLink, L2Unavailable, Link, connection_settings, pack, raise_errors
 from .options import CacheOptions
@@ -63,7 +65,7 @@ def is_cluster(client: Any) -> bool:
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
     from redis.cluster import RedisCluster
 
-    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+    return isinstance(client, (RedisCluster, AsyncRedisCluster, LazyRedisCluster))
 
 
 def _connection_kwargs(client: Any) -> dict[str, Any]:
@@ -168,9 +170,13 @@ class ClusterLink:
         self.stats = stats
         self.sharded = pubsub == "sharded"
         self.publish_verb = "SPUBLISH" if self.sharded else "PUBLISH"
-        self.rc: Any = RedisCluster(startup_nodes=_seeds(client, ClusterNode), socket_timeout=timeout,
-                                    socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
-                                    **_connection_kwargs(client))
+        def build() -> Any:  # on first use (LazyRedisCluster): a cluster down now is a Redis fault later
+            app = client.resolve() if isinstance(client, LazyRedisCluster) else client
+            return RedisCluster(startup_nodes=_seeds(app, ClusterNode), socket_timeout=timeout,
+                                socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
+                                **_connection_kwargs(app))
+
+        self.rc: Any = LazyRedisCluster(build)
         self._stale_map = False
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self._no_retry = Retry(NoBackoff(), 0)
@@ -480,7 +486,7 @@ def open_client(client: Any) -> Any:
     if seed is not None:
         from redis.cluster import RedisCluster
 
-        return RedisCluster.from_url(seed)
+        return LazyRedisCluster(lambda: RedisCluster.from_url(seed))  # connects on first use, as redis.Redis does
     return redis.Redis(connection_pool=redis.ConnectionPool.from_url(client))
 
 

@@ -45,6 +45,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from cdcd.backplane import Sequencer
 from cdcd.change import Rejected
 from cdcd.keyspace import SCRIPTS, Keyspace
+from cdcd.lazycluster import LazyRedisCluster
 from cdcd.redisfaults import REDIS_FAULTS, refusal_reason, translate
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.epochs import TableEpochs
@@ -205,13 +206,14 @@ def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0)
 
 
 class RedisSink:
-    def __init__(self, client: redis.Redis | RedisCluster, rules: Rules, sequencer: Sequencer, source_name: str = "",
+    def __init__(self, client: redis.Redis | RedisCluster | LazyRedisCluster, rules: Rules, sequencer: Sequencer,
+                 source_name: str = "",
                  pubsub: str = "sharded", wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
         self.client: Any = client
         # On Redis Cluster the batch goes through redis-py's ClusterPipeline (one connection per node, MOVED
         # and ASK followed) in two steps: writes first, then the applied position and the backplane, so no
         # subscriber hears of a change before every node acknowledged it (docs/redis-cluster.md).
-        self.cluster = isinstance(client, RedisCluster)
+        self.cluster = isinstance(client, (RedisCluster, LazyRedisCluster))
         self.publish_verb = "SPUBLISH" if self.cluster and pubsub == "sharded" else "PUBLISH"
         # WAIT for this many replicas on every master a batch wrote to, before acknowledging it: an
         # acknowledged write a master had not yet replicated is lost when it fails over.
