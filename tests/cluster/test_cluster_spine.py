@@ -12,6 +12,15 @@ from cdcd.devservers import RedisClusterServer
 from tests.helpers import DaemonThread, entry, make_config, wait_until
 
 
+def heard_all(cache: Cache, rc: RedisCluster, p: str) -> bool:
+    """The cache's listener heard every message the daemon numbered so far (the applied state's ``seq``)."""
+    state = {k.decode(): v.decode() for k, v in rc.hgetall(f"{p}#cdcd:applied").items()}
+    if "run" not in state:  # nothing applied yet (an idle watermark announcement writes only its field)
+        return False
+    last = cache._subscriber.core.tracker.last.get(state["run"])
+    return last is not None and last >= int(state["seq"])
+
+
 def test_spine_on_cluster(ccfg: dict[str, Any], rc: RedisCluster, sql: Any,
                           redis_cluster: RedisClusterServer) -> None:
     p = ccfg["keyspace"]["prefix"]
@@ -29,6 +38,7 @@ def test_spine_on_cluster(ccfg: dict[str, Any], rc: RedisCluster, sql: Any,
         assert v["email"] == "u1@x" and v["tenant_id"] == 7
 
         # the client reads what the daemon wrote (value + table tag counter on other nodes, one call)
+        wait_until(lambda: heard_all(cache, rc, p), what="the inserts' messages heard")  # else one may drop L1
         assert cache.get("user:2")["email"] == "u2@x"
         assert "user:2" in cache.l1.data  # now in L1
         # update: the backplane (sharded pub/sub) reaches the client's L1
@@ -79,4 +89,29 @@ def test_spine_on_cluster(ccfg: dict[str, Any], rc: RedisCluster, sql: Any,
         assert d.daemon.last_error is None or "Redis" not in d.daemon.last_error
     finally:
         cache.close()
+        d.stop()
+
+
+def test_classic_pubsub_on_cluster(ccfg: dict[str, Any], rc: RedisCluster, sql: Any) -> None:
+    """``redis.pubsub: classic``: the daemon PUBLISHes (broadcast to every node), clients SUBSCRIBE anywhere."""
+    ccfg["redis"]["pubsub"] = "classic"
+    p = ccfg["keyspace"]["prefix"]
+    d = DaemonThread(make_config(ccfg)).start()
+    a = Cache(rc, CacheOptions(prefix=p, cluster_pubsub="classic"))
+    b = Cache(rc, CacheOptions(prefix=p, cluster_pubsub="classic"))
+    try:
+        assert a.wait_subscribed(5) and b.wait_subscribed(5)
+        sql("INSERT INTO users (id, email, name, tenant_id) VALUES (1, 'a@x', 'a', 1)")
+        wait_until(lambda: entry(rc, f"{p}user:1").get("d") and heard_all(a, rc, p), what="insert applied, heard")
+        assert a.get("user:1")["name"] == "a" and "user:1" in a.l1.data
+        sql("UPDATE users SET name = 'b' WHERE id = 1")
+        wait_until(lambda: "user:1" not in a.l1.data, what="the daemon's PUBLISH reached a's L1")
+        assert a.get("user:1")["name"] == "b"
+        b.set("report", {"r": 1})
+        assert a.get("report") == {"r": 1}
+        b.delete("report")  # the client's own announcement, classic too
+        wait_until(lambda: "report" not in a.l1.data, what="b's PUBLISH reached a's L1")
+    finally:
+        a.close()
+        b.close()
         d.stop()
