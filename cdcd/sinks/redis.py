@@ -605,6 +605,7 @@ class RedisSink:
             except _DIRECT_FALLBACK as exc:
                 self._drop_node_conns()
                 log.debug("cluster_direct_fallback", error=str(exc))
+                self.client.nodes_manager.initialize()  # before the pipeline picks the masters to WAIT on
         if first is None:
             first = self._cluster_pipeline(writes)
         for r in first:
