@@ -35,7 +35,7 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
-from .cluster_link import make_async_link, open_async_client
+from .connect import make_async_link, open_async_client
 from .consistency import (
     ACTIVE,
     REDIS_CHECK_EVERY,

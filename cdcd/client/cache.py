@@ -42,7 +42,7 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
-from .cluster_link import make_link, open_client
+from .connect import make_link, open_client
 from .consistency import (
     ACTIVE,
     REDIS_CHECK_EVERY,

@@ -22,9 +22,8 @@ node costs a bounded time before the circuit breaker opens.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import (
     AskError,
@@ -41,31 +40,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cdcd.lazycluster import LazyRedisCluster
 
 from .breaker import CircuitBreaker
-from .link import CLIENT_SCRIPTS, AsyncLink, L2Unavailable, Link, connection_settings, pack, raise_errors
-from .options import CacheOptions
+from .link import CLIENT_SCRIPTS, L2Unavailable, connection_settings, pack, raise_errors
 from .stats import Stats
 
 Command = tuple[Any, ...]
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # connection arguments the link sets itself, or that belong to the application's client object
 _OWN = frozenset({"socket_timeout", "socket_connect_timeout", "retry", "db", "host", "port", "redis_connect_func",
                   "oss_cluster_maint_notifications_handler", "health_check_interval", "himport_registry",
                   "maint_notifications_config", "orig_host_address", "orig_socket_timeout",
                   "orig_socket_connect_timeout", "decode_responses"})
-
-
-def cluster_url(url: str) -> str | None:
-    """The plain ``redis://`` seed URL of a ``redis+cluster://`` (or ``rediss+cluster://``) URL, else None."""
-    parts = urlsplit(url)
-    plain = CLUSTER_SCHEMES.get(parts.scheme)
-    return urlunsplit(parts._replace(scheme=plain)) if plain else None
-
-
-def is_cluster(client: Any) -> bool:
-    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-    from redis.cluster import RedisCluster
-
-    return isinstance(client, (RedisCluster, AsyncRedisCluster, LazyRedisCluster))
 
 
 def _connection_kwargs(client: Any) -> dict[str, Any]:
@@ -149,6 +132,25 @@ def _slot(key: Any) -> int:
     return int(key_slot(key if isinstance(key, bytes) else str(key).encode()))
 
 
+def _by_node(cmds: Sequence[Command], manager: Any, default: Callable[[], Any]) -> dict[str, tuple[Any, list[int]]]:
+    """Batch indexes per master, by the slot map (keyless commands to ``default()``)."""
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, c in enumerate(cmds):
+        key = _key_of(c)
+        node = manager.get_node_from_slot(_slot(key)) if key is not None else default()
+        group = groups.get(node.name)
+        if group is None:
+            groups[node.name] = (node, [i])
+        else:
+            group[1].append(i)
+    return groups
+
+
+def _redirected(out: Sequence[Any]) -> list[int]:
+    """Indexes of the answers that say the slot map is out of date."""
+    return [i for i, r in enumerate(out) if isinstance(r, _REDIRECTS)]
+
+
 class ClusterLink:
     """Sync command batches over a ``redis.cluster.RedisCluster``, with the breaker. Thread-safe.
 
@@ -199,16 +201,7 @@ class ClusterLink:
         return cls(**kwargs)
 
     def _direct(self, cmds: Sequence[Command]) -> list[Any]:
-        manager = self.rc.nodes_manager
-        groups: dict[str, tuple[Any, list[int]]] = {}
-        for i, c in enumerate(cmds):
-            key = _key_of(c)
-            node = manager.get_node_from_slot(_slot(key)) if key is not None else self.rc.get_default_node()
-            group = groups.get(node.name)
-            if group is None:
-                groups[node.name] = (node, [i])
-            else:
-                group[1].append(i)
+        groups = _by_node(cmds, self.rc.nodes_manager, self.rc.get_default_node)
         out: list[Any] = [None] * len(cmds)
         conns: list[tuple[str, Any, list[int]]] = []
         try:
@@ -228,7 +221,7 @@ class ClusterLink:
             raise
         for name, conn, _ in conns:
             self._idle.setdefault(name, collections.deque()).append(conn)
-        moved = [i for i, r in enumerate(out) if isinstance(r, _REDIRECTS)]
+        moved = _redirected(out)
         if moved:  # the slot map is out of date (resharding, failover): redis-py follows the redirect
             for i, r in zip(moved, self._pipeline([cmds[i] for i in moved]), strict=True):
                 out[i] = r
@@ -357,16 +350,7 @@ class AsyncClusterLink:
         if not self._ready:
             await self.rc.initialize()
             self._ready = True
-        manager = self.rc.nodes_manager
-        groups: dict[str, tuple[Any, list[int]]] = {}
-        for i, c in enumerate(cmds):
-            key = _key_of(c)
-            node = manager.get_node_from_slot(_slot(key)) if key is not None else self.rc.get_default_node()
-            group = groups.get(node.name)
-            if group is None:
-                groups[node.name] = (node, [i])
-            else:
-                group[1].append(i)
+        groups = _by_node(cmds, self.rc.nodes_manager, self.rc.get_default_node)
         out: list[Any] = [None] * len(cmds)
         conns: list[tuple[str, Any, list[int]]] = []
         try:
@@ -386,7 +370,7 @@ class AsyncClusterLink:
             raise
         for name, conn, _ in conns:
             self._idle.setdefault(name, collections.deque()).append(conn)
-        moved = [i for i, r in enumerate(out) if isinstance(r, _REDIRECTS)]
+        moved = _redirected(out)
         if moved:
             for i, r in zip(moved, await self._pipeline([cmds[i] for i in moved]), strict=True):
                 out[i] = r
@@ -474,45 +458,3 @@ class AsyncClusterLink:
     async def close(self) -> None:
         await self._drop_idle()
         await self.rc.aclose()
-
-
-def open_client(client: Any) -> Any:
-    """A URL becomes a client: ``redis+cluster://`` a ``redis.cluster.RedisCluster``, else a ``redis.Redis``."""
-    import redis
-
-    if not isinstance(client, str):
-        return client
-    seed = cluster_url(client)
-    if seed is not None:
-        from redis.cluster import RedisCluster
-
-        return LazyRedisCluster(lambda: RedisCluster.from_url(seed))  # connects on first use, as redis.Redis does
-    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(client))
-
-
-def open_async_client(client: Any) -> Any:
-    import redis.asyncio as aredis
-
-    if not isinstance(client, str):
-        return client
-    seed = cluster_url(client)
-    if seed is not None:
-        from redis.asyncio.cluster import RedisCluster
-
-        return RedisCluster.from_url(seed)
-    return aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(client))
-
-
-def make_link(client: Any, opts: CacheOptions, breaker: CircuitBreaker, stats: Stats) -> Link | ClusterLink:
-    """The link for an application's client: its pool settings on a single node, its nodes on a cluster."""
-    if is_cluster(client):
-        return ClusterLink(client, opts.redis_timeout, opts.connect_timeout_s, breaker, stats, opts.cluster_pubsub)
-    return Link(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, breaker, stats)
-
-
-def make_async_link(client: Any, opts: CacheOptions, breaker: CircuitBreaker,
-                    stats: Stats) -> AsyncLink | AsyncClusterLink:
-    if is_cluster(client):
-        return AsyncClusterLink(client, opts.redis_timeout, opts.connect_timeout_s, breaker, stats,
-                                opts.cluster_pubsub)
-    return AsyncLink(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, breaker, stats)

@@ -11,7 +11,8 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from cdcd.client import AsyncCache, Cache, CacheOptions, EntryOptions
-from cdcd.client.cluster_link import AsyncClusterLink, ClusterLink, cluster_url
+from cdcd.client.cluster_link import AsyncClusterLink, ClusterLink
+from cdcd.client.connect import cluster_url
 from cdcd.devservers import RedisClusterServer
 from cdcd.fillguard import FillGuard
 from cdcd.keyspace import Keyspace
