@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cdcd.lazycluster import LazyRedisCluster
 from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
 from cdcd.secret import ConfigError as ConfigError  # re-exported: the error every loader raises
 from cdcd.secret import read_secret
@@ -47,12 +48,29 @@ class RedisSettings(BaseModel):
     ssl_ca_certs: str | None = Field(default=None, description="CA file for rediss://")
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    cluster: bool = Field(default=False,
+                          description="Redis Cluster: url (and urls) are seed nodes (docs/redis-cluster.md)")
+    urls: list[str] = Field(default_factory=list, description="more cluster seed nodes, tried after url")
+    pubsub: Literal["sharded", "classic"] = Field(
+        default="sharded", description="backplane on a cluster: SPUBLISH to the channel's shard, or PUBLISH to all")
+    wait_replicas: int = Field(default=0, ge=0, description="cluster: acknowledge a batch only once this many "
+                               "replicas of every master hold it (WAIT), so a failover cannot lose it")
 
     def client(self) -> Any:
         """A redis-py client for these settings (decode_responses off: values are bytes)."""
-        import redis
+        return redis_client(self)
 
-        return redis.Redis.from_url(self.url, health_check_interval=30, **self.client_kwargs())
+    @model_validator(mode="after")
+    def _cluster_settings(self) -> RedisSettings:
+        if self.urls and not self.cluster:
+            raise ValueError("urls lists cluster seed nodes: set cluster: true, or use url alone")
+        if self.cluster:
+            from redis.connection import parse_url
+
+            for url in (self.url, *self.urls):
+                if int(parse_url(url).get("db", 0) or 0) != 0:  # type: ignore[no-untyped-call]
+                    raise ValueError(f"{url}: a Redis Cluster has only database 0")
+        return self
 
     def client_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"socket_timeout": self.socket_timeout, "socket_connect_timeout": self.connect_timeout}
@@ -65,6 +83,37 @@ class RedisSettings(BaseModel):
             if getattr(self, name):
                 kw[name] = getattr(self, name)
         return kw
+
+
+def redis_client(settings: RedisSettings) -> Any:
+    """``redis.Redis``, or ``redis.cluster.RedisCluster`` seeded from ``url`` and ``urls`` when ``cluster`` is on.
+
+    The cluster client follows MOVED/ASK and refreshes its slot map after a failover with redis-py's own
+    policy (its ``Retry``: a few attempts with backoff), so a batch that fails mid-flight raises only after
+    those, and the daemon retries the whole batch (writes are versioned: a repeat is harmless).
+    """
+    import redis
+
+    kw = settings.client_kwargs()
+    if not settings.cluster:
+        return redis.Redis.from_url(settings.url, health_check_interval=30, **kw)
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.connection import parse_url as _parse
+    from redis.retry import Retry
+
+    parse_url: Any = _parse  # untyped in redis-py
+    node: Any = ClusterNode
+
+    seeds = []
+    for url in settings.urls:
+        parsed = parse_url(url)
+        seeds.append(node(parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379))))
+    def build() -> Any:
+        return RedisCluster.from_url(settings.url, startup_nodes=seeds or None, health_check_interval=30,
+                                     retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3), **kw)
+
+    return LazyRedisCluster(build)  # connects on first use: a cluster down at start is retried, not a crash
 
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")

@@ -47,7 +47,7 @@ from cdcd.retry import REDIS_ERRORS as REDIS_ERRORS  # re-exported: the loop's r
 from cdcd.retry import retry_delay as retry_delay  # re-exported
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.base import DeadLetters
-from cdcd.sinks.redis import ApplyResult, PendingApply, RedisDeadLetters, RedisSink
+from cdcd.sinks.redis import ApplyResult, PendingApply, RedisDeadLetters, RedisSink, sink_options
 from cdcd.sources.base import (
     GuardsSchema,
     HasWatermark,
@@ -95,8 +95,9 @@ class Daemon:
                                           else SchemaGuard(self.rules.source, check_rows=True))
         self.sequencer = Sequencer("cdcd")
         # the single target (redis:), or the first of targets: (a multi-target daemon's dead letters go there)
-        self.redis = next(iter(config.target_settings().values())).client()
-        self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name)
+        rs = next(iter(config.target_settings().values()))
+        self.redis = rs.client()
+        self.sink = RedisSink(self.redis, self.rules, self.sequencer, self.source.name, **sink_options(rs))
         self.dead_letters: DeadLetters = self._make_dead_letters()
         # exponential with equal jitter, so a fleet does not retry in lockstep
         self.backoff: AbstractBackoff = EqualJitterBackoff(cap=config.daemon.retry_max,

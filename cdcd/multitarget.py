@@ -30,7 +30,7 @@ from cdcd.daemon import Daemon
 from cdcd.metrics import Metrics
 from cdcd.retry import REDIS_ERRORS, retry_delay
 from cdcd.rules import Batch, Rules
-from cdcd.sinks.redis import RedisDeadLetters
+from cdcd.sinks.redis import RedisDeadLetters, sink_options
 from cdcd.sources.base import HasWatermark, KeepsAlive, SlotSource, Source, SourceError, SourceUnavailable
 from cdcd.targets import Pending, TargetApplier
 
@@ -60,7 +60,7 @@ class MultiTargetDaemon(Daemon):
                 name, self.redis if i == 0 else settings.client(), self.sequencer.run, self.rules, self.source.name,
                 self.metrics, self.backoff, self.stop_event, self.progress,
                 getattr(settings, "max_pending_changes", _DEFAULT_MAX_PENDING), config.daemon.heartbeat,
-                has_watermark))
+                has_watermark, sink_options(settings)))
         self.sink = self.targets[0].sink  # the first target's, for callers that look at "the" sink
         self._pending: deque[Pending] = deque()  # handed to the targets, not yet acknowledged to the source
         self._seq = 0

@@ -28,6 +28,8 @@ REDIS_FAULTS: tuple[type[BaseException], ...] = (
     EOFError,
     hiredis.HiredisError,
     hiredis.ProtocolError,
+    # Redis Cluster: no node reachable, or a slot served by nobody for a moment (a failover, a resharding)
+    redis.exceptions.RedisClusterException,
 )
 
 # Error replies that say "not now" rather than "never": the whole batch is retried.

@@ -65,12 +65,13 @@ class TargetApplier:
 
     def __init__(self, name: str, client: Any, run: str, rules: Rules, source_name: str, metrics: Metrics,
                  backoff: AbstractBackoff, stop: threading.Event, progress: threading.Condition,
-                 max_pending_changes: int, heartbeat: float, has_watermark: bool) -> None:
+                 max_pending_changes: int, heartbeat: float, has_watermark: bool,
+                 sink_options: dict[str, Any] | None = None) -> None:
         self.name = name
         self.client = client
         # the daemon's run id, its own numbers: subscribers of this Redis see this target's messages without gaps
         self.sequencer = Sequencer("cdcd", run)
-        self.sink = RedisSink(client, rules, self.sequencer, source_name)
+        self.sink = RedisSink(client, rules, self.sequencer, source_name, **(sink_options or {}))
         self.dead_letters = RedisDeadLetters(client, rules.keyspace.dead_letters)
         self.metrics = metrics
         self.backoff = backoff

@@ -35,6 +35,7 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
+from .connect import make_async_link, open_async_client
 from .consistency import (
     ACTIVE,
     REDIS_CHECK_EVERY,
@@ -50,7 +51,7 @@ from .decorated import AsyncCachedFunction
 from .existence import ExistenceFilters, aabsent
 from .hotkeys import HotKeys
 from .l1 import L1, L1Entry
-from .link import UNLOCK, AsyncLink, Command, L2Unavailable
+from .link import UNLOCK, Command, L2Unavailable
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import (
     BUMP,
@@ -90,11 +91,11 @@ def _out(e: L1Entry) -> Any:
 class AsyncCache:
     """One per process and event loop. See :class:`cdcd.client.Cache` for the semantics."""
 
-    def __init__(self, client: aredis.Redis | str = "redis://127.0.0.1:6379/0", options: CacheOptions | None = None,
+    def __init__(self, client: aredis.Redis | aredis.RedisCluster | str = "redis://127.0.0.1:6379/0",
+                 options: CacheOptions | None = None,
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
         self.options = opts = options or CacheOptions()
-        if isinstance(client, str):
-            client = aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(client))
+        client = open_async_client(client)  # a URL: redis+cluster:// is a cluster
         self.redis: Any = client
         self.keyspace = Keyspace(opts.prefix, opts.channel)
         self.serializer: Serializer = serializer or TypedSerializer()
@@ -106,8 +107,7 @@ class AsyncCache:
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self._l1data = self.l1.data
         self.breaker = CircuitBreaker(opts.breaker_failures, opts.breaker_reset)
-        self.link = AsyncLink(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker,
-                              self.stats)
+        self.link: Any = make_async_link(client, opts, self.breaker, self.stats)  # AsyncClusterLink on a cluster
         self.registry = Registry()
         self._registry_at = -math.inf
         self.exists = ExistenceFilters(self.keyspace)  # docs/existence-filter.md

@@ -42,6 +42,7 @@ from cdcd.keyspace import Keyspace
 
 from ._log import log
 from .breaker import CircuitBreaker
+from .connect import make_link, open_client
 from .consistency import (
     ACTIVE,
     REDIS_CHECK_EVERY,
@@ -57,7 +58,7 @@ from .decorated import CachedFunction
 from .existence import ExistenceFilters, absent
 from .hotkeys import HotKeys
 from .l1 import L1, L1Entry
-from .link import UNLOCK, Command, L2Unavailable, Link
+from .link import UNLOCK, Command, L2Unavailable
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import (
     BUMP,
@@ -120,11 +121,11 @@ class Cache:
     the cache's own connections, with the cache's timeouts and no retries (see :mod:`.link`).
     """
 
-    def __init__(self, client: redis.Redis | str = "redis://127.0.0.1:6379/0", options: CacheOptions | None = None,
+    def __init__(self, client: redis.Redis | redis.RedisCluster | str = "redis://127.0.0.1:6379/0",
+                 options: CacheOptions | None = None,
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
         self.options = opts = options or CacheOptions()
-        if isinstance(client, str):
-            client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(client))
+        client = open_client(client)  # a URL: redis+cluster:// is a cluster
         self.redis: Any = client
         self.keyspace = Keyspace(opts.prefix, opts.channel)
         self.serializer: Serializer = serializer or TypedSerializer()
@@ -136,7 +137,7 @@ class Cache:
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self._l1data = self.l1.data  # bound once: the hit path avoids an attribute hop
         self.breaker = CircuitBreaker(opts.breaker_failures, opts.breaker_reset)
-        self.link = Link(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker, self.stats)
+        self.link: Any = make_link(client, opts, self.breaker, self.stats)  # Link, or ClusterLink on a cluster
         self.registry = Registry()
         self._registry_at = -math.inf
         self.exists = ExistenceFilters(self.keyspace)  # docs/existence-filter.md

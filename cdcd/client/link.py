@@ -111,6 +111,10 @@ class _LinkBase:
     def new_connection(self) -> Any:
         return self.connection_class(**self.connection_kwargs)
 
+    def subscription(self, channel: str) -> tuple[Any, str]:
+        """A new connection for the backplane listener, and its subscribe verb (see also ``ClusterLink``)."""
+        return self.new_connection(), "SUBSCRIBE"
+
 
 class Link(_LinkBase):
     """Sync command batches with a breaker. Thread-safe."""
@@ -193,6 +197,9 @@ class Link(_LinkBase):
 
 class AsyncLink(_LinkBase):
     """The same over ``redis.asyncio`` connections. A cancelled call closes its connection."""
+
+    async def subscription(self, channel: str) -> tuple[Any, str]:  # type: ignore[override]
+        return self.new_connection(), "SUBSCRIBE"
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
                  stats: Stats) -> None:

@@ -199,6 +199,9 @@ class CacheOptions:
     hot_keys: HotKeyOptions | None = None
     """Opt in to hot-key detection and publishing (:class:`HotKeyOptions`, docs/hot-keys.md). Off (None)
     the read path does not change at all."""
+    cluster_pubsub: Literal["sharded", "classic"] = "sharded"
+    """On Redis Cluster, how the backplane travels: ``sharded`` (SSUBSCRIBE/SPUBLISH on the channel's shard)
+    or ``classic`` (PUBLISH, broadcast to every node). Must match the daemon's ``redis.pubsub``."""
 
     if TYPE_CHECKING:  # durations as seconds or strings, as for EntryOptions
         def __init__(self, prefix: str = ..., channel: str | None = ..., l1_max_entries: int = ...,
@@ -209,7 +212,8 @@ class CacheOptions:
                      lock_poll: Duration = ..., ryw_timeout: Duration = ...,
                      ryw_on_timeout: Literal["bypass", "raise"] = ..., background_workers: int = ...,
                      l1_copy: bool = ..., entry: EntryOptions = ...,
-                     hot_keys: HotKeyOptions | None = ...) -> None: ...
+                     hot_keys: HotKeyOptions | None = ...,
+                     cluster_pubsub: Literal["sharded", "classic"] = ...) -> None: ...
 
     def __post_init__(self) -> None:
         _durations(self, _CACHE_DURATIONS)

@@ -36,7 +36,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from cdcd.backplane import Message
 
@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from .cache import Cache
 
 MAX_RUNS = 10_000
+# classic pub/sub, and Redis 7 sharded pub/sub (SSUBSCRIBE on Redis Cluster: docs/redis-cluster.md)
+_SUBSCRIBED = (b"subscribe", "subscribe", b"ssubscribe", "ssubscribe")
+_MESSAGE = (b"message", "message", b"smessage", "smessage")
+_DROPPED = (b"sunsubscribe", "sunsubscribe")
 PURGE_EVERY = 30.0  # seconds between sweeps of entries past their fail-safe window
 POLL = 0.2
 
@@ -122,8 +126,13 @@ class _Listener:
         cache.apply_message(msg)  # its own keys and tags are known superseded: removed, not just expired
 
     def on_reply(self, reply: Any) -> None:
-        if isinstance(reply, list) and len(reply) >= 3 and reply[0] in (b"message", "message"):
-            self.handle(reply[2])
+        if isinstance(reply, list) and len(reply) >= 3:
+            if reply[0] in _MESSAGE:
+                self.handle(reply[2])
+            elif reply[0] in _DROPPED:
+                # Redis Cluster unsubscribes a shard channel's listeners when its slot moves to another node
+                # (resharding): from then on nothing reaches us here, so it is a lost subscription.
+                raise RedisConnectionError("shard channel unsubscribed by the server (its slot moved)")
 
 
 class Subscriber(threading.Thread):
@@ -147,12 +156,12 @@ class Subscriber(threading.Thread):
         while not self._stopping.is_set():
             conn: Any = None
             try:
-                conn = cache.link.new_connection()
+                conn, verb = cache.link.subscription(cache.keyspace.channel)
                 conn.connect()
-                conn.send_command("SUBSCRIBE", cache.keyspace.channel)
+                conn.send_command(verb, cache.keyspace.channel)
                 reply = conn.read_response(push_request=True)
-                if not (isinstance(reply, list) and reply[0] in (b"subscribe", "subscribe")):
-                    raise RedisConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                if not (isinstance(reply, list) and reply[0] in _SUBSCRIBED):
+                    raise RedisConnectionError(f"unexpected reply to {verb}: {reply!r}")
                 core.on_subscribed()
                 self.connected.set()
                 delay = 0.05
@@ -170,7 +179,7 @@ class Subscriber(threading.Thread):
                     if now - last_purge > PURGE_EVERY:
                         cache.l1.purge_dead(now)
                         last_purge = now
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 if self.connected.is_set():
                     self.connected.clear()
                     log.debug("backplane_lost", error=str(exc))
@@ -217,12 +226,12 @@ class AsyncSubscriber:
         while True:
             conn: Any = None
             try:
-                conn = cache.link.new_connection()
+                conn, verb = await cache.link.subscription(cache.keyspace.channel)
                 await conn.connect()
-                await conn.send_command("SUBSCRIBE", cache.keyspace.channel)
+                await conn.send_command(verb, cache.keyspace.channel)
                 reply = await conn.read_response(push_request=True)
-                if not (isinstance(reply, list) and reply[0] in (b"subscribe", "subscribe")):
-                    raise RedisConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                if not (isinstance(reply, list) and reply[0] in _SUBSCRIBED):
+                    raise RedisConnectionError(f"unexpected reply to {verb}: {reply!r}")
                 core.on_subscribed()
                 self.connected.set()
                 delay = 0.05
@@ -241,7 +250,7 @@ class AsyncSubscriber:
                     if now - last_purge > PURGE_EVERY:
                         cache.l1.purge_dead(now)
                         last_purge = now
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 if self.connected.is_set():
                     self.connected.clear()
                     log.debug("backplane_lost", error=str(exc))

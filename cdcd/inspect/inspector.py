@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # imported where used: ``cdcd --help`` must not pay for psyco
 class Inspector:
     def __init__(self, config: Config, rate: float, settle_timeout: float, heartbeat: bool = True,
                  clock_margin: float = 0.05, page_size: int = 500) -> None:
-        import redis
 
         from cdcd.sources.settings import PostgresSourceSettings
 
@@ -48,7 +47,7 @@ class Inspector:
         self.report = InspectReport()
         self.classifier = Classifier(clock_margin=clock_margin)
         page = page_size if rate <= 0 else max(1, min(page_size, int(rate) or 1))
-        self.entries = EntryReader(redis.Redis.from_url(config.redis.url, **config.redis.client_kwargs()), self.ks)
+        self.entries = EntryReader(config.redis.client(), self.ks)  # redis.Redis, or RedisCluster (every master)
         self.rows = RowReader(config.source.conninfo(), self.bucket, page)
         self.tables: dict[str, Table] = {}
 

@@ -17,7 +17,9 @@ dead-letters it) and the rest of the batch stands.
 Each script call touches one key, or several keys of one hash slot (computed here exactly as Redis
 Cluster does, hash tags included), so the same calls work on Redis Cluster. Keys group when they carry a
 hash tag (``{t7}:user:42``: see docs/apply.md); each entry still gets its own answer, so counts, refusals
-and repairs are per entry whatever the grouping.
+and repairs are per entry whatever the grouping. On Redis Cluster a batch leaves in two steps, writes on
+every master first, then the applied position and the backplane (:meth:`RedisSink._apply_cluster`,
+docs/redis-cluster.md).
 
 Table floors (TRUNCATE ordering): a value write of a table whose version is at or
 below the table's floor (the version of its newest truncate or degraded
@@ -37,11 +39,13 @@ from typing import Any
 
 import redis
 import structlog
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from cdcd.backplane import Sequencer
 from cdcd.change import Rejected
 from cdcd.keyspace import SCRIPTS, Keyspace
+from cdcd.lazycluster import LazyRedisCluster
 from cdcd.redisfaults import REDIS_FAULTS, refusal_reason, translate
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.epochs import TableEpochs
@@ -100,6 +104,35 @@ def key_slot(key: bytes) -> int:
         if end > start + 1:
             key = key[start + 1:end]
     return crc_hqx(key, 0) & 16383
+
+
+_SLOT_TAGS: list[str] = []
+
+
+def slot_tag(slot: int) -> str:
+    """A short hash tag whose slot is ``slot``: ``{<it>}`` places a key on that slot (the table is built once,
+    on first use, by trying decimal strings; ~0.2 s)."""
+    if not _SLOT_TAGS:
+        table: list[str | None] = [None] * 16384
+        missing, n = 16384, 0
+        while missing:
+            s = str(n)
+            i = crc_hqx(s.encode(), 0) & 16383
+            if table[i] is None:
+                table[i] = s
+                missing -= 1
+            n += 1
+        _SLOT_TAGS.extend(t for t in table if t is not None)
+    return _SLOT_TAGS[slot]
+
+
+class _Redirected(Exception):
+    """A write answered MOVED/ASK/TRYAGAIN/CLUSTERDOWN on the sink's own cluster connections."""
+
+
+_REDIRECTS = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+_REDIRECT_CODES = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+_DIRECT_FALLBACK: tuple[type[BaseException], ...] = (_Redirected, *REDIS_FAULTS)
 
 
 def tag_groups(keys: list[bytes]) -> list[list[int]] | None:
@@ -173,9 +206,29 @@ def connect(url: str, socket_timeout: float = 5.0, connect_timeout: float = 2.0)
                                 health_check_interval=30)
 
 
+def sink_options(settings: Any) -> dict[str, Any]:
+    """The sink's keyword arguments that come from a target's Redis settings (pub/sub kind, replica wait),
+    so the single-target daemon and every target of ``targets:`` build their sinks alike."""
+    return {"pubsub": settings.pubsub, "wait_replicas": settings.wait_replicas,
+            "wait_timeout_ms": max(1, int(min(1.0, settings.socket_timeout / 2) * 1000))}
+
+
 class RedisSink:
-    def __init__(self, client: redis.Redis, rules: Rules, sequencer: Sequencer, source_name: str = "") -> None:
-        self.client = client
+    def __init__(self, client: redis.Redis | RedisCluster | LazyRedisCluster, rules: Rules, sequencer: Sequencer,
+                 source_name: str = "",
+                 pubsub: str = "sharded", wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
+        self.client: Any = client
+        # On Redis Cluster the batch goes through redis-py's ClusterPipeline (one connection per node, MOVED
+        # and ASK followed) in two steps: writes first, then the applied position and the backplane, so no
+        # subscriber hears of a change before every node acknowledged it (docs/redis-cluster.md).
+        self.cluster = isinstance(client, (RedisCluster, LazyRedisCluster))
+        self.publish_verb = "SPUBLISH" if self.cluster and pubsub == "sharded" else "PUBLISH"
+        # WAIT for this many replicas on every master a batch wrote to, before acknowledging it: an
+        # acknowledged write a master had not yet replicated is lost when it fails over.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.cluster_direct = True  # False: the first step through redis-py's ClusterPipeline too
+        self._node_conns: dict[str, Any] = {}  # master name -> the sink's own connection (cluster_direct)
         self.rules = rules
         self.ks = rules.keyspace
         self.sequencer = sequencer
@@ -243,7 +296,7 @@ class RedisSink:
         restored). Raises RedisFault/RedisError when Redis cannot be reached."""
         try:
             pipe: Any = self.client.pipeline(transaction=False)
-            pipe.publish(self.ks.channel, message)
+            pipe.execute_command(self.publish_verb, self.ks.channel, message)
             pipe.exists(self.ks.registry)
             if pipe.execute()[1]:
                 return False
@@ -253,7 +306,7 @@ class RedisSink:
             raise translate(exc) from exc
 
     def applied_state(self) -> dict[str, str]:
-        raw: dict[bytes, bytes] = self.client.hgetall(self.ks.applied)  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.client.hgetall(self.ks.applied)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def apply(self, batch: Batch) -> ApplyResult:
@@ -324,8 +377,9 @@ class RedisSink:
                      "ts", repr(time.time()), "source", self.source_name,
                      "watermark", self.sequencer.watermark or "0"))
         channel = ks.channel
+        verb = self.publish_verb
         for m in messages:
-            cmds.append(("PUBLISH", channel, m.encode()))
+            cmds.append((verb, channel, m.encode()))
         cmds.append(("EXISTS", ks.registry))  # the run marker: 0 after Redis lost its memory
         return cmds, tags, restored, len(messages)
 
@@ -535,12 +589,18 @@ class RedisSink:
             entries.append((w.key, w.version, "v", w.ttl_ms, w.data, snap))
         calls = layout([e[0].encode() for e in entries])
         grouped = set() if calls is None else {i for g in calls.groups for i in g}
-        for i, e in enumerate(entries):
-            if i not in grouped:
-                cmd("EVALSHA", _APPLY.sha, 1, *e)
+        step: list[tuple[Any, ...]] = [("EVALSHA", _APPLY.sha, 1, *e)
+                                       for i, e in enumerate(entries) if i not in grouped]
         for g in calls.groups if calls is not None else []:
-            cmd("EVALSHA", _MANY.sha, len(g), *(entries[i][0] for i in g), *(a for i in g for a in entries[i][1:]))
+            step.append(("EVALSHA", _MANY.sha, len(g), *(entries[i][0] for i in g),
+                         *(a for i in g for a in entries[i][1:])))
         tail, tags, restored, messages = self._tail(batch, {t: s for t, s in snaps.items() if s})
+        if self.cluster:
+            n_after = 2 + messages  # HSET applied, the messages, EXISTS registry: the end of ``tail``
+            return self._apply_cluster(batch, step + tail[:-n_after], tail[-n_after:], tags, restored, tombstones,
+                                       messages, floored, calls)
+        for c in step:
+            cmd(*c)
         for c in tail:
             cmd(*c)
         t0 = time.perf_counter()
@@ -548,6 +608,135 @@ class RedisSink:
         rtt = time.perf_counter() - t0
         return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored, calls)
 
+    def _apply_cluster(self, batch: Batch, writes: list[tuple[Any, ...]], announce: list[tuple[Any, ...]],
+                       tags: list[str], restored: int, tombstones: int, messages: int, floored: int,
+                       calls: Layout | None) -> ApplyResult:
+        """The cluster batch in two steps. First the writes (entry writes, epoch restores, tag bumps, floors;
+        and the ``WAIT`` of :meth:`_wait_commands` when asked), each master's on one connection, every master
+        written before any answer is read; only when all of them were acknowledged, the applied position, the
+        backplane and the run marker. A failure in the first step raises before anything is announced or
+        recorded, and the daemon applies the whole batch again (versioned writes: the repeat is harmless).
+
+        The first step takes the sink's own per-master connections (:meth:`_cluster_direct`); a redirect
+        (the slot map is out of date: resharding, failover) or a dead connection sends it again through
+        redis-py's ``ClusterPipeline``, which follows redirects and refreshes the slot map.
+        """
+        t0 = time.perf_counter()
+        first: list[Any] | None = None
+        if self.cluster_direct:
+            try:
+                first = self._cluster_direct(writes)
+            except _DIRECT_FALLBACK as exc:
+                self._drop_node_conns()
+                log.debug("cluster_direct_fallback", error=str(exc))
+                self.client.nodes_manager.initialize()  # before the pipeline picks the masters to WAIT on
+        if first is None:
+            first = self._cluster_pipeline(writes)
+        for r in first:
+            if isinstance(r, Exception) and refusal_reason(r) is None:
+                if isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"):
+                    raise NoScriptError(str(r))
+                raise r
+        second: Any = self.client.pipeline(transaction=False)
+        for c in announce:
+            second.execute_command(*c)
+        results = first + second.execute(raise_on_error=False)
+        rtt = time.perf_counter() - t0
+        return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored, calls)
+
+    def _wait_commands(self, slot: int) -> list[tuple[Any, ...]]:
+        """A marker write on ``slot`` and ``WAIT``, sent last on the connection of the master serving it.
+
+        ``WAIT`` waits for the replication offset of its connection's last write; the marker makes that the
+        master's offset now, so it covers every earlier write to that master too, including those of an
+        attempt that timed out (a repeat refused as not newer writes nothing, and a new connection has no
+        offset of its own).
+        """
+        marker = self.ks.system("wait:{" + slot_tag(slot) + "}")
+        return [("SET", marker, self.sequencer.run, "PX", 60_000),
+                ("WAIT", self.wait_replicas, self.wait_timeout_ms)]
+
+    def _check_wait(self, replies: list[Any]) -> None:
+        """The marker's and WAIT's answers: WAIT must count ``wait_replicas`` replicas."""
+        for r in replies:
+            if isinstance(r, Exception):
+                raise translate(r)
+        acked = replies[-1]
+        if int(acked) < self.wait_replicas:
+            raise redis.ConnectionError(f"WAIT: {acked} of {self.wait_replicas} replicas acknowledged the batch")
+
+    @staticmethod
+    def _key_of(cmd: tuple[Any, ...]) -> bytes:
+        key = cmd[3] if cmd[0] == "EVALSHA" else cmd[1]  # every write is keyed: a script's first key, or SET's
+        return key if isinstance(key, bytes) else str(key).encode()
+
+    def _cluster_direct(self, writes: list[tuple[Any, ...]]) -> list[Any]:
+        """The writes on the sink's own connection to each master (by the cluster client's slot map), packed,
+        every master written before any answer is read. Raises :class:`_Redirected` on a redirect answer."""
+        manager = self.client.nodes_manager
+        groups: dict[str, tuple[Any, list[int], int]] = {}
+        for i, c in enumerate(writes):
+            slot = key_slot(self._key_of(c))
+            node = manager.get_node_from_slot(slot)
+            group = groups.get(node.name)
+            if group is None:
+                groups[node.name] = (node, [i], slot)
+            else:
+                group[1].append(i)
+        out: list[Any] = [None] * len(writes)
+        sent: list[tuple[Any, list[int], int]] = []
+        for name, (node, idx, slot) in groups.items():
+            conn = self._node_conns.get(name)
+            if conn is None:
+                conn = self._node_conns[name] = node.redis_connection.connection_pool.make_connection()
+            extra = self._wait_commands(slot) if self.wait_replicas > 0 else []
+            try:
+                conn.connect()
+                conn.send_packed_command(conn.pack_commands([writes[i] for i in idx] + extra), check_health=False)
+            except BaseException:
+                conn.disconnect()
+                raise
+            sent.append((conn, idx, len(extra)))
+        for conn, idx, n_extra in sent:
+            try:
+                replies = _read_replies(conn, len(idx) + n_extra)
+            except BaseException:
+                conn.disconnect()
+                raise
+            for r in replies:  # the WAIT marker's too: its slot moves with the others
+                if isinstance(r, _REDIRECTS) or (isinstance(r, ResponseError) and str(r).startswith(_REDIRECT_CODES)):
+                    raise _Redirected(str(r))
+            if n_extra:
+                self._check_wait(replies[len(idx):])
+            for i, r in zip(idx, replies, strict=False):
+                out[i] = r
+        return out
+
+    def _cluster_pipeline(self, writes: list[tuple[Any, ...]]) -> list[Any]:
+        """The writes through redis-py's ``ClusterPipeline`` (redirects followed, slot map refreshed)."""
+        pipe: Any = self.client.pipeline(transaction=False)
+        for c in writes:
+            pipe.execute_command(*c)
+        manager = self.client.nodes_manager
+        by_node: dict[str, int] = {}
+        if self.wait_replicas > 0:
+            for c in writes:
+                slot = key_slot(self._key_of(c))
+                by_node.setdefault(manager.get_node_from_slot(slot).name, slot)
+        for slot in by_node.values():
+            marker, wait = self._wait_commands(slot)
+            pipe.execute_command(*marker)
+            pipe.execute_command(*wait, target_nodes=manager.get_node_from_slot(slot))
+        out: list[Any] = pipe.execute(raise_on_error=False)
+        for j in range(len(writes), len(out), 2):
+            self._check_wait(out[j:j + 2])
+        return out[:len(writes)]
+
+    def _drop_node_conns(self) -> None:
+        """After a failure: the per-master connections go (a half-read reply must not reach the next batch)."""
+        for conn in self._node_conns.values():
+            conn.disconnect()
+        self._node_conns.clear()
 
     # ------------------------------------------------------------------ writes outside a batch
     # Every Redis write the daemon makes goes through this sink (dead letters through their own
@@ -567,7 +756,7 @@ class RedisSink:
         try:
             pipe: Any = self.client.pipeline(transaction=False)
             pipe.hset(self.ks.applied, "watermark", message.watermark)
-            pipe.publish(self.ks.channel, message.encode())
+            pipe.execute_command(self.publish_verb, self.ks.channel, message.encode())
             pipe.execute()
         except REDIS_FAULTS as exc:
             raise translate(exc) from exc
