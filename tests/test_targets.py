@@ -92,20 +92,41 @@ class Writer(threading.Thread):
             self.error = exc
 
 
-class SlotWatch(threading.Thread):
-    """Polls the slot's confirmed_flush_lsn and, right after, every target's applied position: the first
-    may never pass the smallest of the second (read in that order, a pass is a real one)."""
+# Commit records in [applied, confirmed) of transactions that changed a published table: each is a change the
+# slot confirmed while a target had not applied it (a restart would skip it). psycopg2 forwards the flush
+# position to a keepalive's WAL end by itself once everything it read was acknowledged, so the slot may pass
+# the applied position over WAL that holds no such commit (other tables, vacuum, the end of a record): that is
+# not a loss, and only WAL itself can tell the two apart.
+_LOST_COMMITS = """
+WITH r AS (SELECT * FROM pg_get_wal_records_info('0/0'::pg_lsn + %(lo)s::numeric, '0/0'::pg_lsn + %(hi)s::numeric)),
+     rel AS (SELECT '/' || pg_relation_filenode(format('%%I.%%I', schemaname, tablename)::regclass) || ' ' AS part
+             FROM pg_publication_tables WHERE pubname = %(pub)s)
+SELECT count(*) FROM r c
+WHERE c.resource_manager = 'Transaction' AND c.record_type LIKE 'COMMIT%%'
+  AND c.start_lsn >= '0/0'::pg_lsn + %(applied)s::numeric
+  AND EXISTS (SELECT 1 FROM r h, rel WHERE h.xid = c.xid AND h.resource_manager LIKE 'Heap%%'
+                                       AND position(rel.part IN h.block_ref) > 0)
+"""
 
-    def __init__(self, dsn: str, slot: str, daemon: MultiTargetDaemon) -> None:
+
+class SlotWatch(threading.Thread):
+    """Polls the slot's confirmed_flush_lsn and, right after, every target's applied position (read in that
+    order, a pass is a real one). A pass is a violation when the WAL between the slowest target's position
+    and the confirmed one holds the commit of a transaction that changed a published table (pg_walinspect)."""
+
+    def __init__(self, dsn: str, slot: str, daemon: MultiTargetDaemon, publication: str | None = None) -> None:
         super().__init__(daemon=True)
         self.dsn, self.slot, self.daemon = dsn, slot, daemon
+        self.publication = publication or slot
         self.samples = 0
+        self.passes = 0  # confirmed ahead of the slowest target over WAL with no change of ours (not a loss)
         self.violations: list[tuple[int, dict[str, int]]] = []
         self.start_lsn: int | None = None
         self.done = threading.Event()
 
     def run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
             while not self.done.wait(0.02):
                 row = conn.execute("SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint "
                                    "FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()
@@ -115,8 +136,14 @@ class SlotWatch(threading.Thread):
                 applied = {t.name: t.applied_position for t in self.daemon.targets}
                 if self.start_lsn is None:
                     self.start_lsn = confirmed  # where the slot was created: before anything was applied
-                if confirmed > max(self.start_lsn, min(applied.values())):
-                    self.violations.append((confirmed, applied))
+                slowest = max(self.start_lsn, min(applied.values()))
+                if confirmed > slowest:
+                    lost = conn.execute(_LOST_COMMITS, {"lo": max(self.start_lsn, slowest - 65536), "hi": confirmed,
+                                                        "applied": slowest, "pub": self.publication}).fetchone()
+                    if lost is not None and lost[0]:
+                        self.violations.append((confirmed, applied))
+                    else:
+                        self.passes += 1
                 self.samples += 1
 
 
