@@ -33,6 +33,18 @@ def _load(path: str) -> Config | None:
         return None
 
 
+def _pick_target(config: Config, target: str | None) -> bool:
+    """Point ``config.redis`` at the chosen target; False (after saying why) when there is no such target."""
+    from cdcd.config import ConfigError
+
+    try:
+        config.redis = config.redis_for(target)
+    except ConfigError as exc:
+        _err(str(exc))
+        return False
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cdcd.daemon import HttpBindError
     from cdcd.gcpolicy import tune_for_daemon
@@ -210,10 +222,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     configure(config.log.format, config.log.level)
-    try:
-        config.redis = config.redis_for(args.target)
-    except ConfigError as exc:
-        _err(str(exc))
+    if not _pick_target(config, args.target):
         return EXIT_CONFIG
     if args.hot:
         if args.table:
@@ -267,16 +276,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import psycopg
     import redis
 
-    from cdcd.config import ConfigError
     from cdcd.inspect import EXIT_STALE, InspectError, run_inspect
 
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    try:
-        config.redis = config.redis_for(args.target)
-    except ConfigError as exc:
-        _err(str(exc))
+    if not _pick_target(config, args.target):
         return EXIT_CONFIG
     if args.watch:
         return _watch(args, config)

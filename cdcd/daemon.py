@@ -305,13 +305,8 @@ class Daemon:
                     self._watermark(idle=not items and self._inflight is None)
                     failures = 0
                 except SourceUnavailable as exc:
-                    self.metrics.connected.labels("source").set(0)
-                    self.metrics.errors.labels("source").inc()
-                    self.source_ok = False
-                    self._error(f"source: {exc}")
-                    delay = retry_delay(self.backoff, failures)
+                    delay = self._source_lost(exc, failures)
                     failures += 1
-                    log.warning("source_lost", error=str(exc), retry_in=round(delay, 3))
                     try:
                         # read from the lost session: applied, and acked if the source still can
                         self._settle(source_lost=True)
@@ -556,14 +551,30 @@ class Daemon:
             reasons.append("starting: not yet connected to the source and Redis")
         if not self.redis_ok:
             reasons.append(f"redis unavailable: {self.last_error or 'not connected yet'}")
+        reasons.extend(self._source_reasons())
+        reasons.extend(self.schema_guard.reasons())
+        return not reasons, reasons
+
+    def _source_reasons(self) -> list[str]:
+        """Why the source side is not ready (down, or further behind than ``monitor.ready_max_lag``)."""
+        reasons = []
         if not self.source_ok:
             reasons.append(f"source unavailable: {self.last_error or 'not connected yet'}")
         bound = self.config.monitor.ready_max_lag
         lag = (self.source_stats or {}).get("lag_bytes")
         if bound is not None and lag is not None and lag > bound:
             reasons.append(f"lagging: {lag} bytes behind (bound {bound})")
-        reasons.extend(self.schema_guard.reasons())
-        return not reasons, reasons
+        return reasons
+
+    def _source_lost(self, exc: SourceUnavailable, failures: int) -> float:
+        """Record a lost source session (metrics, readiness, log); the delay before reconnecting."""
+        self.metrics.connected.labels("source").set(0)
+        self.metrics.errors.labels("source").inc()
+        self.source_ok = False
+        self._error(f"source: {exc}")
+        delay = retry_delay(self.backoff, failures)
+        log.warning("source_lost", error=str(exc), retry_in=round(delay, 3))
+        return delay
 
     def rate(self, window: float = 10.0) -> float:
         """Changes per second over the last ``window`` seconds."""

@@ -28,7 +28,7 @@ from cdcd.change import Rejected, Transaction
 from cdcd.config import Config
 from cdcd.daemon import Daemon
 from cdcd.metrics import Metrics
-from cdcd.retry import REDIS_ERRORS, retry_delay
+from cdcd.retry import REDIS_ERRORS
 from cdcd.rules import Batch, Rules
 from cdcd.sinks.redis import RedisDeadLetters, sink_options
 from cdcd.sources.base import HasWatermark, KeepsAlive, SlotSource, Source, SourceError, SourceUnavailable
@@ -99,13 +99,8 @@ class MultiTargetDaemon(Daemon):
                     self._offer_watermark()
                     failures = 0
                 except SourceUnavailable as exc:
-                    self.metrics.connected.labels("source").set(0)
-                    self.metrics.errors.labels("source").inc()
-                    self.source_ok = False
-                    self._error(f"source: {exc}")
-                    delay = retry_delay(self.backoff, failures)
+                    delay = self._source_lost(exc, failures)
                     failures += 1
-                    log.warning("source_lost", error=str(exc), retry_in=round(delay, 3))
                     # what the targets hold stays queued: applied, and acknowledged on the next session
                     # (a position every target applied may be acknowledged whenever); the source
                     # re-delivers from its checkpoint and the repeats are harmless
@@ -279,12 +274,7 @@ class MultiTargetDaemon(Daemon):
         reasons = []
         if not self.ready.is_set():
             reasons.append("starting: not yet connected to the source")
-        if not self.source_ok:
-            reasons.append(f"source unavailable: {self.last_error or 'not connected yet'}")
-        bound = self.config.monitor.ready_max_lag
-        lag = (self.source_stats or {}).get("lag_bytes")
-        if bound is not None and lag is not None and lag > bound:
-            reasons.append(f"lagging: {lag} bytes behind (bound {bound})")
+        reasons.extend(self._source_reasons())
         max_age = self.config.monitor.ready_max_target_lag
         for t in self.targets:
             if not t.connected:

@@ -135,6 +135,26 @@ def entry(r: redis.Redis, key: str) -> dict[str, str]:
     return {k.decode(): v.decode("utf-8", "surrogateescape") for k, v in raw.items()}
 
 
+def db_users(dsn: str) -> dict[int, tuple[str, str]]:
+    """The example schema's users as the database has them: id -> (email, name)."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, email, name FROM users")}
+
+
+def stale_users(r: redis.Redis, prefix: str, expected: dict[int, tuple[str, str]]) -> list[int]:
+    """Users whose cached row (by id key and by e-mail key) differs from the database."""
+    bad = []
+    for uid, (email, name) in expected.items():
+        for key in (f"{prefix}user:{uid}", f"{prefix}user:email:{email}"):
+            d = entry(r, key).get("d")
+            if d is None or json.loads(d)["name"] != name or json.loads(d)["email"] != email:
+                bad.append(uid)
+                break
+    return bad
+
+
 def entries(r: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:
     """Every cache entry under a prefix (cdcd's own __ keys excluded)."""
     out = {}

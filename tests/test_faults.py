@@ -14,24 +14,7 @@ import pytest
 import redis
 
 from cdcd.devservers import RedisServer
-from tests.helpers import DaemonProcess, DaemonThread, entry, make_config, unique, wait_until
-
-
-def _expected_users(dsn: str) -> dict[int, tuple[str, str]]:
-    with psycopg.connect(dsn) as conn:
-        return {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, email, name FROM users")}
-
-
-def _mismatches(r: redis.Redis, prefix: str, expected: dict[int, tuple[str, str]]) -> list[int]:
-    """Users whose cached row differs from the database (by id key and by e-mail key)."""
-    bad = []
-    for uid, (email, name) in expected.items():
-        for key in (f"{prefix}user:{uid}", f"{prefix}user:email:{email}"):
-            d = entry(r, key).get("d")
-            if d is None or json.loads(d)["name"] != name or json.loads(d)["email"] != email:
-                bad.append(uid)
-                break
-    return bad
+from tests.helpers import DaemonProcess, DaemonThread, db_users, entry, make_config, stale_users, unique, wait_until
 
 
 class Writer(threading.Thread):
@@ -79,9 +62,9 @@ def test_sigkill_mid_stream_loses_nothing(cfg: dict[str, Any], r: redis.Redis, a
         writer.join(60)
         assert writer.error is None and writer.committed == 600
         assert kills >= 2, "the writer finished before the daemon was killed twice: make it slower"
-        expected = _expected_users(app_db)
+        expected = db_users(app_db)
         assert len(expected) == 300
-        wait_until(lambda: not _mismatches(r, p, expected), timeout=30, interval=0.2,
+        wait_until(lambda: not stale_users(r, p, expected), timeout=30, interval=0.2,
                    what="every user's cached row to equal the database")
         # the old e-mail keys of every renamed user hold tombstones, never a stale row
         assert all("d" not in entry(r, f"{p}user:email:u{i}@x") for i in range(1, 301))
@@ -127,8 +110,8 @@ def _redis_outage(cfg: dict[str, Any], app_db: str, server: RedisServer, restart
         writer.join(60)
         assert writer.error is None
         assert d.thread.is_alive() and d.error is None  # waited and retried; did not exit
-        expected = _expected_users(app_db)
-        wait_until(lambda: not _mismatches(r, p, expected), timeout=30, interval=0.2,
+        expected = db_users(app_db)
+        wait_until(lambda: not stale_users(r, p, expected), timeout=30, interval=0.2,
                    what="every user's cached row to equal the database after the outage")
         assert d.daemon.metrics.retries.labels("redis")._value.get() > 0
     finally:

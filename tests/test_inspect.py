@@ -90,6 +90,18 @@ def _caught_up(dsn: str, r: redis.Redis, prefix: str) -> None:
                what="daemon caught up")
 
 
+def _daemon_with_users(icfg: dict[str, Any], r: redis.Redis, n: int = 10) -> DaemonThread:
+    """A running daemon that has cached ``n`` users and caught up: the starting point of the staleness tests."""
+    p, dsn = icfg["keyspace"]["prefix"], icfg["source"]["dsn"]
+    d = DaemonThread(make_config(icfg)).start()
+    try:
+        _populate(dsn, r, p, n=n)
+        _caught_up(dsn, r, p)
+    except BaseException:
+        d.stop()
+        raise
+    return d
+
 def _fill_orders(dsn: str, r: redis.Redis, prefix: str, ids: range) -> int:
     """Cache-aside through the fill guard, as an application would; returns how many fills landed."""
     guard = FillGuard(r, Keyspace(prefix))
@@ -133,10 +145,8 @@ def test_lost_invalidation_of_a_daemon_value_is_stale_and_exits_1(icfg: dict[str
                                                                   tmp_path: Path) -> None:
     p = icfg["keyspace"]["prefix"]
     dsn = icfg["source"]["dsn"]
-    d = DaemonThread(make_config(icfg)).start()
+    d = _daemon_with_users(icfg, r)
     try:
-        _populate(dsn, r, p, n=10)
-        _caught_up(dsn, r, p)
         old = entry(r, f"{p}user:2")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("UPDATE users SET name = 'renamed' WHERE id = 2")
@@ -170,10 +180,8 @@ def test_lost_invalidation_of_a_daemon_value_is_stale_and_exits_1(icfg: dict[str
 def test_stale_app_fill_deleted_row_and_negative_entry(icfg: dict[str, Any], r: redis.Redis) -> None:
     p = icfg["keyspace"]["prefix"]
     dsn = icfg["source"]["dsn"]
-    d = DaemonThread(make_config(icfg)).start()
+    d = _daemon_with_users(icfg, r)
     try:
-        _populate(dsn, r, p, n=10)
-        _caught_up(dsn, r, p)
         _fill_orders(dsn, r, p, range(1, 10))
         filled = entry(r, f"{p}order:3")
         assert filled["s"] == "app" and "d" in filled

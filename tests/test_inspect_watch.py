@@ -24,7 +24,14 @@ from cdcd.inspect.watch import Watcher, run_watch
 from cdcd.inspect.watchmetrics import WatchMetrics
 from cdcd.inspect.watchreport import WatchReport
 from tests.helpers import ROOT, DaemonThread, entry, make_config, wait_until
-from tests.test_inspect import _caught_up, _fill_orders, _populate, icfg, ts_pg  # noqa: F401 - fixtures
+from tests.test_inspect import (  # noqa: F401 - fixtures
+    _caught_up,
+    _daemon_with_users,
+    _fill_orders,
+    _populate,
+    icfg,
+    ts_pg,
+)
 
 BOUNDS = (0.01, 0.1, 1.0)
 
@@ -100,10 +107,8 @@ def test_poisoned_entry_is_stale_with_its_staleness_and_fails(icfg: dict[str, An
                                                               tmp_path: Path) -> None:
     p = icfg["keyspace"]["prefix"]
     dsn = icfg["source"]["dsn"]
-    d = DaemonThread(make_config(icfg)).start()
+    d = _daemon_with_users(icfg, r)
     try:
-        _populate(dsn, r, p, n=10)
-        _caught_up(dsn, r, p)
         _fill_orders(dsn, r, p, range(1, 10))
         changed = _poison_user(dsn, r, p, 2)
         time.sleep(0.5)
@@ -170,9 +175,7 @@ def test_poisoned_entry_is_stale_with_its_staleness_and_fails(icfg: dict[str, An
 def test_daemon_down_while_rows_change_is_stale_behind(icfg: dict[str, Any], r: redis.Redis) -> None:  # noqa: F811
     p = icfg["keyspace"]["prefix"]
     dsn = icfg["source"]["dsn"]
-    d = DaemonThread(make_config(icfg)).start()
-    _populate(dsn, r, p, n=10)
-    _caught_up(dsn, r, p)
+    d = _daemon_with_users(icfg, r)
     d.stop()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE users SET name = 'while the daemon is down' WHERE id = 4")
@@ -189,12 +192,9 @@ def test_daemon_down_while_rows_change_is_stale_behind(icfg: dict[str, Any], r: 
 
 def test_database_session_killed_mid_watch_is_counted_and_the_watch_goes_on(icfg: dict[str, Any],  # noqa: F811
                                                                            r: redis.Redis) -> None:
-    p = icfg["keyspace"]["prefix"]
     dsn = icfg["source"]["dsn"]
-    d = DaemonThread(make_config(icfg)).start()
+    d = _daemon_with_users(icfg, r)
     try:
-        _populate(dsn, r, p, n=10)
-        _caught_up(dsn, r, p)
         watcher = Watcher(make_config(icfg), bounds=BOUNDS, rate=500, batch=10, settle_timeout=5.0, check_bound=1.0,
                           min_nines=None)
         result: list[WatchReport] = []

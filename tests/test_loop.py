@@ -13,8 +13,7 @@ import redis
 from cdcd.batchlog import BatchLog
 from cdcd.rules import Batch
 from cdcd.sinks.redis import ApplyResult, PendingApply
-from tests.helpers import DaemonThread, entry, make_config, wait_until
-from tests.test_faults import _expected_users, _mismatches
+from tests.helpers import DaemonThread, db_users, entry, make_config, stale_users, wait_until
 
 
 def _confirmed_flush(dsn: str, slot: str) -> int:
@@ -125,8 +124,8 @@ def test_overlapped_loop_keeps_order_and_acks_only_applied_batches(cfg: dict[str
     rec = Recorder(d)
     d.start()
     try:
-        expected = _expected_users(app_db)
-        wait_until(lambda: not _mismatches(r, cfg["keyspace"]["prefix"], expected), timeout=30,
+        expected = db_users(app_db)
+        wait_until(lambda: not stale_users(r, cfg["keyspace"]["prefix"], expected), timeout=30,
                    what="all 120 users applied")
     finally:
         d.stop()
@@ -151,8 +150,8 @@ def test_replies_lost_mid_flight_batch_applied_again_before_the_next_is_sent(
     rec = Recorder(d, cut_wait_of=3)
     d.start()
     try:
-        expected = _expected_users(app_db)
-        wait_until(lambda: not _mismatches(r, cfg["keyspace"]["prefix"], expected), timeout=30,
+        expected = db_users(app_db)
+        wait_until(lambda: not stale_users(r, cfg["keyspace"]["prefix"], expected), timeout=30,
                    what="all 60 users applied after the lost replies")
     finally:
         d.stop()

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from cdcd.devservers import RedisServer, free_port
-from tests.helpers import ROOT, DaemonProcess, DaemonThread, entry, make_config, wait_until
-from tests.test_faults import Writer, _expected_users, _mismatches
+from tests.helpers import ROOT, DaemonProcess, DaemonThread, db_users, entry, make_config, stale_users, wait_until
+from tests.test_faults import Writer
 
 
 def get(url: str) -> tuple[int, str]:
@@ -152,8 +152,8 @@ def test_standby_takes_over_after_kill_9(cfg: dict[str, Any], r: redis.Redis, ap
         assert takeover < 10, f"standby took {takeover:.1f}s"
         writer.join(60)
         assert writer.error is None
-        expected = _expected_users(app_db)
-        wait_until(lambda: not _mismatches(r, p, expected), timeout=30, interval=0.2,
+        expected = db_users(app_db)
+        wait_until(lambda: not stale_users(r, p, expected), timeout=30, interval=0.2,
                    what="every change applied after the takeover")
     finally:
         active.stop()

@@ -20,7 +20,7 @@ import redis
 from cdcd.cli import format_status
 from cdcd.devservers import RedisServer
 from cdcd.multitarget import MultiTargetDaemon
-from tests.helpers import DaemonThread, entry, make_config, wait_until
+from tests.helpers import DaemonThread, db_users, entry, make_config, stale_users, wait_until
 
 
 @pytest.fixture
@@ -40,21 +40,6 @@ def _targets_cfg(cfg: dict[str, Any], a: RedisServer, b: RedisServer, **b_extra:
     return out
 
 
-def _users(dsn: str) -> dict[int, tuple[str, str]]:
-    with psycopg.connect(dsn) as conn:
-        return {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, email, name FROM users")}
-
-
-def _stale(r: redis.Redis, prefix: str, expected: dict[int, tuple[str, str]]) -> list[int]:
-    """Users whose cached row (by id and by e-mail) differs from the database."""
-    bad = []
-    for uid, (email, name) in expected.items():
-        for key in (f"{prefix}user:{uid}", f"{prefix}user:email:{email}"):
-            d = entry(r, key).get("d")
-            if d is None or json.loads(d)["name"] != name or json.loads(d)["email"] != email:
-                bad.append(uid)
-                break
-    return bad
 
 
 def _cached_names(r: redis.Redis, prefix: str, ids: range) -> dict[int, str]:
@@ -194,9 +179,9 @@ def test_target_killed_mid_stream_others_go_on_and_both_converge(
         b.start()  # back, empty
         writer.join(60)
         assert writer.error is None
-        expected = _users(app_db)
+        expected = db_users(app_db)
         for name, r in (("a", ra), ("b", rb)):
-            wait_until(lambda r=r: not _stale(r, p, expected), timeout=30, interval=0.2,
+            wait_until(lambda r=r: not stale_users(r, p, expected), timeout=30, interval=0.2,
                        what=f"every cached user on target {name} to equal the database")
         wait_until(lambda: daemon.readiness()[0], timeout=10, what="ready again once b caught up")
     finally:
@@ -229,13 +214,15 @@ def test_daemon_restart_while_a_target_is_down_replays_to_it_and_backpressure_ho
     w = Writer(app_db, 1, 20)
     w.start()
     w.join(30)
-    wait_until(lambda: not _stale(ra, p, _users(app_db)) and not _stale(rb, p, _users(app_db)), timeout=15,
+    wait_until(lambda: not stale_users(ra, p, db_users(app_db)) and not stale_users(rb, p, db_users(app_db)),
+               timeout=15,
                what="both targets hold the first users")
     b.pause()  # down but keeping what it holds: it must catch up from exactly where it stopped
     w = Writer(app_db, 21, 20)
     w.start()
     w.join(30)
-    wait_until(lambda: not _stale(ra, p, _users(app_db)), timeout=15, what="a applied the writes made while b was down")
+    wait_until(lambda: not stale_users(ra, p, db_users(app_db)), timeout=15,
+               what="a applied the writes made while b was down")
     first.stop()  # b still down: its backlog is not acknowledged
     b_applied = _multi(first).targets[1].applied_position
     assert 0 < b_applied < _multi(first).targets[0].applied_position
@@ -256,9 +243,9 @@ def test_daemon_restart_while_a_target_is_down_replays_to_it_and_backpressure_ho
         # the replay from the checkpoint (b's position) repeated to a what a already held: refused as not newer
         assert daemon.metrics.stale_writes._value.get() > 0
         b.resume()
-        expected = _users(app_db)
+        expected = db_users(app_db)
         for name, r in (("a", ra), ("b", rb)):
-            wait_until(lambda r=r: not _stale(r, p, expected), timeout=30, interval=0.2,
+            wait_until(lambda r=r: not stale_users(r, p, expected), timeout=30, interval=0.2,
                        what=f"every cached user on target {name} to equal the database")
         wait_until(lambda: daemon.metrics.backpressure.labels("b")._value.get() == 0, timeout=10,
                    what="backpressure released")
@@ -376,8 +363,8 @@ def test_catch_up_is_pipelined_and_replies_lost_mid_pipeline_lose_nothing(
         w.join(30)
         wait_until(lambda: target.pending_changes >= 80, timeout=15, what="b's backlog holds every change")
         b.start()
-        expected = _users(app_db)
-        wait_until(lambda: not _stale(rb, p, expected), timeout=30, interval=0.2,
+        expected = db_users(app_db)
+        wait_until(lambda: not stale_users(rb, p, expected), timeout=30, interval=0.2,
                    what="every cached user on b to equal the database")
     finally:
         d.stop()

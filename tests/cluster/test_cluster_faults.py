@@ -22,13 +22,24 @@ from tests.helpers import DaemonThread, entry, make_config, wait_until
 N = 40
 
 
-class Writer(threading.Thread):
+class _Load(threading.Thread):
+    """A background load the faults happen under: runs until ``stop``."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(10)
+
+
+class Writer(_Load):
     """Updates users 1..N round robin, as fast as one connection goes, until stopped."""
 
     def __init__(self, dsn: str) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.dsn = dsn
-        self.stop_event = threading.Event()
         self.count = 0
 
     def run(self) -> None:
@@ -39,18 +50,13 @@ class Writer(threading.Thread):
                 self.count += 1
                 time.sleep(0.002)
 
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(10)
 
-
-class Reader(threading.Thread):
+class Reader(_Load):
     """Reads users through the cache all along (L2 through the cluster link: redirects, dead nodes)."""
 
     def __init__(self, cache: Cache) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.cache = cache
-        self.stop_event = threading.Event()
         self.reads = 0
 
     def run(self) -> None:
@@ -59,10 +65,6 @@ class Reader(threading.Thread):
             self.reads += 1
             if self.reads % 50 == 0:
                 self.cache.l1.clear()  # so reads keep going to L2
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(10)
 
 
 def _db_names(sql: Any) -> dict[int, str]:
