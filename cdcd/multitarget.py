@@ -91,7 +91,7 @@ class MultiTargetDaemon(Daemon):
                             self.progress.wait(0.2)
                         continue
                     # with batches out, wake often to acknowledge what the targets applied meanwhile
-                    items = self.source.poll(0.02 if self._pending else 0.5)
+                    items = self._poll_source(0.02 if self._pending else 0.5)
                     if items or self.schema_guard.pending():
                         self._process(items)
                     elif not self._pending:
@@ -297,6 +297,7 @@ class MultiTargetDaemon(Daemon):
                 if max_age is not None and age > max_age:
                     reasons.append(f"target {t.name}: lagging: {t.pending_changes} changes not applied, the oldest "
                                    f"read {age:.1f}s ago (bound {max_age}s); it holds the source checkpoint back")
+        reasons.extend(self.visibility_reasons())
         reasons.extend(self.schema_guard.reasons())
         return not reasons, reasons
 
