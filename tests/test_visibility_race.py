@@ -16,6 +16,7 @@ synchronous standby that never answers and check that nothing of it, or after it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -54,10 +55,8 @@ def _invisible_update(writer: psycopg.Connection[Any], sql: str) -> threading.Th
     """Run ``sql`` on ``writer`` in a thread: with a synchronous standby that never answers, its commit is
     flushed (and streamed) but waits, invisible to other sessions, until it is cancelled or released."""
     def run() -> None:
-        try:
+        with contextlib.suppress(psycopg.Error):  # the test ended with the commit still waiting
             writer.execute(sql)
-        except psycopg.Error:
-            pass  # the test ended with the commit still waiting
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -180,4 +179,40 @@ def test_an_invisible_commit_is_held_in_order_with_the_slot_alive_and_released_p
         _setting(admin, "RESET wal_sender_timeout")
         for c in (admin, writer, other):
             c.close()
+        d.stop()
+
+
+def test_a_lost_visibility_connection_reconnects_and_never_releases_unchecked(
+        own_pg: PostgresServer, redis_server: RedisServer) -> None:
+    """The side connection dies while the head waits: the source's error path (back off, reconnect,
+    re-deliver from the slot), no crash, nothing applied unchecked; released, the change lands."""
+    dsn = own_pg.create_database(unique("vr"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(EXAMPLE_SCHEMA.read_text())
+    prefix = unique("vr") + ":"
+    r = redis.Redis.from_url(redis_server.url)
+    admin = psycopg.connect(dsn, autocommit=True)
+    writer = psycopg.connect(dsn, autocommit=True)
+    d = DaemonThread(make_config(config_dict(dsn, redis_server.url, unique("s"), prefix))).start()
+    try:
+        writer.execute("INSERT INTO orders VALUES (30, 1, 7, 5.00, 'new')")
+        v0 = int(wait_until(lambda: entry(r, f"{prefix}order:30").get("v"), what="insert applied"))
+        _setting(admin, "SET synchronous_standby_names = 'nobody'")
+        time.sleep(0.5)
+        update = _invisible_update(writer, "UPDATE orders SET status = 'paid' WHERE id = 30")
+        wait_until(lambda: d.daemon.status()["waiting_for_visibility"], what="the daemon holds the commit")
+        side = d.daemon.source._snapshots  # type: ignore[attr-defined]
+        admin.execute("SELECT pg_terminate_backend(%s)", (side.info.backend_pid,))
+        wait_until(lambda: _metric(d, "cdcd_errors_total", {"kind": "source"}) >= 1, what="source error path")
+        wait_until(lambda: d.daemon.source_ok and d.daemon.status()["waiting_for_visibility"],
+                   what="reconnected and waiting again")
+        assert int(entry(r, f"{prefix}order:30")["v"]) == v0
+        _setting(admin, "RESET synchronous_standby_names")
+        wait_until(lambda: int(entry(r, f"{prefix}order:30").get("v", 0)) > v0, what="applied once visible")
+        update.join(10)
+        assert d.error is None
+    finally:
+        _setting(admin, "RESET synchronous_standby_names")
+        admin.close()
+        writer.close()
         d.stop()
