@@ -121,7 +121,6 @@ class PostgresSource:
         self._snapshots = self.sql()
         self._snapshot_query = ("SELECT pg_current_snapshot()::text" if server_version >= 130000
                                 else "SELECT txid_current_snapshot()::text")
-        self.gate.clear()
         try:
             # The session pins the text formats pgtypes parses (walsender output uses these settings).
             conn = psycopg2.connect(session.conninfo(self.settings.conninfo(), encoding=encoding), connect_timeout=5,
@@ -344,6 +343,7 @@ class PostgresSource:
             with contextlib.suppress(psycopg2.Error):
                 self._conn.close()
         self._conn = self._cur = None
+        self.gate.clear()  # the next session re-delivers what was held
         for side in (self._catalog, self._snapshots):
             if side is not None:
                 with contextlib.suppress(psycopg.Error):
