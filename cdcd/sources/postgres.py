@@ -236,7 +236,7 @@ class PostgresSource:
         if conn is None or conn.closed:
             raise SourceUnavailable("visibility check: no connection")
         # libpq's own PQexec through psycopg.pq: one statement, one text value, once per batch on a busy
-        # stream; a third of the CPU of conn.execute() (15-20 against 42-57 µs, BENCHMARKS.md)
+        # stream; half the CPU of conn.execute() or less (15-20 against 30-57 µs, BENCHMARKS.md section 23)
         try:
             res = conn.pgconn.exec_(self._snapshot_query)
         except psycopg.Error as exc:
