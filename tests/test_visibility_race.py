@@ -216,3 +216,42 @@ def test_a_lost_visibility_connection_reconnects_and_never_releases_unchecked(
         admin.close()
         writer.close()
         d.stop()
+
+
+def test_without_the_visibility_connection_the_source_does_not_start(
+        own_pg: PostgresServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The side connection cannot be made (a connection limit, say): the daemon backs off and retries like
+    any source outage, applies nothing unchecked, and starts streaming once it can be made."""
+    from cdcd.sources.base import SourceUnavailable
+    from cdcd.sources.postgres import PostgresSource
+
+    dsn = own_pg.create_database(unique("vr"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(EXAMPLE_SCHEMA.read_text())
+        conn.execute("INSERT INTO orders VALUES (40, 1, 7, 5.00, 'new')")
+    prefix = unique("vr") + ":"
+    r = redis.Redis.from_url(redis_server.url)
+    attempts: list[int] = []
+    allow = threading.Event()
+    real = PostgresSource._snapshot_connection
+
+    def refuse(self: PostgresSource) -> psycopg.Connection[Any]:
+        attempts.append(1)
+        if not allow.is_set():
+            raise SourceUnavailable("visibility check connection failed: too many clients (injected)")
+        return real(self)
+
+    monkeypatch.setattr(PostgresSource, "_snapshot_connection", refuse)
+    d = DaemonThread(make_config(config_dict(dsn, redis_server.url, unique("s"), prefix))).start(wait=False)
+    try:
+        wait_until(lambda: attempts, what="first attempt (the slot exists by then)")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("UPDATE orders SET status = 'paid' WHERE id = 40")
+        wait_until(lambda: len(attempts) >= 3, what="retried")
+        assert entry(r, f"{prefix}order:40") == {}  # nothing streamed, so nothing applied
+        assert _metric(d, "cdcd_retries_total", {"target": "source"}) >= 2
+        assert d.error is None and d.thread.is_alive()
+        allow.set()
+        wait_until(lambda: entry(r, f"{prefix}order:40").get("v"), what="applied once the check could be made")
+    finally:
+        d.stop()

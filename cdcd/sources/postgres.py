@@ -46,6 +46,7 @@ from cdcd.sources.visibility_gate import VisibilityCounts, VisibilityGate, Visib
 log = structlog.get_logger("cdcd.source.postgres")
 
 _FORCE_FEEDBACK_EVERY = 0.05  # seconds: acks are forced out at most this often
+_SIDE_TIMEOUT_MS = 10_000  # the visibility check's query and unacknowledged TCP data, at most
 
 
 class PostgresSource:
@@ -119,7 +120,7 @@ class PostgresSource:
             server_version = sqlconn.info.server_version
             encoding = session.stream_encoding(sqlconn.info.parameter_status("server_encoding") or "")
         # No transaction is released unchecked: without the side connection the source does not start.
-        self._snapshots = self.sql()
+        self._snapshots = self._snapshot_connection()
         self._snapshot_query = (b"SELECT pg_current_snapshot()::text" if server_version >= 130000
                                 else b"SELECT txid_current_snapshot()::text")
         try:
@@ -250,6 +251,19 @@ class PostgresSource:
             return parse_snapshot((res.get_value(0, 0) or b"").decode("ascii"))
         except (SnapshotError, UnicodeDecodeError) as exc:
             raise SourceUnavailable(f"visibility check: {exc}") from exc
+
+    def _snapshot_connection(self) -> psycopg.Connection[Any]:
+        """The side connection of the visibility checks. Its query runs in the loop (blocking, in libpq), so
+        a server or network that stops answering must end it rather than hold the loop: a statement timeout
+        and a TCP user timeout (unacknowledged data) of ``_SIDE_TIMEOUT_MS``; either failure is the source's
+        failure (back off, reconnect)."""
+        try:
+            conn = psycopg.connect(session.conninfo(self.settings.conninfo()), autocommit=True, connect_timeout=5,
+                                   tcp_user_timeout=_SIDE_TIMEOUT_MS)
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", (str(_SIDE_TIMEOUT_MS),))
+        except psycopg.Error as exc:
+            raise SourceUnavailable(f"visibility check connection failed: {str(exc).strip()}") from exc
+        return conn
 
     def _close_snapshots(self) -> None:
         if self._snapshots is not None:
