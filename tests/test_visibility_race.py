@@ -201,8 +201,8 @@ def test_a_lost_visibility_connection_reconnects_and_never_releases_unchecked(
         time.sleep(0.5)
         update = _invisible_update(writer, "UPDATE orders SET status = 'paid' WHERE id = 30")
         wait_until(lambda: d.daemon.status()["waiting_for_visibility"], what="the daemon holds the commit")
-        side = d.daemon.source._snapshots  # type: ignore[attr-defined]
-        admin.execute("SELECT pg_terminate_backend(%s)", (side.info.backend_pid,))
+        side = d.daemon.source._probe.backend_pid  # type: ignore[attr-defined]
+        admin.execute("SELECT pg_terminate_backend(%s)", (side,))
         wait_until(lambda: _metric(d, "cdcd_errors_total", {"kind": "source"}) >= 1, what="source error path")
         wait_until(lambda: d.daemon.source_ok and d.daemon.status()["waiting_for_visibility"],
                    what="reconnected and waiting again")
@@ -222,8 +222,7 @@ def test_without_the_visibility_connection_the_source_does_not_start(
         own_pg: PostgresServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The side connection cannot be made (a connection limit, say): the daemon backs off and retries like
     any source outage, applies nothing unchecked, and starts streaming once it can be made."""
-    from cdcd.sources.base import SourceUnavailable
-    from cdcd.sources.postgres import PostgresSource
+    from cdcd.pg.snapshots import ProbeError, SnapshotProbe
 
     dsn = own_pg.create_database(unique("vr"))
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -233,15 +232,15 @@ def test_without_the_visibility_connection_the_source_does_not_start(
     r = redis.Redis.from_url(redis_server.url)
     attempts: list[int] = []
     allow = threading.Event()
-    real = PostgresSource._snapshot_connection
+    real = SnapshotProbe.open
 
-    def refuse(self: PostgresSource) -> psycopg.Connection[Any]:
+    def refuse(self: SnapshotProbe) -> None:
         attempts.append(1)
         if not allow.is_set():
-            raise SourceUnavailable("visibility check connection failed: too many clients (injected)")
-        return real(self)
+            raise ProbeError("visibility check connection failed: too many clients (injected)")
+        real(self)
 
-    monkeypatch.setattr(PostgresSource, "_snapshot_connection", refuse)
+    monkeypatch.setattr(SnapshotProbe, "open", refuse)
     d = DaemonThread(make_config(config_dict(dsn, redis_server.url, unique("s"), prefix))).start(wait=False)
     try:
         wait_until(lambda: attempts, what="first attempt (the slot exists by then)")

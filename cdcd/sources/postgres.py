@@ -30,13 +30,13 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 import structlog
-from psycopg import pq
 
 from cdcd.change import Reads, Rejected, Transaction
 from cdcd.pg import replication, schema, session
 from cdcd.pg.lsn import lsn_to_str
 from cdcd.pg.pgoutput import DecodeError, PgOutputDecoder
-from cdcd.pg.visibility import Snapshot, SnapshotError, parse_snapshot
+from cdcd.pg.snapshots import ProbeError, SnapshotProbe
+from cdcd.pg.visibility import Snapshot
 from cdcd.rules import TableRule
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.schemaguard import PgSchemaGuard
@@ -46,7 +46,6 @@ from cdcd.sources.visibility_gate import VisibilityCounts, VisibilityGate, Visib
 log = structlog.get_logger("cdcd.source.postgres")
 
 _FORCE_FEEDBACK_EVERY = 0.05  # seconds: acks are forced out at most this often
-_SIDE_TIMEOUT_MS = 10_000  # the visibility check's query and unacknowledged TCP data, at most
 
 
 class PostgresSource:
@@ -64,8 +63,7 @@ class PostgresSource:
         self._decoder = PgOutputDecoder(self.name, settings.max_transaction_changes, settings.max_transaction_bytes)
         self.schema_guard = PgSchemaGuard(tables)
         self._catalog: psycopg.Connection[Any] | None = None  # the guard's catalog checks
-        self._snapshots: psycopg.Connection[Any] | None = None  # the visibility checks
-        self._snapshot_query = b"SELECT pg_current_snapshot()::text"
+        self._probe = SnapshotProbe(settings.conninfo())  # the visibility checks' side connection
         self.gate = VisibilityGate(self._fetch_snapshot, time.monotonic)
         self._acked = 0
         self._received = 0
@@ -120,9 +118,7 @@ class PostgresSource:
             server_version = sqlconn.info.server_version
             encoding = session.stream_encoding(sqlconn.info.parameter_status("server_encoding") or "")
         # No transaction is released unchecked: without the side connection the source does not start.
-        self._snapshots = self._snapshot_connection()
-        self._snapshot_query = (b"SELECT pg_current_snapshot()::text" if server_version >= 130000
-                                else b"SELECT txid_current_snapshot()::text")
+        self._open_probe()
         try:
             # The session pins the text formats pgtypes parses (walsender output uses these settings).
             conn = psycopg2.connect(session.conninfo(self.settings.conninfo(), encoding=encoding), connect_timeout=5,
@@ -233,42 +229,16 @@ class PostgresSource:
     def _fetch_snapshot(self) -> Snapshot:
         """A fresh server snapshot on the side connection. A failure is the source's failure: the daemon
         backs off and reconnects (re-delivery from the slot), it never applies without the check."""
-        conn = self._snapshots
-        if conn is None or conn.closed:
-            raise SourceUnavailable("visibility check: no connection")
-        # libpq's own PQexec through psycopg.pq: one statement, one text value, once per batch on a busy
-        # stream; half the CPU of conn.execute() or less (15-20 against 30-57 µs, BENCHMARKS.md section 23)
         try:
-            res = conn.pgconn.exec_(self._snapshot_query)
-        except psycopg.Error as exc:
-            self._close_snapshots()
-            raise SourceUnavailable(f"visibility check failed: {str(exc).strip()}") from exc
-        if res.status != pq.ExecStatus.TUPLES_OK or res.ntuples != 1:
-            error = (res.error_message or b"").decode("utf-8", "replace").strip()
-            self._close_snapshots()
-            raise SourceUnavailable(f"visibility check failed: {error or 'no snapshot returned'}")
-        try:
-            return parse_snapshot((res.get_value(0, 0) or b"").decode("ascii"))
-        except (SnapshotError, UnicodeDecodeError) as exc:
-            raise SourceUnavailable(f"visibility check: {exc}") from exc
+            return self._probe.fetch()
+        except ProbeError as exc:
+            raise SourceUnavailable(str(exc)) from exc
 
-    def _snapshot_connection(self) -> psycopg.Connection[Any]:
-        """The side connection of the visibility checks. Its query runs in the loop (blocking, in libpq), so
-        a server or network that stops answering must end it rather than hold the loop: a statement timeout
-        and a TCP user timeout (unacknowledged data) of ``_SIDE_TIMEOUT_MS``; either failure is the source's
-        failure (back off, reconnect)."""
+    def _open_probe(self) -> None:
         try:
-            conn = psycopg.connect(session.conninfo(self.settings.conninfo()), autocommit=True, connect_timeout=5,
-                                   tcp_user_timeout=_SIDE_TIMEOUT_MS)
-            conn.execute("SELECT set_config('statement_timeout', %s, false)", (str(_SIDE_TIMEOUT_MS),))
-        except psycopg.Error as exc:
-            raise SourceUnavailable(f"visibility check connection failed: {str(exc).strip()}") from exc
-        return conn
-
-    def _close_snapshots(self) -> None:
-        if self._snapshots is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._snapshots.close()
+            self._probe.open()
+        except ProbeError as exc:
+            raise SourceUnavailable(str(exc)) from exc
 
     def _keep_alive_waiting(self) -> None:
         """While the head waits, the session must not look dead to the server (``wal_sender_timeout``):
@@ -369,11 +339,11 @@ class PostgresSource:
                 self._conn.close()
         self._conn = self._cur = None
         self.gate.clear()  # the next session re-delivers what was held
-        for side in (self._catalog, self._snapshots):
-            if side is not None:
-                with contextlib.suppress(psycopg.Error):
-                    side.close()
-        self._catalog = self._snapshots = None
+        self._probe.close()
+        if self._catalog is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._catalog.close()
+            self._catalog = None
 
     def describe(self) -> dict[str, Any]:
         wait = self.gate.wait
