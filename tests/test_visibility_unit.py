@@ -37,8 +37,9 @@ def test_full_xid_in_the_snapshots_epoch() -> None:
     s = Snapshot(3 * EPOCH + 1000, 3 * EPOCH + 2000, frozenset())
     assert s.full_xid(1500) == 3 * EPOCH + 1500
     assert s.full_xid(2500) == 3 * EPOCH + 2500  # running, past xmax
+    assert s.full_xid(3 * EPOCH + 5) == 3 * EPOCH + 5  # already 64 bits (a source that sends the epoch)
     with pytest.raises(ValueError):
-        s.full_xid(EPOCH)
+        s.full_xid(-1)
 
 
 def test_wraparound_previous_epoch_after_xmax_wrapped() -> None:

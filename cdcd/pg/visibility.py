@@ -41,8 +41,10 @@ class Snapshot:
         transaction from the previous epoch seen after ``xmax`` wrapped, and one just past the wrap while
         ``xmax`` is still below it.
         """
-        if not 0 <= xid < _XID_SPACE:
-            raise ValueError(f"xid {xid} is not a 32-bit transaction id")
+        if xid < 0:
+            raise ValueError(f"xid {xid} is not a transaction id")
+        if xid >= _XID_SPACE:
+            return xid  # already 64 bits (with its epoch): nothing to guess
         delta = (xid - self.xmax) % _XID_SPACE
         if delta >= _HALF:
             delta -= _XID_SPACE
