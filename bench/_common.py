@@ -106,6 +106,28 @@ class DaemonProcess:
         wait_until(lambda: any(e.get("event") == "replication_started" for e in self.events()), timeout,
                    what=f"daemon start ({self.log_path})")
 
+    def metrics(self, prefix: str = "cdcd_") -> dict[str, float]:
+        """The daemon's Prometheus samples whose names start with ``prefix`` (label sets folded into the
+        name), read from its /metrics (its port from the ``http_listening`` log line); {} if unreachable
+        (a checkout without them, or http off)."""
+        import urllib.request
+
+        ports = [e["port"] for e in self.events() if e.get("event") == "http_listening" and "port" in e]
+        if not ports:
+            return {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[-1]}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+        return out
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -208,3 +230,16 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     return "\n".join([line, sep, *body])
+
+
+def visibility_summary(daemon: DaemonProcess) -> str:
+    """One line: how often the Postgres source held a delivered commit the server did not show yet."""
+    m = daemon.metrics("cdcd_source_visibility")
+    if not m:
+        return "visibility check: no figures (a checkout without it, or /metrics unreachable)"
+    waits = m.get("cdcd_source_visibility_waits_total", 0)
+    count = m.get("cdcd_source_visibility_wait_seconds_count", 0)
+    total = m.get("cdcd_source_visibility_wait_seconds_sum", 0)
+    mean = f"{1000 * total / count:.2f} ms" if count else "-"
+    return (f"visibility check: {m.get('cdcd_source_visibility_checks_total', 0):.0f} snapshot queries, "
+            f"{waits:.0f} commits delivered before they were visible (held, mean wait {mean})")

@@ -56,6 +56,7 @@ from _common import (
     servers,
     table,
     unique,
+    visibility_summary,
     wait_until,
 )
 
@@ -320,6 +321,7 @@ def main() -> int:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(30)
             sub.close()
+            print(visibility_summary(daemon))
             daemon.stop()
             lines = batch_lines(daemon.events())
             if lines:

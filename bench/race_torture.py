@@ -62,6 +62,7 @@ from _common import (
     servers,
     table,
     unique,
+    visibility_summary,
     wait_until,
 )
 
@@ -316,6 +317,7 @@ def main() -> int:
         wait_until(lambda: applied_version(r, prefix) >= target, 60, what="daemon caught up")
         out = io.StringIO()
         report = run_inspect(load(data), None, True, 100_000, 0.0, 30.0, out)
+        print(visibility_summary(daemon))
         daemon.stop()
 
         cd_direct = direct_stale(dsn, r, args.hot, lambda oid: cdcd_value(r, prefix, oid))

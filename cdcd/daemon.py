@@ -57,10 +57,15 @@ from cdcd.sources.base import (
     Source,
     SourceError,
     SourceUnavailable,
+    WaitsForVisibility,
 )
 from cdcd.sources.schemaguard import SchemaGuard
 
 log = structlog.get_logger("cdcd.daemon")
+
+# A source holding a commit the server does not show yet is not ready after this long: short waits (a
+# busy machine's milliseconds) must not flap readiness; a synchronous standby that stopped answering does.
+VISIBILITY_NOT_READY_AFTER = 5.0
 
 
 class HttpBindError(OSError):
@@ -290,7 +295,7 @@ class Daemon:
                 try:
                     # With a batch in flight, take only what the source already has: planning it
                     # overlaps Redis executing the batch. With nothing there, settle the batch first.
-                    items = self.source.poll(0 if self._inflight is not None else 0.5)
+                    items = self._poll_source(0 if self._inflight is not None else 0.5)
                     if items or self.schema_guard.pending():
                         self._process(items)
                         self._last_publish = time.monotonic()
@@ -348,6 +353,40 @@ class Daemon:
         batch = self._plan(txns, version)
         self._settle()  # the previous batch: applied and acked before this one may go out
         self._send(items, batch)
+
+    def _poll_source(self, timeout: float) -> Sequence[Transaction | Rejected]:
+        """``source.poll`` plus the visibility waits it went through (metrics)."""
+        items = self.source.poll(timeout)
+        if isinstance(self.source, WaitsForVisibility):
+            counts = self.source.visibility_counts()
+            m = self.metrics
+            if counts.waits:
+                m.visibility_waits.inc(counts.waits)
+            if counts.checks:
+                m.visibility_checks.inc(counts.checks)
+            for seconds in counts.durations:
+                m.visibility_wait.observe(seconds)
+        return items
+
+    def visibility_reasons(self) -> list[str]:
+        """Readiness: the source has held a commit the server does not show for too long."""
+        if not isinstance(self.source, WaitsForVisibility):
+            return []
+        wait = self.source.visibility_wait()
+        if wait is None:
+            return []
+        waited = time.monotonic() - wait.since
+        if waited < VISIBILITY_NOT_READY_AFTER:
+            return []
+        return [f"waiting for visibility of xid {wait.xid} for {waited:.0f}s: its commit is in the WAL but the "
+                f"server does not show it yet (synchronous_standby_names? a standby that does not answer); later "
+                f"transactions wait behind it"]
+
+    def _visibility_status(self) -> dict[str, Any] | None:
+        wait = self.source.visibility_wait() if isinstance(self.source, WaitsForVisibility) else None
+        if wait is None:
+            return None
+        return {"xid": wait.xid, "waited_s": round(time.monotonic() - wait.since, 3), "checks": wait.queries}
 
     def _plan(self, txns: list[Transaction], version: int) -> Batch:
         """Schema guard, then the rules: the batch of writes for these transactions (``version``: what a
@@ -564,6 +603,7 @@ class Daemon:
         lag = (self.source_stats or {}).get("lag_bytes")
         if bound is not None and lag is not None and lag > bound:
             reasons.append(f"lagging: {lag} bytes behind (bound {bound})")
+        reasons.extend(self.visibility_reasons())
         return reasons
 
     def _source_lost(self, exc: SourceUnavailable, failures: int) -> float:
@@ -608,6 +648,7 @@ class Daemon:
             "rate_60s": round(self.rate(60), 1),
             "last_batch_age_s": round(time.time() - self.last_batch_at, 1) if self.last_batch_at else None,
             "lag": self.source_stats,
+            "waiting_for_visibility": self._visibility_status(),
             "lag_alarm": self.lag_alarm,
             "retained_wal_bound": self.config.monitor.max_retained_wal,
             "exists_filters": ({rel: dict(st) for rel, st in self.exists_keeper.state.items()}

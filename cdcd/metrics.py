@@ -67,6 +67,14 @@ class Metrics:
         self.version = Gauge("cdcd_applied_version", "Version of the newest change applied", registry=r)
         self.watermark = Gauge("cdcd_applied_watermark", "Source position up to which every committed transaction "
                                                          "is applied and announced (read-your-writes)", registry=r)
+        self.visibility_waits = Counter("cdcd_source_visibility_waits_total", "Transactions the stream delivered "
+                                        "before the server showed them to new snapshots: they (and every later "
+                                        "one) were held until visible", registry=r)
+        self.visibility_wait = Histogram("cdcd_source_visibility_wait_seconds", "How long each such transaction "
+                                         "was held until the server showed it", buckets=_LATENCY_BUCKETS,
+                                         registry=r)
+        self.visibility_checks = Counter("cdcd_source_visibility_checks_total", "Server snapshots queried to check "
+                                         "that delivered transactions are visible", registry=r)
         self.connected = Gauge("cdcd_connected", "1 when connected, by target", ["target"], registry=r)
         self.slot_lag = Gauge("cdcd_slot_lag_bytes", "WAL between the server's insert position and the slot's "
                               "confirmed flush position", registry=r)

@@ -91,7 +91,7 @@ class MultiTargetDaemon(Daemon):
                             self.progress.wait(0.2)
                         continue
                     # with batches out, wake often to acknowledge what the targets applied meanwhile
-                    items = self.source.poll(0.02 if self._pending else 0.5)
+                    items = self._poll_source(0.02 if self._pending else 0.5)
                     if items or self.schema_guard.pending():
                         self._process(items)
                     elif not self._pending:

@@ -19,6 +19,7 @@ from cdcd.change import Rejected, Transaction
 
 if TYPE_CHECKING:
     from cdcd.sources.schemaguard import SchemaGuard
+    from cdcd.sources.visibility_gate import VisibilityCounts, VisibilityWait
 
 
 class SourceError(Exception):
@@ -100,3 +101,15 @@ class HasWatermark(Protocol):
 
     def watermark_published(self, position: int) -> None:
         """The daemon announced ``position``: stop waking up early for it."""
+
+
+@runtime_checkable
+class WaitsForVisibility(Protocol):
+    """A source that releases a transaction only once the server shows it to new snapshots (Postgres:
+    docs/consistency.md), so a tombstone never lands before readers can see the new row."""
+
+    def visibility_wait(self) -> VisibilityWait | None:
+        """The transaction at the head of the stream being waited for, or None."""
+
+    def visibility_counts(self) -> VisibilityCounts:
+        """Waits begun, wait durations ended and snapshots queried since the last call."""

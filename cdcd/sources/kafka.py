@@ -37,10 +37,13 @@ from typing import Any, NamedTuple
 import structlog
 
 from cdcd.change import Rejected, Transaction
+from cdcd.pg.snapshots import ProbeError, SnapshotProbe
+from cdcd.pg.visibility import Snapshot
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.debezium import ParseOptions, parse_record
 from cdcd.sources.settings import KafkaSourceSettings as KafkaSourceSettings  # re-exported
 from cdcd.sources.settings import TopicOptions as TopicOptions
+from cdcd.sources.visibility_gate import VisibilityCounts, VisibilityGate, VisibilityWait
 
 log = structlog.get_logger("cdcd.source.kafka")
 
@@ -193,6 +196,14 @@ class KafkaSource:
         self.rejected = 0
         self.commits = 0
         self.rebalances = 0
+        # optional: hold records until their Postgres transaction is visible (visibility_check_dsn)
+        self._snapshots: SnapshotProbe | None = None
+        self.gate: VisibilityGate | None = None
+        self._paused = False
+        dsn = settings.visibility_check_dsn
+        if dsn is not None:
+            self._snapshots = SnapshotProbe(dsn.get_secret_value())
+            self.gate = VisibilityGate(self._fetch_snapshot, time.monotonic)
 
     @classmethod
     def from_settings(cls, settings: KafkaSourceSettings | dict[str, Any]) -> KafkaSource:
@@ -210,6 +221,12 @@ class KafkaSource:
         if self._consumer is not None:
             return
         s = self.settings
+        if self._snapshots is not None:
+            # no record is released unchecked: without the check's connection the source does not start
+            try:
+                self._snapshots.open()
+            except ProbeError as exc:
+                raise SourceUnavailable(str(exc)) from exc
         warn_if_crc32c_pure_python()
         self._probe()
         kwargs = {
@@ -247,6 +264,11 @@ class KafkaSource:
 
     def close(self) -> None:
         """Leave the group. Commits what was acknowledged (never more); the rest is re-delivered."""
+        if self._snapshots is not None:
+            self._snapshots.close()
+        if self.gate is not None:
+            self.gate.clear()  # not acknowledged: re-delivered from the committed offsets
+        self._paused = False
         consumer, self._consumer = self._consumer, None
         if consumer is None:
             return
@@ -262,7 +284,54 @@ class KafkaSource:
     # ------------------------------------------------------------------ consuming
 
     def poll(self, timeout: float) -> Sequence[Transaction | Rejected]:
-        """Parsed records in partition order (partitions one after the other); [] after ``timeout``."""
+        """Parsed records in partition order (partitions one after the other); [] after ``timeout``.
+
+        With ``visibility_check_dsn``: only the prefix whose Postgres transactions (``source.txId``) a
+        snapshot of that server sees; the rest is held, in order, across partitions (a record waits
+        behind an invisible one even on another partition: simple, and only ever later, never
+        reordered). While the head waits the consumer keeps polling (group membership), its partitions
+        paused once ``max_poll_records`` are held."""
+        gate = self.gate
+        if gate is None:
+            return self._poll_records(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            room = gate.held_changes < self.settings.max_poll_records
+            self._pause(not room)
+            wait = 0.0 if gate.held else max(0.0, deadline - time.monotonic())
+            for item in self._poll_records(wait):
+                gate.hold(item)
+            out = gate.release()
+            remaining = deadline - time.monotonic()
+            if out or not gate.held or remaining <= 0:
+                return out
+            time.sleep(min(remaining, max(gate.next_check_in(), 0.0002)))
+
+    def _pause(self, pause: bool) -> None:
+        consumer = self._consumer
+        if consumer is None or pause == self._paused:
+            return
+        parts = consumer.assignment()
+        if pause:
+            consumer.pause(*parts)
+        else:
+            consumer.resume(*parts)
+        self._paused = pause
+
+    def _fetch_snapshot(self) -> Snapshot:
+        assert self._snapshots is not None
+        try:
+            return self._snapshots.fetch()
+        except ProbeError as exc:
+            raise SourceUnavailable(str(exc)) from exc
+
+    def visibility_wait(self) -> VisibilityWait | None:
+        return self.gate.wait if self.gate is not None else None
+
+    def visibility_counts(self) -> VisibilityCounts:
+        return self.gate.take_counts() if self.gate is not None else VisibilityCounts(0, [], 0)
+
+    def _poll_records(self, timeout: float) -> Sequence[Transaction | Rejected]:
         import kafka.errors as kerr
 
         consumer = self._consumer

@@ -6,6 +6,11 @@ issue 71); psycopg2's ``LogicalReplicationConnection`` drives
 ``START_REPLICATION``, keepalives and standby status updates in C. Rather than
 hand-parse COPY BOTH frames, the stream uses psycopg2 and nothing else does.
 
+Visibility: a transaction is handed on only once a snapshot taken on the server sees it (the
+walsender ships a commit before other sessions can see it; ``cdcd.sources.visibility_gate``), checked
+on a side connection of its own (docs/consistency.md, "A tombstone lands only after its commit is
+visible").
+
 Checkpointing: the slot's confirmed flush position moves only in :meth:`ack`,
 which the daemon calls after Redis acknowledged every transaction up to that
 position. Crash anywhere and the slot re-delivers from there; versions in Redis
@@ -30,10 +35,13 @@ from cdcd.change import Reads, Rejected, Transaction
 from cdcd.pg import replication, schema, session
 from cdcd.pg.lsn import lsn_to_str
 from cdcd.pg.pgoutput import DecodeError, PgOutputDecoder
+from cdcd.pg.snapshots import ProbeError, SnapshotProbe
+from cdcd.pg.visibility import Snapshot
 from cdcd.rules import TableRule
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.schemaguard import PgSchemaGuard
 from cdcd.sources.settings import PostgresSourceSettings
+from cdcd.sources.visibility_gate import VisibilityCounts, VisibilityGate, VisibilityWait
 
 log = structlog.get_logger("cdcd.source.postgres")
 
@@ -55,6 +63,8 @@ class PostgresSource:
         self._decoder = PgOutputDecoder(self.name, settings.max_transaction_changes, settings.max_transaction_bytes)
         self.schema_guard = PgSchemaGuard(tables)
         self._catalog: psycopg.Connection[Any] | None = None  # the guard's catalog checks
+        self._probe = SnapshotProbe(settings.conninfo())  # the visibility checks' side connection
+        self.gate = VisibilityGate(self._fetch_snapshot, time.monotonic)
         self._acked = 0
         self._received = 0
         self._handed = 0  # highest position poll() returned: the watermark never passes an unacked one
@@ -107,6 +117,8 @@ class PostgresSource:
         with self.sql() as sqlconn:
             server_version = sqlconn.info.server_version
             encoding = session.stream_encoding(sqlconn.info.parameter_status("server_encoding") or "")
+        # No transaction is released unchecked: without the side connection the source does not start.
+        self._open_probe()
         try:
             # The session pins the text formats pgtypes parses (walsender output uses these settings).
             conn = psycopg2.connect(session.conninfo(self.settings.conninfo(), encoding=encoding), connect_timeout=5,
@@ -157,16 +169,19 @@ class PostgresSource:
             self._catalog = None
 
     def _poll(self, timeout: float) -> Sequence[Transaction | Rejected]:
+        """Read what the server sends into the gate; return the visible prefix of what it holds (waiting
+        for the head's visibility, with backoff, until ``timeout``)."""
         cur = self._cur
         if cur is None:
             raise SourceUnavailable("not connected")
-        out: list[Transaction | Rejected] = []
-        budget = self.settings.max_batch
+        gate = self.gate
         deadline = time.monotonic() + timeout
         decoder = self._decoder
+        out: Sequence[Transaction | Rejected] = []
         try:
             while True:
-                msg = cur.read_message()
+                room = gate.held_changes < self.settings.max_batch  # reading is bounded while the head waits
+                msg = cur.read_message() if room else None
                 if msg is not None:
                     self._received = max(self._received, msg.data_start)
                     try:
@@ -177,29 +192,65 @@ class PostgresSource:
                         where = lsn_to_str(msg.data_start)
                         raise SourceUnavailable(f"pgoutput decode error at {where}: {exc}") from exc
                     if item is not None:
-                        out.append(item)
-                        budget -= len(item) if isinstance(item, Transaction) else 1
-                        if budget <= 0:
-                            break
+                        gate.hold(item)
                     continue
-                if out and not decoder.in_transaction:
-                    break  # drained what the server had: hand it on now (latency over batch size)
-                if not out and self.watermark() > self._watermark_reported:
+                now = time.monotonic()
+                releasable = gate.held and (not decoder.in_transaction or not room or now >= deadline)
+                if releasable:
+                    out = gate.release()  # drained what the server had: hand on what is visible now
+                    if out:
+                        break
+                elif not gate.held and self.watermark() > self._watermark_reported:
                     break  # idle and the watermark moved: let the daemon announce it now
-                remaining = deadline - time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     break
                 wait = min(remaining, 0.5)
+                if gate.wait is not None:
+                    if releasable:
+                        wait = min(wait, gate.next_check_in())
+                    self._keep_alive_waiting()
                 interval = self.settings.watermark_interval
-                if interval and not out:
+                if interval and not gate.held:
                     wait = min(wait, self._request_reply(interval))
-                select.select([self._conn], [], [], wait)
+                if room:
+                    select.select([self._conn], [], [], wait)
+                else:
+                    time.sleep(wait)  # the socket stays readable: select would spin
         except psycopg2.Error as exc:
             raise SourceUnavailable(f"replication stream broken: {str(exc).strip()}") from exc
         for item in out:
             if isinstance(item.position, int) and item.position > self._handed:
                 self._handed = item.position
         return out
+
+    # ------------------------------------------------------------------ visibility
+
+    def _fetch_snapshot(self) -> Snapshot:
+        """A fresh server snapshot on the side connection. A failure is the source's failure: the daemon
+        backs off and reconnects (re-delivery from the slot), it never applies without the check."""
+        try:
+            return self._probe.fetch()
+        except ProbeError as exc:
+            raise SourceUnavailable(str(exc)) from exc
+
+    def _open_probe(self) -> None:
+        try:
+            self._probe.open()
+        except ProbeError as exc:
+            raise SourceUnavailable(str(exc)) from exc
+
+    def _keep_alive_waiting(self) -> None:
+        """While the head waits, the session must not look dead to the server (``wal_sender_timeout``):
+        a status update without a new ack, at most every ``status_interval``."""
+        if time.monotonic() - self._last_forced >= self.settings.status_interval:
+            self._send_feedback(force=True)
+
+    def visibility_wait(self) -> VisibilityWait | None:
+        return self.gate.wait
+
+    def visibility_counts(self) -> VisibilityCounts:
+        return self.gate.take_counts()
 
     # ------------------------------------------------------------------ applied watermark
 
@@ -212,10 +263,19 @@ class PostgresSource:
         half-read), the server's WAL end from its last keepalive is one too: the walsender reports as its
         end the WAL it has decoded, and sends every published commit before it (psycopg2 keeps it in
         ``cursor.wal_end``; XLogData headers carry their own position, never a later one).
+
+        Visibility: a commit can be at or before the WAL end and still invisible (its session waits for a
+        synchronous standby). Every such commit of a published table was sent before the keepalive, so it
+        is held by the gate, and the WAL end is claimed only while nothing is held: W never covers an
+        invisible commit of a table the rules name. An invisible commit that touched no published table is
+        not sent (pgoutput skips empty transactions) and W may pass it: no cache entry derives from it.
+        The client's own position (``commit_position``) is read after its commit returned, i.e. after its
+        commit became visible, so waiting for W >= it never waits for an invisible commit of its own.
         """
         w = self._acked
         cur = self._cur
-        if cur is not None and self._acked >= self._handed and not self._decoder.in_transaction:
+        if (cur is not None and self._acked >= self._handed and not self._decoder.in_transaction
+                and not self.gate.held):
             w = max(w, int(cur.wal_end or 0))
         if w > self._watermark:
             self._watermark = w
@@ -278,14 +338,18 @@ class PostgresSource:
             with contextlib.suppress(psycopg2.Error):
                 self._conn.close()
         self._conn = self._cur = None
+        self.gate.clear()  # the next session re-delivers what was held
+        self._probe.close()
         if self._catalog is not None:
             with contextlib.suppress(psycopg.Error):
                 self._catalog.close()
             self._catalog = None
 
     def describe(self) -> dict[str, Any]:
+        wait = self.gate.wait
         return {"slot": self.settings.slot, "acked_lsn": lsn_to_str(self._acked),
-                "received_lsn": lsn_to_str(self._received)}
+                "received_lsn": lsn_to_str(self._received),
+                "waiting_for_visibility_xid": wait.xid if wait is not None else None}
 
     def lag_stats(self) -> dict[str, Any] | None:
         """Lag and retained WAL of the slot (None when the slot is gone)."""

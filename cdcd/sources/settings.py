@@ -134,6 +134,11 @@ class KafkaSourceSettings(BaseModel):
     unavailable_after: float = Field(default=10.0, gt=0,
                                      description="seconds without any broker connection before poll() gives up")
     dead_letter_topic: str = Field(default="cdcd.dlq", description="where rejected records are produced")
+    visibility_check_dsn: SecretStr | None = Field(
+        default=None, description="libpq DSN of the Postgres primary Debezium reads: a record with source.txId "
+                                  "is handed on only once a snapshot there sees its transaction, so a "
+                                  "tombstone never lands before readers can see the commit (docs/kafka.md); "
+                                  "never logged")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_plain_username: str | None = None
