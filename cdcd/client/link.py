@@ -144,6 +144,13 @@ class Link(_LinkBase):
         raise_errors(out)
         return out
 
+    def reachable(self) -> bool:
+        try:
+            self.call_checked([("PING",)])
+            return True
+        except L2Unavailable:
+            return False
+
     def _run(self, cmds: Sequence[Command]) -> list[Any]:
         try:
             conn = self._idle.pop()
@@ -221,6 +228,13 @@ class AsyncLink(_LinkBase):
         out = await self.call(cmds)
         raise_errors(out)
         return out
+
+    async def reachable(self) -> bool:
+        try:
+            await self.call_checked([("PING",)])
+            return True
+        except L2Unavailable:
+            return False
 
     async def _run(self, cmds: Sequence[Command]) -> list[Any]:
         try:

@@ -33,7 +33,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -43,12 +43,33 @@ from cdcd.backplane import Message
 from ._log import log
 
 if TYPE_CHECKING:
-    from .aio import AsyncCache
-    from .cache import Cache
+    from cdcd.keyspace import Keyspace
+
+    from .l1 import L1
+    from .link import AsyncLink, Link
+    from .options import CacheOptions
+    from .stats import Stats
 
 MAX_RUNS = 10_000
 PURGE_EVERY = 30.0  # seconds between sweeps of entries past their fail-safe window
 POLL = 0.2
+
+
+class Listened(Protocol):
+    """What a listener needs of the cache it keeps in step (the core, :class:`~.core.CacheCore`): the
+    listener knows nothing of the drivers, and the drivers hand it their link."""
+
+    options: CacheOptions
+    stats: Stats
+    keyspace: Keyspace
+    l1: L1
+
+    @property
+    def run_id(self) -> str: ...
+
+    def reset_l1(self, why: str) -> None: ...
+
+    def apply_message(self, msg: Message) -> None: ...
 
 
 class SeqTracker:
@@ -89,7 +110,7 @@ class SeqTracker:
 class _Listener:
     """Decoding, sequence tracking and applying: the part both listeners share."""
 
-    def __init__(self, cache: Cache | AsyncCache) -> None:
+    def __init__(self, cache: Listened) -> None:
         self.cache = cache
         self.tracker = SeqTracker(cache.run_id)
         self.ever_connected = False
@@ -129,9 +150,9 @@ class _Listener:
 class Subscriber(threading.Thread):
     """The sync cache's listener thread, on a connection of its own."""
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Listened, link: Link) -> None:
         super().__init__(name="cdcd-backplane", daemon=True)
-        self.cache = cache
+        self.cache, self.link = cache, link
         self.core = _Listener(cache)
         self.connected = threading.Event()
         self._stopping = threading.Event()
@@ -147,7 +168,7 @@ class Subscriber(threading.Thread):
         while not self._stopping.is_set():
             conn: Any = None
             try:
-                conn = cache.link.new_connection()
+                conn = self.link.new_connection()
                 conn.connect()
                 conn.send_command("SUBSCRIBE", cache.keyspace.channel)
                 reply = conn.read_response(push_request=True)
@@ -174,7 +195,7 @@ class Subscriber(threading.Thread):
                 if self.connected.is_set():
                     self.connected.clear()
                     log.debug("backplane_lost", error=str(exc))
-                    if cache.redis_reachable():
+                    if self.link.reachable():
                         cache.reset_l1(f"backplane connection lost: {exc}")
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 2.0)
@@ -193,8 +214,8 @@ class Subscriber(threading.Thread):
 class AsyncSubscriber:
     """The asyncio cache's listener task, on a connection of its own."""
 
-    def __init__(self, cache: AsyncCache) -> None:
-        self.cache = cache
+    def __init__(self, cache: Listened, link: AsyncLink) -> None:
+        self.cache, self.link = cache, link
         self.core = _Listener(cache)
         self.connected = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -217,7 +238,7 @@ class AsyncSubscriber:
         while True:
             conn: Any = None
             try:
-                conn = cache.link.new_connection()
+                conn = self.link.new_connection()
                 await conn.connect()
                 await conn.send_command("SUBSCRIBE", cache.keyspace.channel)
                 reply = await conn.read_response(push_request=True)
@@ -245,7 +266,7 @@ class AsyncSubscriber:
                 if self.connected.is_set():
                     self.connected.clear()
                     log.debug("backplane_lost", error=str(exc))
-                    if await cache.redis_reachable():
+                    if await self.link.reachable():
                         cache.reset_l1(f"backplane connection lost: {exc}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
