@@ -4,9 +4,10 @@
 
 Each run is a fresh interpreter with ``PYTHONPATH=<tree>`` that measures, against one throwaway Redis
 started here: an L1 hit of ``Cache.get_or_load`` and ``Cache.get`` (n calls), and an L2 hit of
-``Cache.get`` and ``get_or_load`` with L1 off (n/40 calls), on the client bench's 90-byte row. Runs
-alternate A, B, A, B... so load drifts hit both sides alike; the table shows the median per side and the
-change. ``bench/client_bench.py`` is the full comparison with peers; this is the quick regression check.
+``Cache.get`` and ``get_or_load`` with L1 off (n/40 calls), on the client bench's 90-byte row; then the
+same through ``AsyncCache`` (an L1 hit of ``get_or_load``, L2 hits of ``get`` and ``get_or_load``). Runs
+alternate A, B, A, B... so load drifts hit both sides alike; within a run each path reports its best of
+five slices (the least-disturbed one); the table shows the median of those per side and the change. ``bench/client_bench.py`` is the full comparison with peers; this is the quick regression check.
 """
 
 from __future__ import annotations
@@ -36,14 +37,39 @@ l1.get_or_load("user:42", loader)
 def rate(fn, args, k):
     for _ in range(min(k // 10, 2000)):
         fn(*args)
-    t0 = time.perf_counter()
-    for _ in range(k):
-        fn(*args)
-    return k / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(5):  # the best of five slices: the least-disturbed one on a busy machine
+        t0 = time.perf_counter()
+        for _ in range(k // 5):
+            fn(*args)
+        best = max(best, (k // 5) / (time.perf_counter() - t0))
+    return best
 out = {"L1 get_or_load": rate(l1.get_or_load, ("user:42", loader), n), "L1 get": rate(l1.get, ("user:42",), n),
        "L2 get": rate(l2.get, ("user:42",), n // 40),
        "L2 get_or_load": rate(l2.get_or_load, ("user:42", loader), n // 40)}
 l1.close(); l2.close()
+import asyncio
+from cdcd.client import AsyncCache
+async def arate(fn, args, k):
+    for _ in range(min(k // 10, 2000)):
+        await fn(*args)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(k // 5):
+            await fn(*args)
+        best = max(best, (k // 5) / (time.perf_counter() - t0))
+    return best
+async def amain():
+    a1 = AsyncCache(url, CacheOptions(prefix="ab:", subscribe=False, require_registry=False, entry=entry))
+    a2 = AsyncCache(url, CacheOptions(prefix="ab:", l1_max_entries=0, subscribe=False, require_registry=False,
+                                      entry=entry))
+    await a1.get_or_load("user:42", loader)
+    out["async L1 get_or_load"] = await arate(a1.get_or_load, ("user:42", loader), n)
+    out["async L2 get"] = await arate(a2.get, ("user:42",), n // 40)
+    out["async L2 get_or_load"] = await arate(a2.get_or_load, ("user:42", loader), n // 40)
+    await a1.close(); await a2.close()
+asyncio.run(amain())
 print(json.dumps(out))
 """
 

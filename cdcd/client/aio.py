@@ -47,23 +47,22 @@ P = ParamSpec("P")
 class AsyncCache(CacheSurface):
     """One per process and event loop. See :class:`cdcd.client.Cache` for the semantics."""
 
+    link: AsyncLink
+
     def __init__(self, client: aredis.Redis | str = "redis://127.0.0.1:6379/0", options: CacheOptions | None = None,
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
-        super().__init__(options, serializer, rng)
+        super().__init__(client, options, serializer, rng,
+                         lambda url: aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(url)), AsyncLink)
         opts = self.options
-        if isinstance(client, str):
-            client = aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(client))
-        self.redis: Any = client
-        if self._copy:  # every public read hands out its own copy (see values.Frozen)
-            self.get = self._get_copy  # type: ignore[method-assign]
-            self.get_or_load = self._get_or_load_copy  # type: ignore[method-assign]
-        self.link = AsyncLink(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker,
-                              self.stats)
         self._flights: dict[str, asyncio.Task[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_lock: asyncio.Lock | None = None
         self._subscriber = AsyncSubscriber(self.core, self.link) if opts.subscribe else None
         self.connected = self._subscriber.connected if self._subscriber is not None else asyncio.Event()
+
+    def _bind_copies(self) -> None:
+        self.get = self._get_copy  # type: ignore[method-assign]
+        self.get_or_load = self._get_or_load_copy  # type: ignore[method-assign]
 
     @classmethod
     async def create(cls, *args: Any, **kwargs: Any) -> AsyncCache:

@@ -65,17 +65,13 @@ class Cache(CacheSurface):
     the cache's own connections, with the cache's timeouts and no retries (see :mod:`.link`).
     """
 
+    link: Link
+
     def __init__(self, client: redis.Redis | str = "redis://127.0.0.1:6379/0", options: CacheOptions | None = None,
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
-        super().__init__(options, serializer, rng)
+        super().__init__(client, options, serializer, rng,
+                         lambda url: redis.Redis(connection_pool=redis.ConnectionPool.from_url(url)), Link)
         opts = self.options
-        if isinstance(client, str):
-            client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(client))
-        self.redis: Any = client
-        if self._copy:  # every public read hands out its own copy (see values.Frozen)
-            self.get = self._get_copy  # type: ignore[method-assign]
-            self.get_or_load = self._get_or_load_copy  # type: ignore[method-assign]
-        self.link = Link(client.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker, self.stats)
         self._flights: dict[str, _Flight] = {}
         self._flight_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(opts.background_workers, thread_name_prefix="cdcd-cache")
@@ -86,6 +82,10 @@ class Cache(CacheSurface):
             self._subscriber.start()
             # The first subscription resets L1; waiting for it (briefly) keeps early entries.
             self._subscriber.connected.wait(opts.connect_timeout_s + opts.redis_timeout)
+
+    def _bind_copies(self) -> None:
+        self.get = self._get_copy  # type: ignore[method-assign]
+        self.get_or_load = self._get_or_load_copy  # type: ignore[method-assign]
 
     # ---------------------------------------------------------------- lifecycle
 

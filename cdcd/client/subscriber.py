@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Generator
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -107,8 +108,13 @@ class SeqTracker:
         return None
 
 
+# What the listener's flow asks its driver to do (``(op, arg)``; see :meth:`_Listener.session`).
+Op = tuple[str, Any]
+
+
 class _Listener:
-    """Decoding, sequence tracking and applying: the part both listeners share."""
+    """The listener's whole flow, without I/O: (re)subscribing, decoding, sequence tracking, applying,
+    pings, silence detection, backoff. The thread and the asyncio task only do its steps."""
 
     def __init__(self, cache: Listened) -> None:
         self.cache = cache
@@ -146,79 +152,122 @@ class _Listener:
         if isinstance(reply, list) and len(reply) >= 3 and reply[0] in (b"message", "message"):
             self.handle(reply[2])
 
+    def session(self) -> Generator[Op, Any, None]:
+        """Listen until the driver stops. Steps: ``connect`` (a new connection, the old one closed),
+        ``send`` a command, ``read`` a reply (``arg``: at most that many seconds, else None), ``connected``
+        (set or clear the driver's flag; gives whether it was set), ``reachable`` (does Redis answer a
+        PING), ``pause`` for ``arg`` seconds. Redis and socket errors are raised at the ``yield``."""
+        cache = self.cache
+        delay = 0.05
+        last_purge = monotonic()
+        while True:
+            try:
+                yield "connect", None
+                yield "send", ("SUBSCRIBE", cache.keyspace.channel)
+                reply = yield "read", None
+                if not (isinstance(reply, list) and reply[0] in (b"subscribe", "subscribe")):
+                    raise RedisConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                self.on_subscribed()
+                yield "connected", True
+                delay = 0.05
+                last_rx = last_ping = monotonic()
+                while True:
+                    reply = yield "read", POLL
+                    if reply is not None:
+                        self.on_reply(reply)
+                        last_rx = monotonic()
+                    now = monotonic()
+                    if now - last_ping >= self.ping_every:
+                        yield "send", ("PING",)
+                        last_ping = now
+                    if now - last_rx > self.silent_after:
+                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
+                    if now - last_purge > PURGE_EVERY:
+                        cache.l1.purge_dead(now)
+                        last_purge = now
+            except (RedisError, OSError) as exc:
+                if (yield "connected", False):
+                    log.debug("backplane_lost", error=str(exc))
+                    if (yield "reachable", None):
+                        cache.reset_l1(f"backplane connection lost: {exc}")
+                yield "pause", delay
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:  # a bug must not silently end the listener (and L1's invalidation)
+                log.error("backplane_listener_error", error=repr(exc))
+                yield "connected", False
+                cache.reset_l1(f"backplane listener error: {exc!r}")
+                yield "pause", delay
+                delay = min(delay * 2, 2.0)
+
 
 class Subscriber(threading.Thread):
     """The sync cache's listener thread, on a connection of its own."""
 
     def __init__(self, cache: Listened, link: Link) -> None:
         super().__init__(name="cdcd-backplane", daemon=True)
-        self.cache, self.link = cache, link
+        self.link = link
         self.core = _Listener(cache)
         self.connected = threading.Event()
         self._stopping = threading.Event()
+        self._conn: Any = None
 
     def stop(self) -> None:
         self._stopping.set()
         self.join(3)
 
     def run(self) -> None:
-        delay = 0.05
-        cache, core = self.cache, self.core
-        last_purge = monotonic()
-        while not self._stopping.is_set():
-            conn: Any = None
-            try:
-                conn = self.link.new_connection()
-                conn.connect()
-                conn.send_command("SUBSCRIBE", cache.keyspace.channel)
-                reply = conn.read_response(push_request=True)
-                if not (isinstance(reply, list) and reply[0] in (b"subscribe", "subscribe")):
-                    raise RedisConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-                core.on_subscribed()
-                self.connected.set()
-                delay = 0.05
-                last_rx = last_ping = monotonic()
-                while not self._stopping.is_set():
-                    if conn.can_read(timeout=POLL):
-                        core.on_reply(conn.read_response(push_request=True))
-                        last_rx = monotonic()
-                    now = monotonic()
-                    if now - last_ping >= core.ping_every:
-                        conn.send_command("PING", check_health=False)
-                        last_ping = now
-                    if now - last_rx > core.silent_after:
-                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
-                    if now - last_purge > PURGE_EVERY:
-                        cache.l1.purge_dead(now)
-                        last_purge = now
-            except (RedisError, OSError) as exc:
-                if self.connected.is_set():
-                    self.connected.clear()
-                    log.debug("backplane_lost", error=str(exc))
-                    if self.link.reachable():
-                        cache.reset_l1(f"backplane connection lost: {exc}")
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 2.0)
-            except Exception as exc:  # a bug must not silently end the listener (and L1's invalidation)
-                log.error("backplane_listener_error", error=repr(exc))
-                self.connected.clear()
-                cache.reset_l1(f"backplane listener error: {exc!r}")
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.disconnect()
+        flow = self.core.session()
+        step = next(flow)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    reply = self._do(*step)
+                except Exception as exc:  # the flow decides: backoff, reset
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(reply)
+        finally:
+            flow.close()
+            self._close()
+
+    def _do(self, op: str, arg: Any) -> Any:
+        conn = self._conn
+        if op == "read":
+            if arg is None:
+                return conn.read_response(push_request=True)
+            return conn.read_response(push_request=True) if conn.can_read(timeout=arg) else None
+        if op == "send":
+            return conn.send_command(*arg, check_health=False)
+        if op == "connect":
+            self._close()
+            self._conn = conn = self.link.new_connection()
+            return conn.connect()
+        if op == "connected":
+            was = self.connected.is_set()
+            self.connected.set() if arg else self.connected.clear()
+            return was
+        if op == "reachable":
+            return self.link.reachable()
+        return self._stopping.wait(arg)  # pause
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+
+
 
 
 class AsyncSubscriber:
     """The asyncio cache's listener task, on a connection of its own."""
 
     def __init__(self, cache: Listened, link: AsyncLink) -> None:
-        self.cache, self.link = cache, link
+        self.link = link
         self.core = _Listener(cache)
         self.connected = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._conn: Any = None
 
     def start(self) -> None:
         if self.task is None:
@@ -232,51 +281,41 @@ class AsyncSubscriber:
             self.task = None
 
     async def run(self) -> None:
-        delay = 0.05
-        cache, core = self.cache, self.core
-        last_purge = monotonic()
-        while True:
-            conn: Any = None
-            try:
-                conn = self.link.new_connection()
-                await conn.connect()
-                await conn.send_command("SUBSCRIBE", cache.keyspace.channel)
-                reply = await conn.read_response(push_request=True)
-                if not (isinstance(reply, list) and reply[0] in (b"subscribe", "subscribe")):
-                    raise RedisConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-                core.on_subscribed()
-                self.connected.set()
-                delay = 0.05
-                last_rx = last_ping = monotonic()
-                while True:
-                    reply = await conn.read_response(timeout=POLL, push_request=True)
-                    if reply is not None:
-                        core.on_reply(reply)
-                        last_rx = monotonic()
-                    now = monotonic()
-                    if now - last_ping >= core.ping_every:
-                        await conn.send_command("PING", check_health=False)
-                        last_ping = now
-                    if now - last_rx > core.silent_after:
-                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
-                    if now - last_purge > PURGE_EVERY:
-                        cache.l1.purge_dead(now)
-                        last_purge = now
-            except (RedisError, OSError) as exc:
-                if self.connected.is_set():
-                    self.connected.clear()
-                    log.debug("backplane_lost", error=str(exc))
-                    if await self.link.reachable():
-                        cache.reset_l1(f"backplane connection lost: {exc}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except Exception as exc:
-                log.error("backplane_listener_error", error=repr(exc))
-                self.connected.clear()
-                cache.reset_l1(f"backplane listener error: {exc!r}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.disconnect(nowait=True)
+        """Until cancelled (:meth:`stop`): the cancellation is not the flow's to handle."""
+        flow = self.core.session()
+        step = next(flow)
+        try:
+            while True:
+                try:
+                    reply = await self._do(*step)
+                except Exception as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(reply)
+        finally:
+            flow.close()
+            await self._close()
+
+    async def _do(self, op: str, arg: Any) -> Any:
+        conn = self._conn
+        if op == "read":
+            return await conn.read_response(timeout=arg, push_request=True)
+        if op == "send":
+            return await conn.send_command(*arg, check_health=False)
+        if op == "connect":
+            await self._close()
+            self._conn = conn = self.link.new_connection()
+            return await conn.connect()
+        if op == "connected":
+            was = self.connected.is_set()
+            self.connected.set() if arg else self.connected.clear()
+            return was
+        if op == "reachable":
+            return await self.link.reachable()
+        return await asyncio.sleep(arg)  # pause
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)

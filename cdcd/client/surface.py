@@ -24,8 +24,12 @@ class CacheSurface:
     """The core and the public, I/O-free part of a cache; :class:`~.cache.Cache` and
     :class:`~.aio.AsyncCache` add the I/O and the concurrency primitives."""
 
-    def __init__(self, options: CacheOptions | None, serializer: Serializer | None,
-                 rng: random.Random | None) -> None:
+    link: Any  # the driver's: :class:`~.link.Link` or :class:`~.link.AsyncLink`
+
+    def __init__(self, client: Any, options: CacheOptions | None, serializer: Serializer | None,
+                 rng: random.Random | None, from_url: Callable[[str], Any], link_class: Callable[..., Any]) -> None:
+        """``client``: a URL (``from_url`` makes the client) or a redis-py client whose pool settings the
+        cache's own connections (``link_class``) use, with the cache's timeouts and no retries."""
         self.options = opts = options or CacheOptions()
         self.core = core = CacheCore(opts, serializer or TypedSerializer(), rng)
         self.keyspace = core.keyspace
@@ -39,6 +43,15 @@ class CacheSurface:
         self.rng = core.rng
         self.sequencer = core.sequencer
         self.watermark = core.watermark
+        self.redis: Any = from_url(client) if isinstance(client, str) else client
+        self.link = link_class(self.redis.connection_pool, opts.redis_timeout, opts.connect_timeout_s, self.breaker,
+                               self.stats)
+        if self._copy:  # every public read hands out its own copy (see values.Frozen)
+            self._bind_copies()
+
+    def _bind_copies(self) -> None:
+        """Put the driver's copying ``get`` and ``get_or_load`` over its own (``l1_copy``)."""
+        raise NotImplementedError
 
     @property
     def run_id(self) -> str:
