@@ -202,10 +202,10 @@ class CacheCore:
 
     def get_or_load(self, key: str, loader: Callable[[], Any], ttl: Duration | None, tags: Iterable[str],
                     options: EntryOptions | None, decode: Callable[[Any], Any] | None) -> Flow:
-        """``get_or_load`` past L1."""
+        """``get_or_load`` past L1 (the miss flow itself: one generator layer less on every miss)."""
         self.stats.l1_misses += 1
         opts = (options or self.options.entry).merged(ttl=ttl, decode=decode)
-        return (yield from self.miss(key, loader, opts, check_names(key, tags)))
+        return self.miss(key, loader, opts, check_names(key, tags))
 
     def bypass(self, loader: Callable[[], Any]) -> Flow:
         """Read-your-writes not satisfied in time (``ryw_on_timeout="bypass"``): the loader, uncached."""
