@@ -34,7 +34,7 @@ from .link import AsyncLink
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import KeyTemplate
 from .serializers import Serializer
-from .steps import Call, FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied
+from .steps import Call, FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, arun
 from .subscriber import AsyncSubscriber
 from .surface import CacheSurface, decorated
 from .values import thaw
@@ -112,24 +112,13 @@ class AsyncCache(CacheSurface):
     # ---------------------------------------------------------------- the driver
 
     async def _run(self, flow: Flow) -> Any:
-        """Run a core flow to its end, doing each step it yields (see :mod:`.steps`)."""
-        link = self.link
-        try:
-            step = next(flow)
-            while True:
-                try:
-                    if type(step) is Call:
-                        reply = await (link.call_checked(step.cmds) if step.checked else link.call(step.cmds))
-                    else:
-                        reply = await self._do(step)
-                except BaseException as exc:  # cancellation too: the flow's ``finally`` (an unlock) still runs
-                    step = flow.throw(exc)
-                else:
-                    step = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
+        """Run a core flow to its end, doing each step it yields (see :mod:`.steps`). A cancellation is
+        raised in the flow too, so its ``finally`` (an unlock) still runs."""
+        return await arun(flow, self._do)
 
     async def _do(self, step: Step) -> Any:
+        if type(step) is Call:
+            return await (self.link.call_checked(step.cmds) if step.checked else self.link.call(step.cmds))
         if type(step) is Load:
             value = step.loader()
             if inspect.isawaitable(value):  # plain callables are loaders too

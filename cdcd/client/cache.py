@@ -29,7 +29,7 @@ from .link import L2Unavailable, Link
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import XFETCH_HORIZON, KeyTemplate
 from .serializers import Serializer
-from .steps import Call, FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied
+from .steps import Call, FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, run
 from .subscriber import Subscriber
 from .surface import CacheSurface, decorated
 from .values import thaw
@@ -114,23 +114,11 @@ class Cache(CacheSurface):
 
     def _run(self, flow: Flow) -> Any:
         """Run a core flow to its end, doing each step it yields (see :mod:`.steps`)."""
-        link = self.link
-        try:
-            step = next(flow)
-            while True:
-                try:
-                    if type(step) is Call:
-                        reply = link.call_checked(step.cmds) if step.checked else link.call(step.cmds)
-                    else:
-                        reply = self._do(step)
-                except BaseException as exc:
-                    step = flow.throw(exc)
-                else:
-                    step = flow.send(reply)
-        except StopIteration as stop:
-            return stop.value
+        return run(flow, self._do)
 
     def _do(self, step: Step) -> Any:
+        if type(step) is Call:
+            return self.link.call_checked(step.cmds) if step.checked else self.link.call(step.cmds)
         if type(step) is Load:
             return step.loader()
         if type(step) is Join:

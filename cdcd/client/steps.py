@@ -9,11 +9,14 @@ rule of the cache is written once and both drivers obey it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, TypeVar
 
 from .link import Command
 from .options import EntryOptions
+
+S = TypeVar("S")
+R = TypeVar("R")
 
 
 class Call:
@@ -90,3 +93,34 @@ Step = Call | Publish | Load | Sleep | WaitApplied | Join | Refresh
 
 class FlightTimedOut(Exception):
     """Raised at a :class:`Join` whose wait ran out (not the loader's own ``TimeoutError``)."""
+
+
+def run(flow: Generator[S, Any, R], do: Callable[[S], Any]) -> R:
+    """Drive ``flow`` to its end with blocking ``do(step)``: its outcome is sent back in, its exception
+    (any, cancellation included) raised at the ``yield`` so the flow's ``except`` and ``finally`` run."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = flow.send(reply) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            reply, error = do(step), None
+        except BaseException as exc:
+            reply, error = None, exc
+
+
+async def arun(flow: Generator[S, Any, R], do: Callable[[S], Awaitable[Any]]) -> R:
+    """:func:`run` with an asyncio ``do``: the one place the flows meet ``await``."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = flow.send(reply) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            reply, error = await do(step), None
+        except BaseException as exc:
+            reply, error = None, exc

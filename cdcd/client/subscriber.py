@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 
 from cdcd.backplane import Message
 
+from . import steps
 from ._log import log
 
 if TYPE_CHECKING:
@@ -200,6 +201,11 @@ class _Listener:
                 delay = min(delay * 2, 2.0)
 
 
+class _Stopped(BaseException):
+    """Raised in the listener's flow when the thread is told to stop (a BaseException: the flow's
+    error handling must not take it for a Redis failure)."""
+
+
 class Subscriber(threading.Thread):
     """The sync cache's listener thread, on a connection of its own."""
 
@@ -216,21 +222,17 @@ class Subscriber(threading.Thread):
         self.join(3)
 
     def run(self) -> None:
-        flow = self.core.session()
-        step = next(flow)
         try:
-            while not self._stopping.is_set():
-                try:
-                    reply = self._do(*step)
-                except Exception as exc:  # the flow decides: backoff, reset
-                    step = flow.throw(exc)
-                else:
-                    step = flow.send(reply)
+            steps.run(self.core.session(), self._do)
+        except _Stopped:
+            pass
         finally:
-            flow.close()
             self._close()
 
-    def _do(self, op: str, arg: Any) -> Any:
+    def _do(self, step: Op) -> Any:
+        op, arg = step
+        if self._stopping.is_set():
+            raise _Stopped
         conn = self._conn
         if op == "read":
             if arg is None:
@@ -281,22 +283,14 @@ class AsyncSubscriber:
             self.task = None
 
     async def run(self) -> None:
-        """Until cancelled (:meth:`stop`): the cancellation is not the flow's to handle."""
-        flow = self.core.session()
-        step = next(flow)
+        """Until cancelled (:meth:`stop`)."""
         try:
-            while True:
-                try:
-                    reply = await self._do(*step)
-                except Exception as exc:
-                    step = flow.throw(exc)
-                else:
-                    step = flow.send(reply)
+            await steps.arun(self.core.session(), self._do)
         finally:
-            flow.close()
             await self._close()
 
-    async def _do(self, op: str, arg: Any) -> Any:
+    async def _do(self, step: Op) -> Any:
+        op, arg = step
         conn = self._conn
         if op == "read":
             return await conn.read_response(timeout=arg, push_request=True)
