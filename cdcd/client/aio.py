@@ -28,7 +28,7 @@ import redis.asyncio as aredis
 
 from ._log import log
 from .consistency import ACTIVE, Position
-from .core import MISS, SERVE_AND_REFRESH, Flow, out
+from .core import MISS, SERVE_AND_REFRESH, out
 from .decorated import AsyncCachedFunction
 from .link import AsyncLink
 from .options import CacheOptions, Duration, EntryOptions
@@ -53,11 +53,10 @@ class AsyncCache(CacheSurface):
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
         super().__init__(client, options, serializer, rng,
                          lambda url: aredis.Redis(connection_pool=aredis.ConnectionPool.from_url(url)), AsyncLink)
-        opts = self.options
         self._flights: dict[str, asyncio.Task[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_lock: asyncio.Lock | None = None
-        self._subscriber = AsyncSubscriber(self.core, self.link) if opts.subscribe else None
+        self._subscriber = AsyncSubscriber(self.core, self.link) if self.options.subscribe else None
         self.connected = self._subscriber.connected if self._subscriber is not None else asyncio.Event()
 
     def _bind_copies(self) -> None:
@@ -111,12 +110,9 @@ class AsyncCache(CacheSurface):
 
     # ---------------------------------------------------------------- the driver
 
-    async def _run(self, flow: Flow) -> Any:
-        """Run a core flow to its end, doing each step it yields (see :mod:`.steps`). A cancellation is
-        raised in the flow too, so its ``finally`` (an unlock) still runs."""
-        return await arun(flow, self._do)
-
     async def _do(self, step: Step) -> Any:
+        """One step of a core flow (flows run with :func:`.steps.arun`; a cancellation is raised in the
+        flow too, so its ``finally``, an unlock, still runs)."""
         if type(step) is Call:
             return await (self.link.call_checked(step.cmds) if step.checked else self.link.call(step.cmds))
         if type(step) is Load:
@@ -158,7 +154,7 @@ class AsyncCache(CacheSurface):
             self.stats.l1_hits += 1
             return default if e.negative else e.value
         self._ensure_started()
-        return await self._run(self.core.get(key, default, decode))
+        return await arun(self.core.get(key, default, decode), self._do)
 
     @overload
     async def get_or_load(self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: Duration | None = None,
@@ -176,7 +172,7 @@ class AsyncCache(CacheSurface):
         """The value of ``key``, loading it with ``loader()`` (an ``async def`` function or a plain callable) on
         a miss; see :meth:`Cache.get_or_load`. A loader returning ``T`` or an awaitable of ``T`` gives ``T``."""
         if (min_position is not None or ACTIVE[0]) and not await self._ryw(key, min_position):
-            return await self._run(self.core.bypass(loader))
+            return await arun(self.core.bypass(loader), self._do)
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -190,7 +186,7 @@ class AsyncCache(CacheSurface):
                     self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return out(e)
         self._ensure_started()
-        return await self._run(self.core.get_or_load(key, loader, ttl, tags, options, decode))
+        return await arun(self.core.get_or_load(key, loader, ttl, tags, options, decode), self._do)
 
     async def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
                         min_position: Position | None = None) -> Any:
@@ -224,7 +220,7 @@ class AsyncCache(CacheSurface):
     def _start_flight(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
                       has_fallback: bool) -> asyncio.Task[Any]:
         flow = self.core.load(key, loader, opts, tags, refresh_of, has_fallback)
-        task = asyncio.get_running_loop().create_task(self._run(flow))
+        task = asyncio.get_running_loop().create_task(arun(flow, self._do))
         self._flights[key] = task
 
         def landed(t: asyncio.Task[Any]) -> None:
@@ -251,15 +247,15 @@ class AsyncCache(CacheSurface):
     async def set(self, key: str, value: Any, *, ttl: Duration | None = None, tags: Iterable[str] = (),
                   options: EntryOptions | None = None) -> bool:
         """See :meth:`cdcd.client.Cache.set`."""
-        return bool(await self._run(self.core.set(key, value, ttl, tags, options)))
+        return bool(await arun(self.core.set(key, value, ttl, tags, options), self._do))
 
     async def delete(self, key: str) -> bool:
         """See :meth:`cdcd.client.Cache.delete`."""
-        return bool(await self._run(self.core.delete(key)))
+        return bool(await arun(self.core.delete(key), self._do))
 
     async def invalidate_tag(self, tag: str) -> bool:
         """See :meth:`cdcd.client.Cache.invalidate_tag`."""
-        return bool(await self._run(self.core.invalidate_tag(tag)))
+        return bool(await arun(self.core.invalidate_tag(tag), self._do))
 
     # ---------------------------------------------------------------- decorator
 
@@ -294,8 +290,8 @@ class AsyncCache(CacheSurface):
     async def wait_applied(self, position: Position, timeout: float | None = None) -> bool:
         """See :meth:`cdcd.client.Cache.wait_applied`."""
         self._ensure_started()
-        return bool(await self._run(self.core.wait_applied(position, timeout)))
+        return bool(await arun(self.core.wait_applied(position, timeout), self._do))
 
     async def _ryw(self, key: str, min_position: Position | None) -> bool:
         self._ensure_started()
-        return bool(await self._run(self.core.read_your_writes(key, min_position)))
+        return bool(await arun(self.core.read_your_writes(key, min_position), self._do))

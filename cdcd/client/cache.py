@@ -23,7 +23,7 @@ import redis
 
 from ._log import log
 from .consistency import ACTIVE, Position
-from .core import MISS, SERVE_AND_REFRESH, Flow, out
+from .core import MISS, SERVE_AND_REFRESH, out
 from .decorated import CachedFunction
 from .link import L2Unavailable, Link
 from .options import CacheOptions, Duration, EntryOptions
@@ -71,17 +71,17 @@ class Cache(CacheSurface):
                  serializer: Serializer | None = None, rng: random.Random | None = None) -> None:
         super().__init__(client, options, serializer, rng,
                          lambda url: redis.Redis(connection_pool=redis.ConnectionPool.from_url(url)), Link)
-        opts = self.options
         self._flights: dict[str, _Flight] = {}
         self._flight_lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(opts.background_workers, thread_name_prefix="cdcd-cache")
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.options.background_workers,
+                                                           thread_name_prefix="cdcd-cache")
         self._publish_lock = threading.Lock()
         self._subscriber: Subscriber | None = None
-        if opts.subscribe:
+        if self.options.subscribe:
             self._subscriber = Subscriber(self.core, self.link)
             self._subscriber.start()
             # The first subscription resets L1; waiting for it (briefly) keeps early entries.
-            self._subscriber.connected.wait(opts.connect_timeout_s + opts.redis_timeout)
+            self._subscriber.connected.wait(self.options.connect_timeout_s + self.options.redis_timeout)
 
     def _bind_copies(self) -> None:
         self.get = self._get_copy  # type: ignore[method-assign]
@@ -112,11 +112,8 @@ class Cache(CacheSurface):
 
     # ---------------------------------------------------------------- the driver
 
-    def _run(self, flow: Flow) -> Any:
-        """Run a core flow to its end, doing each step it yields (see :mod:`.steps`)."""
-        return run(flow, self._do)
-
     def _do(self, step: Step) -> Any:
+        """One step of a core flow (flows run with :func:`.steps.run`)."""
         if type(step) is Call:
             return self.link.call_checked(step.cmds) if step.checked else self.link.call(step.cmds)
         if type(step) is Load:
@@ -147,14 +144,14 @@ class Cache(CacheSurface):
 
         ``min_position`` (or a :meth:`read_your_writes` scope): nothing older than that commit; when the
         daemon has not applied it within ``ryw_timeout``, ``default`` (a miss) or ``NotApplied``."""
-        if (min_position is not None or ACTIVE[0]) and not self._run(self.core.read_your_writes(key, min_position)):
+        if (min_position is not None or ACTIVE[0]) and not run(self.core.read_your_writes(key, min_position), self._do):
             return default
         e = self._l1data.get(key)
         if e is not None and monotonic() < e.hard:
             e.ref = True
             self.stats.l1_hits += 1
             return default if e.negative else e.value
-        return self._run(self.core.get(key, default, decode))
+        return run(self.core.get(key, default, decode), self._do)
 
     def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                     tags: Iterable[str] = (), options: EntryOptions | None = None,
@@ -167,8 +164,8 @@ class Cache(CacheSurface):
         (docs/read-your-writes.md); not applied within ``ryw_timeout``: the loader's value, uncached
         (``ryw_on_timeout="bypass"``), or ``NotApplied``.
         """
-        if (min_position is not None or ACTIVE[0]) and not self._run(self.core.read_your_writes(key, min_position)):
-            return self._run(self.core.bypass(loader))  # type: ignore[no-any-return]
+        if (min_position is not None or ACTIVE[0]) and not run(self.core.read_your_writes(key, min_position), self._do):
+            return run(self.core.bypass(loader), self._do)  # type: ignore[no-any-return]
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -181,7 +178,7 @@ class Cache(CacheSurface):
                 if how == SERVE_AND_REFRESH:
                     self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return out(e)  # type: ignore[no-any-return]
-        return self._run(self.core.get_or_load(key, loader, ttl, tags, options, decode))  # type: ignore[no-any-return]
+        return run(self.core.get_or_load(key, loader, ttl, tags, options, decode), self._do)  # type: ignore[no-any-return]
 
     def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
                   min_position: Position | None = None) -> Any:
@@ -249,7 +246,7 @@ class Cache(CacheSurface):
     def _flight(self, fl: _Flight, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str],
                 refresh_of: str | None, has_fallback: bool) -> None:
         try:
-            result = self._run(self.core.load(key, loader, opts, tags, refresh_of, has_fallback))
+            result = run(self.core.load(key, loader, opts, tags, refresh_of, has_fallback), self._do)
         except BaseException as exc:
             self._land(key, fl, None, exc)
             if refresh_of is not None:
@@ -280,17 +277,17 @@ class Cache(CacheSurface):
 
         Returns whether L2 took the value (False: refused by the guard, or Redis unreachable).
         """
-        return bool(self._run(self.core.set(key, value, ttl, tags, options)))
+        return bool(run(self.core.set(key, value, ttl, tags, options), self._do))
 
     def delete(self, key: str) -> bool:
         """Invalidate ``key`` everywhere: a tombstone in L2 (fills in flight fail), this L1, other L1s via the
         backplane. Returns False when Redis was unreachable (only this process's L1 dropped it)."""
-        return bool(self._run(self.core.delete(key)))
+        return bool(run(self.core.delete(key), self._do))
 
     def invalidate_tag(self, tag: str) -> bool:
         """O(1): bump the tag's counter; every entry that recorded the old value misses, everywhere.
         Returns False when Redis was unreachable (only this process's L1 dropped them)."""
-        return bool(self._run(self.core.invalidate_tag(tag)))
+        return bool(run(self.core.invalidate_tag(tag), self._do))
 
     # ---------------------------------------------------------------- decorator
 
@@ -329,4 +326,4 @@ class Cache(CacheSurface):
     def wait_applied(self, position: Position, timeout: float | None = None) -> bool:
         """Wait until the daemon applied every commit up to ``position`` (and announced it, so this
         process's L1 dropped what it changed); False after ``timeout`` (default ``ryw_timeout``)."""
-        return bool(self._run(self.core.wait_applied(position, timeout)))
+        return bool(run(self.core.wait_applied(position, timeout), self._do))

@@ -101,7 +101,7 @@ class CacheCore:
         self.l1 = L1(opts.l1_max_entries, opts.l1_max_bytes, self.stats)
         self.breaker = CircuitBreaker(opts.breaker_failures, opts.breaker_reset)
         self.registry = Registry()
-        self.registry_at = -math.inf
+        self.registry_next = -math.inf
         self.rng = rng or random.Random()
         self.sequencer = Sequencer("app")
         self.watermark = Watermark()
@@ -119,19 +119,17 @@ class CacheCore:
 
     # ---------------------------------------------------------------- Redis plumbing
 
-    def registry_due(self) -> bool:
-        """Time to re-read the rules (checked without a generator: it is on every L2 read)."""
-        every = self.options.registry_refresh
-        if self.unverifiable:
-            every = min(every, 1.0)  # Redis lost it: the daemon restores it within a heartbeat
-        return monotonic() - self.registry_at >= every
-
     def refresh_registry(self) -> Flow:
-        self.registry_at = monotonic()
+        """Re-read the rules; callers check ``monotonic() >= registry_next`` first (no generator on every
+        L2 read)."""
+        now = monotonic()
+        self.registry_next = now + self.options.registry_refresh
         try:
             self.registry.load((yield Call([("GET", self.keyspace.registry)], True))[0])
         except (L2Unavailable, ValueError) as exc:
             log.debug("registry_unavailable", error=str(exc))
+        if self.unverifiable:  # Redis lost it: the daemon restores it within a heartbeat
+            self.registry_next = now + min(self.options.registry_refresh, 1.0)
 
     def read(self, key: str, tags: Sequence[str], lease: bool) -> Flow:
         lease_ms = int(self.options.lease_ttl * 1000) if lease else None
@@ -167,7 +165,7 @@ class CacheCore:
         opts = self.options.entry if decode is None else self.options.entry.merged(decode=decode)
         since = self.l1.begin()
         try:
-            if self.registry_due():
+            if monotonic() >= self.registry_next:
                 yield from self.refresh_registry()
             if self.unverifiable:
                 self.stats.l2_misses += 1
@@ -272,7 +270,7 @@ class CacheCore:
         reloaded. ``has_fallback``: Redis failures are raised (the caller serves its fallback) rather
         than answered by a load without L2.
         """
-        if self.registry_due():
+        if monotonic() >= self.registry_next:
             yield from self.refresh_registry()
         if self.unverifiable:
             self.stats.l2_misses += 1
@@ -393,7 +391,7 @@ class CacheCore:
         tags = check_names(key, tags)
         opts = (options or self.options.entry).merged(ttl=ttl)
         data = encode(self.serializer, key, value)
-        if self.registry_due():
+        if monotonic() >= self.registry_next:
             yield from self.refresh_registry()
         if self.unverifiable:
             yield from self.delete(key)  # nothing may be cached, and an older copy must not survive the write
@@ -462,7 +460,7 @@ class CacheCore:
         if msg.tags:
             self.l1.remove_tags(msg.tags)
             if any(Keyspace.is_table_tag(t) for t in msg.tags):
-                self.registry_at = -math.inf  # a truncate is a good moment to re-read the rules
+                self.registry_next = -math.inf  # a truncate is a good moment to re-read the rules
         if msg.watermark:
             self.watermark.observe(msg.watermark)
 
@@ -470,7 +468,7 @@ class CacheCore:
         """The backplane may have lost messages: nothing in L1 can be trusted to be current."""
         self.stats.l1_resets += 1
         self.l1.expire_all()
-        self.registry_at = -math.inf
+        self.registry_next = -math.inf
         log.debug("l1_reset", reason=why)
 
     # ---------------------------------------------------------------- read-your-writes
