@@ -34,7 +34,7 @@ from .link import AsyncLink
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import KeyTemplate
 from .serializers import Serializer
-from .steps import Call, FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, arun
+from .steps import FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, arun
 from .subscriber import AsyncSubscriber
 from .surface import CacheSurface, decorated
 from .values import thaw
@@ -113,8 +113,6 @@ class AsyncCache(CacheSurface):
     async def _do(self, step: Step) -> Any:
         """One step of a core flow (flows run with :func:`.steps.arun`; a cancellation is raised in the
         flow too, so its ``finally``, an unlock, still runs)."""
-        if type(step) is Call:
-            return await (self.link.call_checked(step.cmds) if step.checked else self.link.call(step.cmds))
         if type(step) is Load:
             value = step.loader()
             if inspect.isawaitable(value):  # plain callables are loaders too
@@ -154,7 +152,7 @@ class AsyncCache(CacheSurface):
             self.stats.l1_hits += 1
             return default if e.negative else e.value
         self._ensure_started()
-        return await arun(self.core.get(key, default, decode), self._do)
+        return await arun(self.core.get(key, default, decode), self._do, self.link)
 
     @overload
     async def get_or_load(self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: Duration | None = None,
@@ -172,7 +170,7 @@ class AsyncCache(CacheSurface):
         """The value of ``key``, loading it with ``loader()`` (an ``async def`` function or a plain callable) on
         a miss; see :meth:`Cache.get_or_load`. A loader returning ``T`` or an awaitable of ``T`` gives ``T``."""
         if (min_position is not None or ACTIVE[0]) and not await self._ryw(key, min_position):
-            return await arun(self.core.bypass(loader), self._do)
+            return await arun(self.core.bypass(loader), self._do, self.link)
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -186,7 +184,7 @@ class AsyncCache(CacheSurface):
                     self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return out(e)
         self._ensure_started()
-        return await arun(self.core.get_or_load(key, loader, ttl, tags, options, decode), self._do)
+        return await arun(self.core.get_or_load(key, loader, ttl, tags, options, decode), self._do, self.link)
 
     async def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
                         min_position: Position | None = None) -> Any:
@@ -220,7 +218,7 @@ class AsyncCache(CacheSurface):
     def _start_flight(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
                       has_fallback: bool) -> asyncio.Task[Any]:
         flow = self.core.load(key, loader, opts, tags, refresh_of, has_fallback)
-        task = asyncio.get_running_loop().create_task(arun(flow, self._do))
+        task = asyncio.get_running_loop().create_task(arun(flow, self._do, self.link))
         self._flights[key] = task
 
         def landed(t: asyncio.Task[Any]) -> None:
@@ -247,15 +245,15 @@ class AsyncCache(CacheSurface):
     async def set(self, key: str, value: Any, *, ttl: Duration | None = None, tags: Iterable[str] = (),
                   options: EntryOptions | None = None) -> bool:
         """See :meth:`cdcd.client.Cache.set`."""
-        return bool(await arun(self.core.set(key, value, ttl, tags, options), self._do))
+        return bool(await arun(self.core.set(key, value, ttl, tags, options), self._do, self.link))
 
     async def delete(self, key: str) -> bool:
         """See :meth:`cdcd.client.Cache.delete`."""
-        return bool(await arun(self.core.delete(key), self._do))
+        return bool(await arun(self.core.delete(key), self._do, self.link))
 
     async def invalidate_tag(self, tag: str) -> bool:
         """See :meth:`cdcd.client.Cache.invalidate_tag`."""
-        return bool(await arun(self.core.invalidate_tag(tag), self._do))
+        return bool(await arun(self.core.invalidate_tag(tag), self._do, self.link))
 
     # ---------------------------------------------------------------- decorator
 
@@ -290,8 +288,8 @@ class AsyncCache(CacheSurface):
     async def wait_applied(self, position: Position, timeout: float | None = None) -> bool:
         """See :meth:`cdcd.client.Cache.wait_applied`."""
         self._ensure_started()
-        return bool(await arun(self.core.wait_applied(position, timeout), self._do))
+        return bool(await arun(self.core.wait_applied(position, timeout), self._do, self.link))
 
     async def _ryw(self, key: str, min_position: Position | None) -> bool:
         self._ensure_started()
-        return bool(await arun(self.core.read_your_writes(key, min_position), self._do))
+        return bool(await arun(self.core.read_your_writes(key, min_position), self._do, self.link))

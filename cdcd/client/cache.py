@@ -29,7 +29,7 @@ from .link import L2Unavailable, Link
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import XFETCH_HORIZON, KeyTemplate
 from .serializers import Serializer
-from .steps import Call, FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, run
+from .steps import FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, run
 from .subscriber import Subscriber
 from .surface import CacheSurface, decorated
 from .values import thaw
@@ -114,8 +114,6 @@ class Cache(CacheSurface):
 
     def _do(self, step: Step) -> Any:
         """One step of a core flow (flows run with :func:`.steps.run`)."""
-        if type(step) is Call:
-            return self.link.call_checked(step.cmds) if step.checked else self.link.call(step.cmds)
         if type(step) is Load:
             return step.loader()
         if type(step) is Join:
@@ -144,14 +142,14 @@ class Cache(CacheSurface):
 
         ``min_position`` (or a :meth:`read_your_writes` scope): nothing older than that commit; when the
         daemon has not applied it within ``ryw_timeout``, ``default`` (a miss) or ``NotApplied``."""
-        if (min_position is not None or ACTIVE[0]) and not run(self.core.read_your_writes(key, min_position), self._do):
+        if (min_position is not None or ACTIVE[0]) and not self._ryw(key, min_position):
             return default
         e = self._l1data.get(key)
         if e is not None and monotonic() < e.hard:
             e.ref = True
             self.stats.l1_hits += 1
             return default if e.negative else e.value
-        return run(self.core.get(key, default, decode), self._do)
+        return run(self.core.get(key, default, decode), self._do, self.link)
 
     def get_or_load(self, key: str, loader: Callable[[], T], *, ttl: Duration | None = None,
                     tags: Iterable[str] = (), options: EntryOptions | None = None,
@@ -164,8 +162,8 @@ class Cache(CacheSurface):
         (docs/read-your-writes.md); not applied within ``ryw_timeout``: the loader's value, uncached
         (``ryw_on_timeout="bypass"``), or ``NotApplied``.
         """
-        if (min_position is not None or ACTIVE[0]) and not run(self.core.read_your_writes(key, min_position), self._do):
-            return run(self.core.bypass(loader), self._do)  # type: ignore[no-any-return]
+        if (min_position is not None or ACTIVE[0]) and not self._ryw(key, min_position):
+            return run(self.core.bypass(loader), self._do, self.link)  # type: ignore[no-any-return]
         e = self._l1data.get(key)
         if e is not None:
             now = monotonic()
@@ -178,7 +176,7 @@ class Cache(CacheSurface):
                 if how == SERVE_AND_REFRESH:
                     self._background(key, loader, ttl, tags, options, e.generation, decode)
                 return out(e)  # type: ignore[no-any-return]
-        return run(self.core.get_or_load(key, loader, ttl, tags, options, decode), self._do)  # type: ignore[no-any-return]
+        return run(self.core.get_or_load(key, loader, ttl, tags, options, decode), self._do, self.link)  # type: ignore[no-any-return]
 
     def _get_copy(self, key: str, default: Any = None, *, decode: Callable[[Any], Any] | None = None,
                   min_position: Position | None = None) -> Any:
@@ -246,7 +244,7 @@ class Cache(CacheSurface):
     def _flight(self, fl: _Flight, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str],
                 refresh_of: str | None, has_fallback: bool) -> None:
         try:
-            result = run(self.core.load(key, loader, opts, tags, refresh_of, has_fallback), self._do)
+            result = run(self.core.load(key, loader, opts, tags, refresh_of, has_fallback), self._do, self.link)
         except BaseException as exc:
             self._land(key, fl, None, exc)
             if refresh_of is not None:
@@ -277,17 +275,17 @@ class Cache(CacheSurface):
 
         Returns whether L2 took the value (False: refused by the guard, or Redis unreachable).
         """
-        return bool(run(self.core.set(key, value, ttl, tags, options), self._do))
+        return bool(run(self.core.set(key, value, ttl, tags, options), self._do, self.link))
 
     def delete(self, key: str) -> bool:
         """Invalidate ``key`` everywhere: a tombstone in L2 (fills in flight fail), this L1, other L1s via the
         backplane. Returns False when Redis was unreachable (only this process's L1 dropped it)."""
-        return bool(run(self.core.delete(key), self._do))
+        return bool(run(self.core.delete(key), self._do, self.link))
 
     def invalidate_tag(self, tag: str) -> bool:
         """O(1): bump the tag's counter; every entry that recorded the old value misses, everywhere.
         Returns False when Redis was unreachable (only this process's L1 dropped them)."""
-        return bool(run(self.core.invalidate_tag(tag), self._do))
+        return bool(run(self.core.invalidate_tag(tag), self._do, self.link))
 
     # ---------------------------------------------------------------- decorator
 
@@ -326,4 +324,7 @@ class Cache(CacheSurface):
     def wait_applied(self, position: Position, timeout: float | None = None) -> bool:
         """Wait until the daemon applied every commit up to ``position`` (and announced it, so this
         process's L1 dropped what it changed); False after ``timeout`` (default ``ryw_timeout``)."""
-        return bool(run(self.core.wait_applied(position, timeout), self._do))
+        return bool(run(self.core.wait_applied(position, timeout), self._do, self.link))
+
+    def _ryw(self, key: str, min_position: Position | None) -> bool:
+        return bool(run(self.core.read_your_writes(key, min_position), self._do, self.link))

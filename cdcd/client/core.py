@@ -132,13 +132,22 @@ class CacheCore:
             self.registry_next = now + min(self.options.registry_refresh, 1.0)
 
     def read(self, key: str, tags: Sequence[str], lease: bool) -> Flow:
-        lease_ms = int(self.options.lease_ttl * 1000) if lease else None
-        found = parse_found(key, tags, (yield Call(read_commands(self.keyspace, key, tags, lease_ms))))
+        """The entry, its TTL and tag counters (``lease``: and a fill token). The hot paths (``get``, a
+        load's first read) inline it as ``read_call`` + ``parse_found`` + ``complete``: one generator less."""
+        found = parse_found(key, tags, (yield self.read_call(key, tags, lease)))
         extra = found.missing()
-        if extra:  # filled by a caller that named other tags: one more round trip
-            values = yield Call([("GET", self.keyspace.tag(t)) for t in extra], True)
-            found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
+        if extra:
+            yield from self.complete(found, extra)
         return found
+
+    def read_call(self, key: str, tags: Sequence[str], lease: bool) -> Call:
+        lease_ms = int(self.options.lease_ttl * 1000) if lease else None
+        return Call(read_commands(self.keyspace, key, tags, lease_ms))
+
+    def complete(self, found: Found, extra: list[str]) -> Flow:
+        """The entry was filled by a caller that named other tags: their counters, one more round trip."""
+        values = yield Call([("GET", self.keyspace.tag(t)) for t in extra], True)
+        found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
 
     def decode(self, found: Found, opts: EntryOptions) -> Any:
         """The entry's value by its writer's format (``NOT_FOUND`` for a cached "not found"; a
@@ -170,7 +179,11 @@ class CacheCore:
             if self.unverifiable:
                 self.stats.l2_misses += 1
                 return default
-            found = yield from self.read(key, all_tags(key, (), self.registry), lease=False)
+            tags = all_tags(key, (), self.registry)
+            found = parse_found(key, tags, (yield self.read_call(key, tags, False)))
+            extra = found.missing()
+            if extra:
+                yield from self.complete(found, extra)
         except L2Unavailable:
             cur = self.fallback(key, opts)
             return default if cur is None or cur.negative else self.serve_fallback(key, cur, opts)
@@ -283,7 +296,12 @@ class CacheCore:
         try:
             # Optimistic plain read first (a hit costs no script); the miss then takes its token, a
             # second round trip that the load it precedes dwarfs. A refresh goes straight to the token.
-            found = None if refresh_of is not None else (yield from self.read(key, tag_list, lease=False))
+            found = None
+            if refresh_of is None:
+                found = parse_found(key, tag_list, (yield self.read_call(key, tag_list, False)))
+                extra = found.missing()
+                if extra:
+                    yield from self.complete(found, extra)
             if found is None or not found.usable:
                 found = yield from self.read(key, tag_list, lease=True)
         except L2Unavailable:

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 from .link import Command
 from .options import EntryOptions
 
-S = TypeVar("S")
 R = TypeVar("R")
 
 
@@ -95,9 +94,10 @@ class FlightTimedOut(Exception):
     """Raised at a :class:`Join` whose wait ran out (not the loader's own ``TimeoutError``)."""
 
 
-def run(flow: Generator[S, Any, R], do: Callable[[S], Any]) -> R:
-    """Drive ``flow`` to its end with blocking ``do(step)``: its outcome is sent back in, its exception
-    (any, cancellation included) raised at the ``yield`` so the flow's ``except`` and ``finally`` run."""
+def run(flow: Generator[Any, Any, R], do: Callable[[Any], Any], link: Any = None) -> R:
+    """Drive ``flow`` to its end with blocking ``do(step)`` (a :class:`Call` goes straight to ``link``:
+    the most common step costs no dispatch). The outcome is sent back in, an exception (any,
+    cancellation included) raised at the ``yield`` so the flow's ``except`` and ``finally`` run."""
     reply: Any = None
     error: BaseException | None = None
     while True:
@@ -106,13 +106,17 @@ def run(flow: Generator[S, Any, R], do: Callable[[S], Any]) -> R:
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         try:
-            reply, error = do(step), None
+            if type(step) is Call:
+                reply = link.call_checked(step.cmds) if step.checked else link.call(step.cmds)
+            else:
+                reply = do(step)
+            error = None
         except BaseException as exc:
             reply, error = None, exc
 
 
-async def arun(flow: Generator[S, Any, R], do: Callable[[S], Awaitable[Any]]) -> R:
-    """:func:`run` with an asyncio ``do``: the one place the flows meet ``await``."""
+async def arun(flow: Generator[Any, Any, R], do: Callable[[Any], Awaitable[Any]], link: Any = None) -> R:
+    """:func:`run` with an asyncio ``do`` and link: the one place the flows meet ``await``."""
     reply: Any = None
     error: BaseException | None = None
     while True:
@@ -121,6 +125,10 @@ async def arun(flow: Generator[S, Any, R], do: Callable[[S], Awaitable[Any]]) ->
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         try:
-            reply, error = await do(step), None
+            if type(step) is Call:
+                reply = await (link.call_checked(step.cmds) if step.checked else link.call(step.cmds))
+            else:
+                reply = await do(step)
+            error = None
         except BaseException as exc:
             reply, error = None, exc
