@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("after")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--raw", help="also write every run's numbers to this JSON file")
     args = ap.parse_args()
     trees = {"before": str(Path(args.before).resolve()), "after": str(Path(args.after).resolve())}
     got: dict[str, dict[str, list[float]]] = {side: {} for side in trees}
@@ -101,6 +102,8 @@ def main() -> None:
                 for k, (wall, cpu) in json.loads(res.stdout).items():
                     got[side].setdefault(k, []).append(wall)
                     got[side].setdefault(f"{k} cpu", []).append(cpu)
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(got, indent=1))
     print(f"runs={args.runs} per side, alternating; n={args.n}; load average during runs "
           f"{min(loads):.1f}-{max(loads):.1f}")
     print(f"{'path':26} {'before/s':>12} {'after/s':>12} {'change':>8}")
