@@ -17,6 +17,13 @@ from tests.client.support import FakeDaemon, fields, wait_for
 MakeCache = Callable[..., Cache]
 
 
+@pytest.fixture
+def make_cache(make_either: MakeCache) -> MakeCache:
+    """Every test here runs against both drivers (the asyncio one through ``support.AsyncDriven``), but
+    those marked ``SYNC_ONLY``: they patch the sync driver's link or module."""
+    return make_either
+
+
 def broken() -> str:
     raise RuntimeError("database down")
 
