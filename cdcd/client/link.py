@@ -100,15 +100,89 @@ def raise_errors(replies: Sequence[Any]) -> None:
             raise L2Unavailable(f"Redis refused the command: {r}")
 
 
-class _LinkBase:
-    """What the sync and async links share: connection settings without retries, the idle deque, the
-    breaker and the failure accounting. Each subclass only does the socket I/O."""
+class Breakered:
+    """The circuit breaker and the failure accounting every link shares (one node or a cluster, sync or
+    asyncio): :class:`SyncCalls` and :class:`AsyncCalls` put the one ``call`` on a subclass's ``_run``."""
+
+    failures: tuple[type[BaseException], ...] = _FAILURES  # what counts as "Redis unavailable"
+
+    def __init__(self, breaker: CircuitBreaker, stats: Stats) -> None:
+        self.breaker = breaker
+        self.stats = stats
+
+    def _failed(self, exc: BaseException) -> L2Unavailable:
+        """Count a failed call (it may open the breaker); the error to raise."""
+        self.stats.redis_errors += 1
+        if self.breaker.failure():
+            self.stats.breaker_open += 1
+        return L2Unavailable(f"{type(exc).__name__}: {exc}")
+
+
+class SyncCalls(Breakered):
+    """``call`` and ``call_checked`` over a blocking ``_run`` (one batch, one round trip)."""
+
+    def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        raise NotImplementedError
+
+    def _load_scripts(self) -> None:
+        self._run(LOAD_SCRIPTS)
+
+    def call(self, cmds: Sequence[Command]) -> list[Any]:
+        """Replies in order; error replies are returned as exceptions. Raises :class:`L2Unavailable`."""
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = self._run(cmds)
+            if _scripts_missing(out):  # Redis restarted or failed over: load and repeat (see module doc)
+                self._load_scripts()
+                out = self._run(cmds)
+        except self.failures as exc:
+            raise self._failed(exc) from exc
+        self.breaker.success()
+        return out
+
+    def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = self.call(cmds)
+        raise_errors(out)
+        return out
+
+
+class AsyncCalls(Breakered):
+    """:class:`SyncCalls` over an asyncio ``_run``."""
+
+    async def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        raise NotImplementedError
+
+    async def _load_scripts(self) -> None:
+        await self._run(LOAD_SCRIPTS)
+
+    async def call(self, cmds: Sequence[Command]) -> list[Any]:
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = await self._run(cmds)
+            if _scripts_missing(out):
+                await self._load_scripts()
+                out = await self._run(cmds)
+        except self.failures as exc:
+            raise self._failed(exc) from exc
+        self.breaker.success()
+        return out
+
+    async def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = await self.call(cmds)
+        raise_errors(out)
+        return out
+
+
+class _LinkBase(Breakered):
+    """What the sync and async single-node links share: connection settings without retries and the idle
+    deque. Each subclass only does the socket I/O."""
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker, stats: Stats,
                  no_retry: Any) -> None:
+        super().__init__(breaker, stats)
         self.connection_class, self.connection_kwargs = connection_settings(pool, timeout, connect_timeout, no_retry)
-        self.breaker = breaker
-        self.stats = stats
         self._idle: collections.deque[Any] = collections.deque()
 
     def new_connection(self) -> Any:
@@ -117,13 +191,6 @@ class _LinkBase:
     def subscription(self, channel: str) -> tuple[Any, str]:
         """A new connection for the backplane listener, and its subscribe verb (see also ``ClusterLink``)."""
         return self.new_connection(), "SUBSCRIBE"
-
-    def _failed(self, exc: BaseException) -> L2Unavailable:
-        """Count a failed call (it may open the breaker); the error to raise."""
-        self.stats.redis_errors += 1
-        if self.breaker.failure():
-            self.stats.breaker_open += 1
-        return L2Unavailable(f"{type(exc).__name__}: {exc}")
 
     def _drain(self) -> Iterator[Any]:
         """The idle connections, each taken out (other threads may be taking them too)."""
@@ -134,7 +201,7 @@ class _LinkBase:
                 return
 
 
-class Link(_LinkBase):
+class Link(_LinkBase, SyncCalls):
     """Sync command batches with a breaker. Thread-safe."""
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
@@ -143,25 +210,6 @@ class Link(_LinkBase):
         from redis.retry import Retry
 
         super().__init__(pool, timeout, connect_timeout, breaker, stats, Retry(NoBackoff(), 0))
-
-    def call(self, cmds: Sequence[Command]) -> list[Any]:
-        """Replies in order; error replies are returned as exceptions. Raises :class:`L2Unavailable`."""
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            out = self._run(cmds)
-            if _scripts_missing(out):  # Redis restarted or failed over: load and repeat (see module doc)
-                self._run(LOAD_SCRIPTS)
-                out = self._run(cmds)
-        except _FAILURES as exc:
-            raise self._failed(exc) from exc
-        self.breaker.success()
-        return out
-
-    def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
-        out = self.call(cmds)
-        raise_errors(out)
-        return out
 
     def _run(self, cmds: Sequence[Command]) -> list[Any]:
         try:  # an idle connection (it may have died since), or a new one
@@ -204,7 +252,7 @@ class Link(_LinkBase):
                 conn.disconnect()
 
 
-class AsyncLink(_LinkBase):
+class AsyncLink(_LinkBase, AsyncCalls):
     """The same over ``redis.asyncio`` connections. A cancelled call closes its connection."""
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
@@ -216,24 +264,6 @@ class AsyncLink(_LinkBase):
 
     async def subscription(self, channel: str) -> tuple[Any, str]:  # type: ignore[override]
         return self.new_connection(), "SUBSCRIBE"
-
-    async def call(self, cmds: Sequence[Command]) -> list[Any]:
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            out = await self._run(cmds)
-            if _scripts_missing(out):
-                await self._run(LOAD_SCRIPTS)
-                out = await self._run(cmds)
-        except _FAILURES as exc:
-            raise self._failed(exc) from exc
-        self.breaker.success()
-        return out
-
-    async def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
-        out = await self.call(cmds)
-        raise_errors(out)
-        return out
 
     async def _run(self, cmds: Sequence[Command]) -> list[Any]:
         try:  # an idle connection (it may have died since), or a new one
