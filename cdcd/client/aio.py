@@ -36,7 +36,7 @@ from .link import AsyncLink
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import KeyTemplate
 from .serializers import Serializer
-from .steps import FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, arun
+from .steps import JOIN, LOAD, PUBLISH, REFRESH, SLEEP, WAIT_APPLIED, FlightTimedOut, Step, arun
 from .subscriber import AsyncSubscriber
 from .surface import CacheSurface, decorated
 from .values import thaw
@@ -120,25 +120,28 @@ class AsyncCache(CacheSurface):
     async def _do(self, step: Step) -> Any:
         """One step of a core flow (flows run with :func:`.steps.arun`; a cancellation is raised in the
         flow too, so its ``finally``, an unlock, still runs)."""
-        if type(step) is Load:
-            value = step.loader()
+        kind = step[0]
+        if kind is LOAD:
+            value = step[1]()
             if inspect.isawaitable(value):  # plain callables are loaders too
                 value = await value
             return value
-        if type(step) is Join:
-            return await self._join(step)
-        if type(step) is Publish:
+        if kind is JOIN:
+            return await self._join(*step[1:])
+        if kind is PUBLISH:
+            _, cmds, keys, tags, checked = step
             async with self._lock():  # numbers reach Redis in order
-                cmds = [*step.cmds, *self.core.announce(step.keys, step.tags)]
-                return await (self.link.call_checked(cmds) if step.checked else self.link.call(cmds))
-        if type(step) is Refresh:
-            return self._background(step.key, step.loader, None, step.tags, step.opts, step.refresh_of)
-        if type(step) is Sleep:
-            return await asyncio.sleep(step.seconds)
-        if type(step) is WaitApplied:
+                cmds = [*cmds, *self.core.announce(keys, tags)]
+                return await (self.link.call_checked(cmds) if checked else self.link.call(cmds))
+        if kind is REFRESH:
+            _, key, loader, opts, tags, refresh_of = step
+            return self._background(key, loader, None, tags, opts, refresh_of)
+        if kind is SLEEP:
+            return await asyncio.sleep(step[1])
+        if kind is WAIT_APPLIED:
             if self._subscriber is None or not self.connected.is_set():
                 return None
-            return await self.watermark.wait_async(step.position, step.timeout)
+            return await self.watermark.wait_async(step[1], step[2])
         raise TypeError(f"unknown step {step!r}")
 
     def _lock(self) -> asyncio.Lock:
@@ -212,19 +215,21 @@ class AsyncCache(CacheSurface):
 
     # ---------------------------------------------------------------- single flight (tasks)
 
-    async def _join(self, j: Join) -> tuple[bool, Any]:
-        task = self._flights.get(j.key)
+    async def _join(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], has_fallback: bool,
+                    timeout: float | None) -> tuple[bool, Any]:
+        """A ``JOIN`` step (see :mod:`.steps`): the load is a task of its own, shielded from its waiters."""
+        task = self._flights.get(key)
         leader = task is None
         if task is None:
-            task = self._start_flight(j.key, j.loader, j.opts, j.tags, None, j.has_fallback)
+            task = self._start_flight(key, loader, opts, tags, None, has_fallback)
         else:
             self.stats.coalesced += 1
         try:
-            return leader, await asyncio.wait_for(asyncio.shield(task), j.timeout)
+            return leader, await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             if task.done():  # the loader itself raised TimeoutError: an error like any other
                 raise
-            raise FlightTimedOut(j.timeout) from None
+            raise FlightTimedOut(timeout) from None
 
     def _start_flight(self, key: str, loader: Loader, opts: EntryOptions, tags: list[str], refresh_of: str | None,
                       has_fallback: bool) -> asyncio.Task[Any]:

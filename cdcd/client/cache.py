@@ -31,7 +31,7 @@ from .link import L2Unavailable, Link
 from .options import CacheOptions, Duration, EntryOptions
 from .protocol import XFETCH_HORIZON, KeyTemplate
 from .serializers import Serializer
-from .steps import FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied, run
+from .steps import JOIN, LOAD, PUBLISH, REFRESH, SLEEP, WAIT_APPLIED, FlightTimedOut, Step, run
 from .subscriber import Subscriber
 from .surface import CacheSurface, decorated
 from .values import thaw
@@ -121,23 +121,26 @@ class Cache(CacheSurface):
 
     def _do(self, step: Step) -> Any:
         """One step of a core flow (flows run with :func:`.steps.run`)."""
-        if type(step) is Load:
-            return step.loader()
-        if type(step) is Join:
-            return self._join(step)
-        if type(step) is Publish:
+        kind = step[0]
+        if kind is JOIN:
+            return self._join(*step[1:])
+        if kind is LOAD:
+            return step[1]()
+        if kind is PUBLISH:
+            _, cmds, keys, tags, checked = step
             with self._publish_lock:  # numbers reach Redis in order
-                cmds = [*step.cmds, *self.core.announce(step.keys, step.tags)]
-                return self.link.call_checked(cmds) if step.checked else self.link.call(cmds)
-        if type(step) is Refresh:
-            return self._background(step.key, step.loader, None, step.tags, step.opts, step.refresh_of)
-        if type(step) is Sleep:
-            return time.sleep(step.seconds)
-        if type(step) is WaitApplied:
+                cmds = [*cmds, *self.core.announce(keys, tags)]
+                return self.link.call_checked(cmds) if checked else self.link.call(cmds)
+        if kind is REFRESH:
+            _, key, loader, opts, tags, refresh_of = step
+            return self._background(key, loader, None, tags, opts, refresh_of)
+        if kind is SLEEP:
+            return time.sleep(step[1])
+        if kind is WAIT_APPLIED:
             sub = self._subscriber
             if sub is None or not sub.connected.is_set():
                 return None
-            return self.watermark.wait(step.position, step.timeout)
+            return self.watermark.wait(step[1], step[2])
         raise TypeError(f"unknown step {step!r}")
 
     # ---------------------------------------------------------------- reads
@@ -204,8 +207,9 @@ class Cache(CacheSurface):
 
     # ---------------------------------------------------------------- single flight (threads)
 
-    def _join(self, j: Join) -> tuple[bool, Any]:
-        key, opts = j.key, j.opts
+    def _join(self, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str], has_fallback: bool,
+              timeout: float | None) -> tuple[bool, Any]:
+        """A ``JOIN`` step (see :mod:`.steps`): the untimed leader loads in the caller's thread."""
         timed = opts.loader_soft_timeout is not None or opts.loader_hard_timeout is not None
         with self._flight_lock:
             fl = self._flights.get(key)
@@ -217,11 +221,11 @@ class Cache(CacheSurface):
         if not leader:
             self.stats.coalesced += 1
         elif timed:
-            self._submit(fl, key, j.loader, opts, j.tags, None, j.has_fallback)
+            self._submit(fl, key, loader, opts, tags, None, has_fallback)
         else:
-            self._flight(fl, key, j.loader, opts, j.tags, None, j.has_fallback)
-        if not fl.done and not fl.event.wait(j.timeout):  # type: ignore[union-attr]
-            raise FlightTimedOut(j.timeout)
+            self._flight(fl, key, loader, opts, tags, None, has_fallback)
+        if not fl.done and not fl.event.wait(timeout):  # type: ignore[union-attr]
+            raise FlightTimedOut(timeout)
         return leader, fl.result()
 
     def _background(self, key: str, loader: Callable[[], Any], ttl: Duration | None, tags: Iterable[str],

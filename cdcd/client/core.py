@@ -75,7 +75,7 @@ from .protocol import (
 )
 from .serializers import Serializer
 from .stats import Stats
-from .steps import Call, FlightTimedOut, Join, Load, Publish, Refresh, Sleep, Step, WaitApplied
+from .steps import CALL, JOIN, LOAD, PUBLISH, REFRESH, SLEEP, WAIT_APPLIED, FlightTimedOut, Step, call
 from .values import UnencodableValue, decode_entry, encode, frozen_or
 
 Flow = Generator[Step, Any, Any]
@@ -127,7 +127,7 @@ class CacheCore:
         now = monotonic()
         self.registry_next = now + self.options.registry_refresh
         try:
-            self.registry.load((yield Call([("GET", self.keyspace.registry)], True))[0])
+            self.registry.load((yield call([("GET", self.keyspace.registry)], True))[0])
         except (L2Unavailable, ValueError) as exc:
             log.debug("registry_unavailable", error=str(exc))
         if self.unverifiable:  # Redis lost it: the daemon restores it within a heartbeat
@@ -142,13 +142,13 @@ class CacheCore:
             yield from self.complete(found, extra)
         return found
 
-    def read_call(self, key: str, tags: Sequence[str], lease: bool) -> Call:
+    def read_call(self, key: str, tags: Sequence[str], lease: bool) -> Step:
         lease_ms = int(self.options.lease_ttl * 1000) if lease else None
-        return Call(read_commands(self.keyspace, key, tags, lease_ms))
+        return CALL, read_commands(self.keyspace, key, tags, lease_ms), False
 
     def complete(self, found: Found, extra: list[str]) -> Flow:
         """The entry was filled by a caller that named other tags: their counters, one more round trip."""
-        values = yield Call([("GET", self.keyspace.tag(t)) for t in extra], True)
+        values = yield call([("GET", self.keyspace.tag(t)) for t in extra], True)
         found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
 
     def decode(self, found: Found, opts: EntryOptions) -> Any:
@@ -219,7 +219,9 @@ class CacheCore:
         """``get_or_load`` past L1 (the miss flow itself: one generator layer less on every miss).
         ``exists_filter``: that table's existence filter is asked first (docs/existence-filter.md)."""
         self.stats.l1_misses += 1
-        opts = (options or self.options.entry).merged(ttl=ttl, decode=decode)
+        opts = options or self.options.entry
+        if ttl is not None or decode is not None:  # (no merge at all in the common case: no **kwargs dict)
+            opts = opts.merged(ttl=ttl, decode=decode)
         if exists_filter is not None:
             return self.filtered_miss(key, loader, opts, check_names(key, tags), exists_filter)
         return self.miss(key, loader, opts, check_names(key, tags))
@@ -232,17 +234,17 @@ class CacheCore:
             return None
         return (yield from self.miss(key, loader, opts, tags))
 
-    def reachable(self) -> Generator[Call, Any, bool]:
+    def reachable(self) -> Generator[Step, Any, bool]:
         """Does Redis answer a PING (one node or a cluster)? The listener asks before it resets L1."""
         try:
-            yield Call([("PING",)], True)
+            yield call([("PING",)], True)
         except L2Unavailable:
             return False
         return True
 
     def bypass(self, loader: Callable[[], Any]) -> Flow:
         """Read-your-writes not satisfied in time (``ryw_on_timeout="bypass"``): the loader, uncached."""
-        value = yield Load(loader)
+        value = yield LOAD, loader
         return None if value is NOT_FOUND else value
 
     # ---------------------------------------------------------------- miss path
@@ -271,7 +273,7 @@ class CacheCore:
         if fallback is not None and opts.loader_soft_timeout is not None:
             timeout = opts.loader_soft_timeout
         try:
-            leader, result = yield Join(key, loader, opts, tags, fallback is not None, timeout)
+            leader, result = yield JOIN, key, loader, opts, tags, fallback is not None, timeout
         except FlightTimedOut:
             self.stats.loader_timeouts += 1  # the flight goes on and still fills the cache
             cur = self.fallback(key, opts)
@@ -293,7 +295,7 @@ class CacheCore:
         if leader:  # an entry that came back from L2 already stale gets its refresh now
             e = self.l1.data.get(key)
             if e is not None and e.soft <= monotonic() < e.hard:
-                yield Refresh(key, loader, opts, tags, e.generation)
+                yield REFRESH, key, loader, opts, tags, e.generation
         return result
 
     def load(self, key: str, loader: Callable[[], Any], opts: EntryOptions, tags: list[str],
@@ -324,13 +326,15 @@ class CacheCore:
                 extra = found.missing()
                 if extra:
                     yield from self.complete(found, extra)
-            if found is None or not found.usable:
+            usable = found is not None and found.usable  # computed once: it walks the tags
+            if found is None or not usable:
                 found = yield from self.read(key, tag_list, lease=True)
+                usable = found.usable
         except L2Unavailable:
             if has_fallback or refresh_of is not None:
                 raise
             return (yield from self.load_without_l2(key, loader, opts, tag_list, since))
-        if found.usable and (refresh_of is None or found.entry.generation != refresh_of):
+        if usable and (refresh_of is None or found.entry.generation != refresh_of):
             value = self.decode(found, opts)
             if value is not MISSING:
                 self.stats.l2_hits += 1
@@ -348,13 +352,13 @@ class CacheCore:
         finally:
             if lock is not None:
                 with contextlib.suppress(L2Unavailable):  # it expires on its own
-                    yield Call([("EVALSHA", UNLOCK.sha, 1, lock[0], lock[1])])
+                    yield call([("EVALSHA", UNLOCK.sha, 1, lock[0], lock[1])])
 
     def call_loader(self, loader: Callable[[], Any]) -> Flow:
         self.stats.loader_calls += 1
         t0 = monotonic()
         try:
-            value = yield Load(loader)
+            value = yield LOAD, loader
         except Exception:
             self.stats.loader_errors += 1
             raise
@@ -385,7 +389,7 @@ class CacheCore:
         snap = {t: found.current.get(t) or "" for t in tags}
         ttl_left: float | None
         try:
-            reply = (yield Call([fill_command(self.keyspace, found.entry, data, negative, snap, ttl)]))[0]
+            reply = (yield call([fill_command(self.keyspace, found.entry, data, negative, snap, ttl)]))[0]
             gen = fill_result(reply)
         except L2Unavailable:
             gen, ttl_left = None, None  # Redis went away after the token: L1 alone, as in load_without_l2
@@ -408,11 +412,11 @@ class CacheCore:
         lock_key = self.keyspace.system(f"lock:{key}")
         token = f"{self.run_id}:{next(_lock_ids)}"
         acquire: list[Command] = [("SET", lock_key, token, "NX", "PX", max(1, int(opts.lock_ttl * 1000)))]
-        if (yield Call(acquire, True))[0]:
+        if (yield call(acquire, True))[0]:
             return MISSING, (lock_key, token)
         deadline = monotonic() + opts.lock_ttl
         while monotonic() < deadline:
-            yield Sleep(self.options.lock_poll)
+            yield SLEEP, self.options.lock_poll
             found = yield from self.read(key, tags, lease=False)
             if found.usable:
                 value = self.decode(found, opts)
@@ -420,7 +424,7 @@ class CacheCore:
                     self.stats.coalesced += 1
                     self.put_from_l2(key, found, value, opts, tags, since)
                     return (None if value is NOT_FOUND else value), None
-            if (yield Call(acquire, True))[0]:  # the holder finished without filling, or died
+            if (yield call(acquire, True))[0]:  # the holder finished without filling, or died
                 return MISSING, (lock_key, token)
         return MISSING, None
 
@@ -442,8 +446,8 @@ class CacheCore:
             found = yield from self.read(key, tag_list, lease=True)
             ttl_s = jittered(opts.ttl, opts.jitter, self.rng)
             snap = {t: found.current.get(t) or "" for t in tag_list}
-            replies = yield Publish([fill_command(self.keyspace, found.entry, data, False, snap, ttl_s)],
-                                    [key], [], False)
+            replies = yield (PUBLISH, [fill_command(self.keyspace, found.entry, data, False, snap, ttl_s)],
+                             [key], [], False)
             gen = fill_result(replies[0])
         except L2Unavailable:
             self.l1.remove(key)
@@ -461,8 +465,8 @@ class CacheCore:
     def delete(self, key: str) -> Flow:
         check_names(key)
         try:
-            yield Publish([("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
-                            max(1, int(self.options.tombstone_ttl * 1000)))], [key], [], True)
+            yield (PUBLISH, [("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
+                              max(1, int(self.options.tombstone_ttl * 1000)))], [key], [], True)
             return True
         except L2Unavailable:
             return False
@@ -472,7 +476,7 @@ class CacheCore:
     def invalidate_tag(self, tag: str) -> Flow:
         check_name(tag, "tag")
         try:
-            yield Publish([("EVALSHA", BUMP.sha, 1, self.keyspace.tag(tag))], [], [tag], True)
+            yield PUBLISH, [("EVALSHA", BUMP.sha, 1, self.keyspace.tag(tag))], [], [tag], True
             return True
         except L2Unavailable:
             return False
@@ -541,11 +545,11 @@ class CacheCore:
         deadline = monotonic() + timeout
         while True:
             remaining = max(0.0, deadline - monotonic())
-            heard = yield WaitApplied(pos, min(remaining, REDIS_CHECK_EVERY))
+            heard = yield WAIT_APPLIED, pos, min(remaining, REDIS_CHECK_EVERY)
             if heard:
                 return "backplane"
             try:
-                w = (yield Call([("HGET", self.keyspace.applied, "watermark")], True))[0]
+                w = (yield call([("HGET", self.keyspace.applied, "watermark")], True))[0]
             except L2Unavailable:
                 w = None
             if w and int(w) >= pos:
@@ -553,4 +557,4 @@ class CacheCore:
             if monotonic() >= deadline:
                 return None
             if heard is None:  # not listening: nothing wakes us early
-                yield Sleep(min(REDIS_CHECK_EVERY, max(0.0, deadline - monotonic())))
+                yield SLEEP, min(REDIS_CHECK_EVERY, max(0.0, deadline - monotonic()))

@@ -26,7 +26,7 @@ from cdcd.keyspace import SCRIPTS, Keyspace
 
 from .link import Command, L2Unavailable
 from .stats import Stats
-from .steps import Call, run
+from .steps import Step, call, run
 
 _CHECK = SCRIPTS["exists_check"]
 
@@ -73,12 +73,12 @@ class ExistenceFilters:
         return False
 
 
-def check(filters: ExistenceFilters, stats: Stats, table: str, key: str) -> Generator[Call, Any, bool]:
+def check(filters: ExistenceFilters, stats: Stats, table: str, key: str) -> Generator[Step, Any, bool]:
     """True when the table's filter says ``key`` does not exist; False on any doubt. A step of the cache's
     miss flow (:meth:`.core.CacheCore.get_or_load`), so both drivers run this one implementation."""
     for _ in range(2):
         try:
-            reply = (yield Call([filters.command(table, key)]))[0]
+            reply = (yield call([filters.command(table, key)]))[0]
         except L2Unavailable:
             return False
         out = filters.verdict(table, reply)
@@ -89,7 +89,7 @@ def check(filters: ExistenceFilters, stats: Stats, table: str, key: str) -> Gene
 
 
 class _Calls:
-    """A bare ``call`` function in the place of a link (what :func:`.steps.run` sends a Call to)."""
+    """A bare ``call`` function in the place of a link (what :func:`.steps.run` sends a ``CALL`` to)."""
 
     __slots__ = ("call",)
 

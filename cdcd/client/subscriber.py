@@ -78,7 +78,7 @@ class Listened(Protocol):
 
     def apply_message(self, msg: Message) -> None: ...
 
-    def reachable(self) -> Generator[steps.Call, Any, bool]:
+    def reachable(self) -> Generator[steps.Step, Any, bool]:
         """A flow: does Redis answer a PING (a cluster's too)?"""
         ...
 
@@ -167,12 +167,12 @@ class _Listener:
                 # (resharding): from then on nothing reaches us here, so it is a lost subscription.
                 raise RedisConnectionError("shard channel unsubscribed by the server (its slot moved)")
 
-    def session(self) -> Generator[Op | steps.Call, Any, None]:
+    def session(self) -> Generator[Op | steps.Step, Any, None]:
         """Listen until the driver stops. Steps: ``connect`` (a new connection for channel ``arg``, the old
         one closed; gives the subscribe verb: ``SSUBSCRIBE`` on a sharded cluster, else ``SUBSCRIBE``),
         ``send`` a command, ``read`` a reply (``arg``: at most that many seconds, else None), ``connected``
         (set or clear the driver's flag; gives whether it was set), ``pause`` for ``arg`` seconds, and a
-        :class:`~.steps.Call` (a PING: is Redis itself reachable?). Redis and socket errors are raised at
+        ``CALL`` (:mod:`.steps`: a PING, is Redis itself reachable?). Redis and socket errors are raised at
         the ``yield``."""
         cache = self.cache
         delay = 0.05

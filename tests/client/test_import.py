@@ -58,7 +58,7 @@ def test_the_core_does_no_io_and_the_listener_names_no_driver() -> None:
 
     io = {"redis", "redis.asyncio", "socket", "threading", "asyncio", "concurrent.futures"}
     drivers = {".cache", ".aio", "cdcd.client.cache", "cdcd.client.aio"}
-    for module in ("core", "steps"):
+    for module in ("core", "steps", "existence"):
         got = imported(module)
         assert not got & (io | drivers), (module, got & (io | drivers))
     assert not imported("subscriber") & drivers
