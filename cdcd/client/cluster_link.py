@@ -7,7 +7,7 @@ connection of its own, as :mod:`.link` does) before reading any answer, so the m
 and the wall time is about one round trip. Redirect answers (``MOVED``/``ASK``, ``TRYAGAIN``,
 ``CLUSTERDOWN``: a resharding or a failover) and batches hit by a dead connection go through redis-py's
 ``ClusterPipeline``, which follows redirects and refreshes the slot map. The pipeline alone was measured
-~2x slower per call (bench/client_cluster.py, BENCHMARKS.md section 18).
+~2x slower per call (bench/client_cluster.py, BENCHMARKS.md section 23).
 
 Two differences from a single node, both for the same invariant as the daemon's (a subscriber hears of a
 change only after Redis holds it): publish commands leave in a second step, after every master
@@ -22,7 +22,8 @@ node costs a bounded time before the circuit breaker opens.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from redis.exceptions import (
@@ -40,8 +41,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cdcd.lazycluster import LazyRedisCluster
 
 from .breaker import CircuitBreaker
-from .link import CLIENT_SCRIPTS, L2Unavailable, connection_settings, pack, raise_errors
+from .link import CLIENT_SCRIPTS, AsyncCalls, Breakered, L2Unavailable, SyncCalls, connection_settings, pack
 from .stats import Stats
+from .steps import arun, run
 
 Command = tuple[Any, ...]
 # connection arguments the link sets itself, or that belong to the application's client object
@@ -109,6 +111,14 @@ def _failed(replies: Sequence[Any]) -> BaseException | None:
     return None
 
 
+def _all_answered(replies: list[Any]) -> list[Any]:
+    """``replies``, unless one of them is a failure of the whole call (raised)."""
+    failed = _failed(replies)
+    if failed is not None:
+        raise failed
+    return replies
+
+
 _FAILURES = (RedisError, RedisClusterException, OSError)
 _CONNECTION_FAILURES = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -151,7 +161,121 @@ def _redirected(out: Sequence[Any]) -> list[int]:
     return [i for i, r in enumerate(out) if isinstance(r, _REDIRECTS)]
 
 
-class ClusterLink:
+# What a cluster link's batch flow asks its driver to do (``(op, arg)``; see :meth:`_ClusterLinkBase._batch`).
+Op = tuple[str, Any]
+
+
+class _ClusterLinkBase(Breakered):
+    """A cluster link's state and its batch flow, written once without I/O for :class:`ClusterLink` and
+    :class:`AsyncClusterLink` (each only performs the flow's steps: :meth:`_batch`)."""
+
+    failures = (RedisError, RedisClusterException, OSError)
+
+    def __init__(self, rc: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker, stats: Stats,
+                 pubsub: str, no_retry: Any) -> None:
+        super().__init__(breaker, stats)
+        self.rc = rc
+        self.sharded = pubsub == "sharded"
+        self.publish_verb = "SPUBLISH" if self.sharded else "PUBLISH"
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._no_retry = no_retry
+        self._stale_map = False
+        self._ready = False  # the cluster client has read its slot map
+        self._idle: dict[str, collections.deque[Any]] = {}
+        self.direct = True  # False: every batch through the ClusterPipeline (the bench compares the two)
+
+    def _failed(self, exc: BaseException) -> L2Unavailable:
+        self._stale_map = True  # a failover or a resharding may have moved slots: re-read the map next call
+        return super()._failed(exc)
+
+    def _connection(self, node: Any) -> Any:
+        """An idle connection of ours to ``node``, or a new one."""
+        idle = self._idle.get(node.name)
+        if idle:
+            with contextlib.suppress(IndexError):  # another thread took the last one
+                return idle.pop()
+        return self._new_connection(node)
+
+    def _new_connection(self, node: Any) -> Any:
+        raise NotImplementedError
+
+    def _batch(self, cmds: Sequence[Command]) -> Generator[Op, Any, list[Any]]:
+        """One batch: the commands, then (after every master took them) the publishes. Steps: ``remap``
+        (drop idle connections, re-read the slot map), ``ready`` (read it the first time), ``send`` packed
+        commands on a connection, ``read`` one reply, ``disconnect`` a connection, ``pipeline`` commands
+        through redis-py's ``ClusterPipeline`` (it follows redirects; gives the checked replies)."""
+        if self._stale_map:  # the last call failed: a failover or a resharding may have moved slots
+            self._stale_map = False
+            yield "remap", None
+        first_i, first, pub_i, pubs = _split(cmds, self.publish_verb)
+        done = _all_answered((yield from self._send(first)))
+        return _merge(len(cmds), first_i, done, pub_i, (yield from self._send(pubs)))
+
+    def _send(self, cmds: Sequence[Command]) -> Generator[Op, Any, list[Any]]:
+        if not cmds:
+            return []
+        if not self.direct:
+            return (yield "pipeline", cmds)  # type: ignore[no-any-return]
+        try:
+            return (yield from self._direct(cmds))
+        except _CONNECTION_FAILURES:
+            yield "remap", None  # a node died or restarted: its siblings' connections likely too
+            return (yield "pipeline", cmds)  # type: ignore[no-any-return]
+
+    def _direct(self, cmds: Sequence[Command]) -> Generator[Op, Any, list[Any]]:
+        if not self._ready:
+            yield "ready", None
+            self._ready = True
+        groups = _by_node(cmds, self.rc.nodes_manager, self.rc.get_default_node)
+        out: list[Any] = [None] * len(cmds)
+        conns: list[tuple[str, Any, list[int]]] = []
+        try:
+            for name, (node, idx) in groups.items():
+                conn = self._connection(node)
+                conns.append((name, conn, idx))
+                yield "send", (conn, [pack([cmds[i] for i in idx])])
+            for _, conn, idx in conns:
+                for i in idx:
+                    try:
+                        out[i] = yield "read", conn
+                    except ResponseError as exc:  # an error reply: the connection is still in step
+                        out[i] = exc
+        except BaseException:
+            for _, conn, _ in conns:
+                yield "disconnect", conn
+            raise
+        for name, conn, _ in conns:
+            self._idle.setdefault(name, collections.deque()).append(conn)
+        moved = _redirected(out)
+        if moved:  # the slot map is out of date (resharding, failover): redis-py follows the redirect
+            for i, r in zip(moved, (yield "pipeline", [cmds[i] for i in moved]), strict=True):
+                out[i] = r
+        return out
+
+    def _pipe(self, cmds: Sequence[Command]) -> Any:
+        pipe = self.rc.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        return pipe
+
+    def _taken_idle(self) -> Iterator[Any]:
+        """Every idle connection, each taken out (other threads may be taking them too)."""
+        for idle in self._idle.values():
+            while idle:
+                try:
+                    yield idle.pop()
+                except IndexError:
+                    break
+
+    def _shard(self, channel: str) -> tuple[Any, str]:
+        """The node the backplane listener subscribes on (slot map read), and its verb: the channel's shard
+        with ``SSUBSCRIBE``, or any node with ``SUBSCRIBE`` (classic pub/sub reaches every node)."""
+        if self.sharded:
+            return self.rc.nodes_manager.get_node_from_slot(self.rc.keyslot(channel)), "SSUBSCRIBE"
+        return self.rc.get_random_node(), "SUBSCRIBE"
+
+
+class ClusterLink(_ClusterLinkBase, SyncCalls):
     """Sync command batches over a ``redis.cluster.RedisCluster``, with the breaker. Thread-safe.
 
     The common case takes a fast path (``_direct``): commands grouped per master by the client's slot map,
@@ -168,31 +292,18 @@ class ClusterLink:
         from redis.cluster import ClusterNode, RedisCluster
         from redis.retry import Retry
 
-        self.breaker = breaker
-        self.stats = stats
-        self.sharded = pubsub == "sharded"
-        self.publish_verb = "SPUBLISH" if self.sharded else "PUBLISH"
         def build() -> Any:  # on first use (LazyRedisCluster): a cluster down now is a Redis fault later
             app = client.resolve() if isinstance(client, LazyRedisCluster) else client
             return RedisCluster(startup_nodes=_seeds(app, ClusterNode), socket_timeout=timeout,
                                 socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
                                 **_connection_kwargs(app))
 
-        self.rc: Any = LazyRedisCluster(build)
-        self._stale_map = False
-        self.timeout, self.connect_timeout = timeout, connect_timeout
-        self._no_retry = Retry(NoBackoff(), 0)
-        self._idle: dict[str, collections.deque[Any]] = {}
+        super().__init__(LazyRedisCluster(build), timeout, connect_timeout, breaker, stats, pubsub,
+                         Retry(NoBackoff(), 0))
+        self._ready = True  # the lazy client reads its slot map on first use
         self._settings: dict[str, tuple[Any, dict[str, Any]]] = {}
-        self.direct = True  # False: every batch through the ClusterPipeline (the bench compares the two)
 
-    def _connection(self, node: Any) -> Any:
-        idle = self._idle.get(node.name)
-        if idle:
-            try:
-                return idle.pop()
-            except IndexError:
-                pass
+    def _new_connection(self, node: Any) -> Any:
         settings = self._settings.get(node.name)
         if settings is None:
             settings = self._settings[node.name] = connection_settings(
@@ -200,117 +311,46 @@ class ClusterLink:
         cls, kwargs = settings
         return cls(**kwargs)
 
-    def _direct(self, cmds: Sequence[Command]) -> list[Any]:
-        groups = _by_node(cmds, self.rc.nodes_manager, self.rc.get_default_node)
-        out: list[Any] = [None] * len(cmds)
-        conns: list[tuple[str, Any, list[int]]] = []
-        try:
-            for name, (node, idx) in groups.items():
-                conn = self._connection(node)
-                conns.append((name, conn, idx))
-                conn.send_packed_command([pack([cmds[i] for i in idx])], check_health=False)
-            for _, conn, idx in conns:
-                for i in idx:
-                    try:
-                        out[i] = conn.read_response()
-                    except ResponseError as exc:  # an error reply: the connection is still in step
-                        out[i] = exc
-        except BaseException:
-            for _, conn, _ in conns:
-                conn.disconnect()
-            raise
-        for name, conn, _ in conns:
-            self._idle.setdefault(name, collections.deque()).append(conn)
-        moved = _redirected(out)
-        if moved:  # the slot map is out of date (resharding, failover): redis-py follows the redirect
-            for i, r in zip(moved, self._pipeline([cmds[i] for i in moved]), strict=True):
-                out[i] = r
-        return out
+    def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        return run(self._batch(cmds), self._do)
 
-    def _send(self, cmds: Sequence[Command]) -> list[Any]:
-        if not cmds:
-            return []
-        if not self.direct:
-            return self._pipeline(cmds)
-        try:
-            return self._direct(cmds)
-        except _CONNECTION_FAILURES:
-            self._drop_idle()  # a node died or restarted: its siblings' connections likely too
-            self.rc.nodes_manager.initialize()
-            return self._pipeline(cmds)
+    def _do(self, step: Op) -> Any:
+        """One step of :meth:`_batch`, blocking."""
+        op, arg = step
+        if op == "read":
+            return arg.read_response()
+        if op == "send":
+            return arg[0].send_packed_command(arg[1], check_health=False)
+        if op == "pipeline":
+            return _all_answered(self._pipe(arg).execute(raise_on_error=False)) if arg else []
+        if op == "disconnect":
+            return arg.disconnect()
+        if op == "remap":
+            self._drop_idle()
+            return self.rc.nodes_manager.initialize()
+        raise TypeError(f"unknown step {step!r}")
+
+    def _load_scripts(self) -> None:
+        for s in CLIENT_SCRIPTS:  # a promoted replica, a restarted node: every primary
+            self.rc.script_load(s.source)
 
     def _drop_idle(self) -> None:
-        for idle in self._idle.values():
-            while idle:
-                try:
-                    idle.pop().disconnect()
-                except IndexError:
-                    break
-                except Exception:  # closing a dead socket may fail: nothing to do
-                    continue
-
-    def call(self, cmds: Sequence[Command]) -> list[Any]:
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            out = self._run(cmds)
-            if any(isinstance(r, NoScriptError) for r in out):  # a promoted replica, a restarted node
-                for s in CLIENT_SCRIPTS:
-                    self.rc.script_load(s.source)  # every primary
-                out = self._run(cmds)
-        except _FAILURES as exc:
-            self._stale_map = True
-            self.stats.redis_errors += 1
-            if self.breaker.failure():
-                self.stats.breaker_open += 1
-            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        self.breaker.success()
-        return out
-
-    def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
-        out = self.call(cmds)
-        raise_errors(out)
-        return out
-
-    def _pipeline(self, cmds: Sequence[Command]) -> list[Any]:
-        if not cmds:
-            return []
-        pipe = self.rc.pipeline(transaction=False)
-        for c in cmds:
-            pipe.execute_command(*c)
-        out: list[Any] = pipe.execute(raise_on_error=False)
-        failed = _failed(out)
-        if failed is not None:
-            raise failed
-        return out
-
-    def _run(self, cmds: Sequence[Command]) -> list[Any]:
-        if self._stale_map:  # the last call failed: a failover or a resharding may have moved slots
-            self._stale_map = False
-            self._drop_idle()
-            self.rc.nodes_manager.initialize()
-        first_i, first, pub_i, pubs = _split(cmds, self.publish_verb)
-        done = self._send(first)
-        failed = _failed(done)
-        if failed is not None:
-            raise failed
-        return _merge(len(cmds), first_i, done, pub_i, self._send(pubs))
+        for conn in self._taken_idle():
+            with contextlib.suppress(Exception):  # closing a dead socket may fail: nothing to do
+                conn.disconnect()
 
     def subscription(self, channel: str) -> tuple[Any, str]:
-        """A new connection for the backplane listener and its subscribe verb: the channel's shard with
-        ``SSUBSCRIBE``, or any node with ``SUBSCRIBE`` (classic pub/sub reaches every node)."""
+        """A new connection for the backplane listener and its subscribe verb (see :meth:`_shard`)."""
         self.rc.nodes_manager.initialize()  # (re)subscribing: the shard may have failed over or moved
-        node = (self.rc.nodes_manager.get_node_from_slot(self.rc.keyslot(channel)) if self.sharded
-                else self.rc.get_random_node())
-        pool = node.redis_connection.connection_pool
-        return pool.make_connection(), "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
+        node, verb = self._shard(channel)
+        return node.redis_connection.connection_pool.make_connection(), verb
 
     def close(self) -> None:
         self._drop_idle()
         self.rc.close()
 
 
-class AsyncClusterLink:
+class AsyncClusterLink(_ClusterLinkBase, AsyncCalls):
     """The same over ``redis.asyncio.cluster.RedisCluster``, with the same fast path (see :class:`ClusterLink`).
     A cancelled call closes the connections it was using."""
 
@@ -320,140 +360,53 @@ class AsyncClusterLink:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        self.breaker = breaker
-        self.stats = stats
-        self.sharded = pubsub == "sharded"
-        self.publish_verb = "SPUBLISH" if self.sharded else "PUBLISH"
-        self.rc: Any = RedisCluster(startup_nodes=_seeds(client, ClusterNode), socket_timeout=timeout,
-                                    socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
-                                    **_connection_kwargs(client))
-        self._stale_map = False
-        self.timeout, self.connect_timeout = timeout, connect_timeout
-        self._no_retry = Retry(NoBackoff(), 0)
-        self._idle: dict[str, collections.deque[Any]] = {}
-        self._ready = False
-        self.direct = True
+        rc = RedisCluster(startup_nodes=_seeds(client, ClusterNode), socket_timeout=timeout,
+                          socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1),
+                          **_connection_kwargs(client))
+        super().__init__(rc, timeout, connect_timeout, breaker, stats, pubsub, Retry(NoBackoff(), 0))
 
-    def _connection(self, node: Any) -> Any:
-        idle = self._idle.get(node.name)
-        if idle:
-            try:
-                return idle.pop()
-            except IndexError:
-                pass
+    def _new_connection(self, node: Any) -> Any:
         kwargs = dict(node.connection_kwargs)
         kwargs.update(socket_timeout=self.timeout, socket_connect_timeout=self.connect_timeout,
                       retry=self._no_retry, health_check_interval=0)
         return node.connection_class(**kwargs)
 
-    async def _direct(self, cmds: Sequence[Command]) -> list[Any]:
-        if not self._ready:
-            await self.rc.initialize()
-            self._ready = True
-        groups = _by_node(cmds, self.rc.nodes_manager, self.rc.get_default_node)
-        out: list[Any] = [None] * len(cmds)
-        conns: list[tuple[str, Any, list[int]]] = []
-        try:
-            for name, (node, idx) in groups.items():
-                conn = self._connection(node)
-                conns.append((name, conn, idx))
-                await conn.send_packed_command([pack([cmds[i] for i in idx])], check_health=False)
-            for _, conn, idx in conns:
-                for i in idx:
-                    try:
-                        out[i] = await conn.read_response()
-                    except ResponseError as exc:
-                        out[i] = exc
-        except BaseException:
-            for _, conn, _ in conns:
-                await conn.disconnect(nowait=True)
-            raise
-        for name, conn, _ in conns:
-            self._idle.setdefault(name, collections.deque()).append(conn)
-        moved = _redirected(out)
-        if moved:
-            for i, r in zip(moved, await self._pipeline([cmds[i] for i in moved]), strict=True):
-                out[i] = r
-        return out
-
-    async def _send(self, cmds: Sequence[Command]) -> list[Any]:
-        if not cmds:
-            return []
-        if not self.direct:
-            return await self._pipeline(cmds)
-        try:
-            return await self._direct(cmds)
-        except _CONNECTION_FAILURES:
-            await self._drop_idle()
-            await self.rc.nodes_manager.initialize()
-            return await self._pipeline(cmds)
-
-    async def _drop_idle(self) -> None:
-        for idle in self._idle.values():
-            while idle:
-                try:
-                    conn = idle.pop()
-                except IndexError:
-                    break
-                try:
-                    await conn.disconnect(nowait=True)
-                except Exception:  # closing a dead socket may fail
-                    continue
-
-    async def call(self, cmds: Sequence[Command]) -> list[Any]:
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            out = await self._run(cmds)
-            if any(isinstance(r, NoScriptError) for r in out):
-                for s in CLIENT_SCRIPTS:
-                    await self.rc.script_load(s.source)
-                out = await self._run(cmds)
-        except _FAILURES as exc:
-            self._stale_map = True
-            self.stats.redis_errors += 1
-            if self.breaker.failure():
-                self.stats.breaker_open += 1
-            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        self.breaker.success()
-        return out
-
-    async def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
-        out = await self.call(cmds)
-        raise_errors(out)
-        return out
-
-    async def _pipeline(self, cmds: Sequence[Command]) -> list[Any]:
-        if not cmds:
-            return []
-        pipe = self.rc.pipeline(transaction=False)
-        for c in cmds:
-            pipe.execute_command(*c)
-        out: list[Any] = await pipe.execute(raise_on_error=False)
-        failed = _failed(out)
-        if failed is not None:
-            raise failed
-        return out
-
     async def _run(self, cmds: Sequence[Command]) -> list[Any]:
-        if self._stale_map:
-            self._stale_map = False
+        return await arun(self._batch(cmds), self._do)
+
+    async def _do(self, step: Op) -> Any:
+        """One step of :meth:`_batch` (a cancellation is raised in the flow too: it closes its connections)."""
+        op, arg = step
+        if op == "read":
+            return await arg.read_response()
+        if op == "send":
+            return await arg[0].send_packed_command(arg[1], check_health=False)
+        if op == "disconnect":
+            return await arg.disconnect(nowait=True)
+        if op == "pipeline":
+            return _all_answered(await self._pipe(arg).execute(raise_on_error=False)) if arg else []
+        if op == "ready":
+            return await self.rc.initialize()
+        if op == "remap":
             await self._drop_idle()
             await self.rc.initialize()  # the first time; then the slot map is read again below
-            await self.rc.nodes_manager.initialize()
-        first_i, first, pub_i, pubs = _split(cmds, self.publish_verb)
-        done = await self._send(first)
-        failed = _failed(done)
-        if failed is not None:
-            raise failed
-        return _merge(len(cmds), first_i, done, pub_i, await self._send(pubs))
+            return await self.rc.nodes_manager.initialize()
+        raise TypeError(f"unknown step {step!r}")
+
+    async def _load_scripts(self) -> None:
+        for s in CLIENT_SCRIPTS:
+            await self.rc.script_load(s.source)
+
+    async def _drop_idle(self) -> None:
+        for conn in self._taken_idle():
+            with contextlib.suppress(Exception):  # closing a dead socket may fail
+                await conn.disconnect(nowait=True)
 
     async def subscription(self, channel: str) -> tuple[Any, str]:
         await self.rc.initialize()  # an initialized client does nothing here: a new one reads the slot map
         await self.rc.nodes_manager.initialize()
-        node = (self.rc.nodes_manager.get_node_from_slot(self.rc.keyslot(channel)) if self.sharded
-                else self.rc.get_random_node())
-        return node.connection_class(**node.connection_kwargs), "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
+        node, verb = self._shard(channel)
+        return node.connection_class(**node.connection_kwargs), verb
 
     async def close(self) -> None:
         await self._drop_idle()

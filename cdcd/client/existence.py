@@ -10,13 +10,13 @@ filter of ``user:{id}``) is a programming error, raised as ``ValueError``: the f
 it and would answer "absent" for rows that exist.
 
 Every doubt is "maybe": an unseeded filter, a lost bitmap, Redis unreachable, an unexpected reply. Only a
-filter that says 0 makes the caller skip Redis entries and the loader. Sans I/O apart from the two small
-drivers at the end, which take the cache's own ``call``.
+filter that says 0 makes the caller skip Redis entries and the loader. Without I/O: the check is the
+flow :func:`check`, a step of the cache's miss flow that either driver runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from cdcd.keyspace import SCRIPTS, Keyspace
 
 from .link import Command, L2Unavailable
 from .stats import Stats
+from .steps import Step, call, run
 
 _CHECK = SCRIPTS["exists_check"]
 
@@ -72,15 +73,12 @@ class ExistenceFilters:
         return False
 
 
-Call = Callable[[Sequence[Command]], list[Any]]
-AsyncCall = Callable[[Sequence[Command]], Awaitable[list[Any]]]
-
-
-def absent(filters: ExistenceFilters, call: Call, stats: Stats, table: str, key: str) -> bool:
-    """True when the table's filter says ``key`` does not exist; False on any doubt."""
+def check(filters: ExistenceFilters, stats: Stats, table: str, key: str) -> Generator[Step, Any, bool]:
+    """True when the table's filter says ``key`` does not exist; False on any doubt. A step of the cache's
+    miss flow (:meth:`.core.CacheCore.get_or_load`), so both drivers run this one implementation."""
     for _ in range(2):
         try:
-            reply = call([filters.command(table, key)])[0]
+            reply = (yield call([filters.command(table, key)]))[0]
         except L2Unavailable:
             return False
         out = filters.verdict(table, reply)
@@ -90,15 +88,20 @@ def absent(filters: ExistenceFilters, call: Call, stats: Stats, table: str, key:
     return False
 
 
-async def aabsent(filters: ExistenceFilters, call: AsyncCall, stats: Stats, table: str, key: str) -> bool:
-    """:func:`absent` for :class:`cdcd.client.AsyncCache`."""
-    for _ in range(2):
-        try:
-            reply = (await call([filters.command(table, key)]))[0]
-        except L2Unavailable:
-            return False
-        out = filters.verdict(table, reply)
-        if out is not None:
-            stats.exists_absent += out
-            return out
-    return False
+class _Calls:
+    """A bare ``call`` function in the place of a link (what :func:`.steps.run` sends a ``CALL`` to)."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Callable[[Sequence[Command]], list[Any]]) -> None:
+        self.call = call
+
+
+def _no_other_step(step: Any) -> Any:
+    raise TypeError(f"an existence check yields only Redis calls, not {step!r}")
+
+
+def absent(filters: ExistenceFilters, call: Callable[[Sequence[Command]], list[Any]], stats: Stats, table: str,
+           key: str) -> bool:
+    """:func:`check` with a blocking ``call`` (a link's ``call``), for tools and tests outside a cache."""
+    return run(check(filters, stats, table, key), _no_other_step, _Calls(call))

@@ -19,7 +19,8 @@ message has a sequence number subscribers already saw.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +38,7 @@ Command = tuple[Any, ...]
 UNLOCK = Script("client_unlock", "if redis.call('GET', KEYS[1]) == ARGV[1] then "
                                  "return redis.call('DEL', KEYS[1]) end return 0")
 CLIENT_SCRIPTS: tuple[Script, ...] = (*SCRIPTS.values(), UNLOCK)
+LOAD_SCRIPTS: list[Command] = [("SCRIPT", "LOAD", s.source) for s in CLIENT_SCRIPTS]
 
 _FAILURES = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -98,14 +100,89 @@ def raise_errors(replies: Sequence[Any]) -> None:
             raise L2Unavailable(f"Redis refused the command: {r}")
 
 
-class _LinkBase:
-    """What the sync and async links share: connection settings without retries, the idle deque, the breaker."""
+class Breakered:
+    """The circuit breaker and the failure accounting every link shares (one node or a cluster, sync or
+    asyncio): :class:`SyncCalls` and :class:`AsyncCalls` put the one ``call`` on a subclass's ``_run``."""
+
+    failures: tuple[type[BaseException], ...] = _FAILURES  # what counts as "Redis unavailable"
+
+    def __init__(self, breaker: CircuitBreaker, stats: Stats) -> None:
+        self.breaker = breaker
+        self.stats = stats
+
+    def _failed(self, exc: BaseException) -> L2Unavailable:
+        """Count a failed call (it may open the breaker); the error to raise."""
+        self.stats.redis_errors += 1
+        if self.breaker.failure():
+            self.stats.breaker_open += 1
+        return L2Unavailable(f"{type(exc).__name__}: {exc}")
+
+
+class SyncCalls(Breakered):
+    """``call`` and ``call_checked`` over a blocking ``_run`` (one batch, one round trip)."""
+
+    def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        raise NotImplementedError
+
+    def _load_scripts(self) -> None:
+        self._run(LOAD_SCRIPTS)
+
+    def call(self, cmds: Sequence[Command]) -> list[Any]:
+        """Replies in order; error replies are returned as exceptions. Raises :class:`L2Unavailable`."""
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = self._run(cmds)
+            if _scripts_missing(out):  # Redis restarted or failed over: load and repeat (see module doc)
+                self._load_scripts()
+                out = self._run(cmds)
+        except self.failures as exc:
+            raise self._failed(exc) from exc
+        self.breaker.success()
+        return out
+
+    def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = self.call(cmds)
+        raise_errors(out)
+        return out
+
+
+class AsyncCalls(Breakered):
+    """:class:`SyncCalls` over an asyncio ``_run``."""
+
+    async def _run(self, cmds: Sequence[Command]) -> list[Any]:
+        raise NotImplementedError
+
+    async def _load_scripts(self) -> None:
+        await self._run(LOAD_SCRIPTS)
+
+    async def call(self, cmds: Sequence[Command]) -> list[Any]:
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit breaker open")
+        try:
+            out = await self._run(cmds)
+            if _scripts_missing(out):
+                await self._load_scripts()
+                out = await self._run(cmds)
+        except self.failures as exc:
+            raise self._failed(exc) from exc
+        self.breaker.success()
+        return out
+
+    async def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
+        out = await self.call(cmds)
+        raise_errors(out)
+        return out
+
+
+class _LinkBase(Breakered):
+    """What the sync and async single-node links share: connection settings without retries and the idle
+    deque. Each subclass only does the socket I/O."""
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker, stats: Stats,
                  no_retry: Any) -> None:
+        super().__init__(breaker, stats)
         self.connection_class, self.connection_kwargs = connection_settings(pool, timeout, connect_timeout, no_retry)
-        self.breaker = breaker
-        self.stats = stats
         self._idle: collections.deque[Any] = collections.deque()
 
     def new_connection(self) -> Any:
@@ -115,8 +192,16 @@ class _LinkBase:
         """A new connection for the backplane listener, and its subscribe verb (see also ``ClusterLink``)."""
         return self.new_connection(), "SUBSCRIBE"
 
+    def _drain(self) -> Iterator[Any]:
+        """The idle connections, each taken out (other threads may be taking them too)."""
+        while True:
+            try:
+                yield self._idle.pop()
+            except IndexError:
+                return
 
-class Link(_LinkBase):
+
+class Link(_LinkBase, SyncCalls):
     """Sync command batches with a breaker. Thread-safe."""
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
@@ -126,48 +211,24 @@ class Link(_LinkBase):
 
         super().__init__(pool, timeout, connect_timeout, breaker, stats, Retry(NoBackoff(), 0))
 
-    def call(self, cmds: Sequence[Command]) -> list[Any]:
-        """Replies in order; error replies are returned as exceptions. Raises :class:`L2Unavailable`."""
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            out = self._run(cmds)
-            if _scripts_missing(out):  # Redis restarted or failed over: load and repeat (see module doc)
-                self._run([("SCRIPT", "LOAD", s.source) for s in CLIENT_SCRIPTS])
-                out = self._run(cmds)
-        except _FAILURES as exc:
-            self.stats.redis_errors += 1
-            if self.breaker.failure():
-                self.stats.breaker_open += 1
-            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        self.breaker.success()
-        return out
-
-    def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
-        out = self.call(cmds)
-        raise_errors(out)
-        return out
-
     def _run(self, cmds: Sequence[Command]) -> list[Any]:
-        try:
-            conn = self._idle.pop()
+        try:  # an idle connection (it may have died since), or a new one
+            conn, reused = self._idle.pop(), True
         except IndexError:
+            conn, reused = self.new_connection(), False
+        try:
+            out = self._exchange(conn, cmds)
+        except RedisConnectionError:
+            conn.disconnect()
+            if not reused:
+                raise
+            self.close()  # its siblings most likely died with it
             conn = self.new_connection()
-        else:
             try:
                 out = self._exchange(conn, cmds)
-            except RedisConnectionError:
-                conn.disconnect()
-                self.close()  # its siblings most likely died with it
             except BaseException:
                 conn.disconnect()
                 raise
-            else:
-                self._idle.append(conn)
-                return out
-            conn = self.new_connection()
-        try:
-            out = self._exchange(conn, cmds)
         except BaseException:
             conn.disconnect()
             raise
@@ -186,20 +247,13 @@ class Link(_LinkBase):
         return out
 
     def close(self) -> None:
-        while self._idle:
-            try:
-                self._idle.pop().disconnect()
-            except IndexError:
-                break
-            except Exception:  # closing a dead socket may fail: nothing to do
-                continue
+        for conn in self._drain():
+            with contextlib.suppress(Exception):  # closing a dead socket may fail: nothing to do
+                conn.disconnect()
 
 
-class AsyncLink(_LinkBase):
+class AsyncLink(_LinkBase, AsyncCalls):
     """The same over ``redis.asyncio`` connections. A cancelled call closes its connection."""
-
-    async def subscription(self, channel: str) -> tuple[Any, str]:  # type: ignore[override]
-        return self.new_connection(), "SUBSCRIBE"
 
     def __init__(self, pool: Any, timeout: float, connect_timeout: float, breaker: CircuitBreaker,
                  stats: Stats) -> None:
@@ -208,47 +262,27 @@ class AsyncLink(_LinkBase):
 
         super().__init__(pool, timeout, connect_timeout, breaker, stats, Retry(NoBackoff(), 0))
 
-    async def call(self, cmds: Sequence[Command]) -> list[Any]:
-        if not self.breaker.allow():
-            raise L2Unavailable("circuit breaker open")
-        try:
-            out = await self._run(cmds)
-            if _scripts_missing(out):
-                await self._run([("SCRIPT", "LOAD", s.source) for s in CLIENT_SCRIPTS])
-                out = await self._run(cmds)
-        except _FAILURES as exc:
-            self.stats.redis_errors += 1
-            if self.breaker.failure():
-                self.stats.breaker_open += 1
-            raise L2Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        self.breaker.success()
-        return out
-
-    async def call_checked(self, cmds: Sequence[Command]) -> list[Any]:
-        out = await self.call(cmds)
-        raise_errors(out)
-        return out
+    async def subscription(self, channel: str) -> tuple[Any, str]:  # type: ignore[override]
+        return self.new_connection(), "SUBSCRIBE"
 
     async def _run(self, cmds: Sequence[Command]) -> list[Any]:
-        try:
-            conn = self._idle.pop()
+        try:  # an idle connection (it may have died since), or a new one
+            conn, reused = self._idle.pop(), True
         except IndexError:
+            conn, reused = self.new_connection(), False
+        try:
+            out = await self._exchange(conn, cmds)
+        except RedisConnectionError:
+            await conn.disconnect(nowait=True)
+            if not reused:
+                raise
+            await self.close()
             conn = self.new_connection()
-        else:
             try:
                 out = await self._exchange(conn, cmds)
-            except RedisConnectionError:
-                await conn.disconnect(nowait=True)
-                await self.close()
             except BaseException:
                 await conn.disconnect(nowait=True)
                 raise
-            else:
-                self._idle.append(conn)
-                return out
-            conn = self.new_connection()
-        try:
-            out = await self._exchange(conn, cmds)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
@@ -267,12 +301,6 @@ class AsyncLink(_LinkBase):
         return out
 
     async def close(self) -> None:
-        while self._idle:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                break
-            try:
+        for conn in self._drain():
+            with contextlib.suppress(Exception):  # closing a dead socket may fail
                 await conn.disconnect(nowait=True)
-            except Exception:  # closing a dead socket may fail
-                continue

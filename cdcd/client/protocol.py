@@ -135,6 +135,9 @@ def decode_str(v: Any) -> str | None:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+_TABLE_TAG = Keyspace.table_tag("")  # every table tag starts so
+
+
 @dataclass(slots=True)
 class Found:
     """What one read found: the entry (with its fill token), its L2 life left, the current tag counters."""
@@ -148,11 +151,16 @@ class Found:
         """A value or a cached "not found" whose recorded tag counters are all still current, and which
         recorded a table tag when the key implies any (an entry filled while Redis had lost the registry
         recorded none: a TRUNCATE could not reach it, so it is a miss)."""
-        if not (self.entry.hit and tags_valid(self.entry, self.current)):
+        entry = self.entry
+        if not (entry.hit and tags_valid(entry, self.current)):
             return False
-        table = Keyspace.table_tag("")
-        implied = [t for t in self.current if t.startswith(table)]
-        return not implied or any(t in self.entry.tags for t in implied)
+        implied = False  # the key implies a table tag: the entry must carry one of those
+        for t in self.current:
+            if t.startswith(_TABLE_TAG):
+                if t in entry.tags:
+                    return True
+                implied = True
+        return not implied
 
     def missing(self) -> list[str]:
         """Tags the entry recorded whose counters this read did not fetch (a second, rare round trip)."""

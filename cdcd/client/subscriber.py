@@ -32,19 +32,26 @@ import asyncio
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Generator
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from cdcd.backplane import Message
 
+from . import steps
 from ._log import log
 
 if TYPE_CHECKING:
-    from .aio import AsyncCache
-    from .cache import Cache
+    from cdcd.keyspace import Keyspace
+
+    from .cluster_link import AsyncClusterLink, ClusterLink
+    from .l1 import L1
+    from .link import AsyncLink, Link
+    from .options import CacheOptions
+    from .stats import Stats
 
 MAX_RUNS = 10_000
 # classic pub/sub, and Redis 7 sharded pub/sub (SSUBSCRIBE on Redis Cluster: docs/redis-cluster.md)
@@ -53,6 +60,27 @@ _MESSAGE = (b"message", "message", b"smessage", "smessage")
 _DROPPED = (b"sunsubscribe", "sunsubscribe")
 PURGE_EVERY = 30.0  # seconds between sweeps of entries past their fail-safe window
 POLL = 0.2
+
+
+class Listened(Protocol):
+    """What a listener needs of the cache it keeps in step (the core, :class:`~.core.CacheCore`): the
+    listener knows nothing of the drivers, and the drivers hand it their link."""
+
+    options: CacheOptions
+    stats: Stats
+    keyspace: Keyspace
+    l1: L1
+
+    @property
+    def run_id(self) -> str: ...
+
+    def reset_l1(self, why: str) -> None: ...
+
+    def apply_message(self, msg: Message) -> None: ...
+
+    def reachable(self) -> Generator[steps.Step, Any, bool]:
+        """A flow: does Redis answer a PING (a cluster's too)?"""
+        ...
 
 
 class SeqTracker:
@@ -90,10 +118,15 @@ class SeqTracker:
         return None
 
 
-class _Listener:
-    """Decoding, sequence tracking and applying: the part both listeners share."""
+# What the listener's flow asks its driver to do (``(op, arg)``; see :meth:`_Listener.session`).
+Op = tuple[str, Any]
 
-    def __init__(self, cache: Cache | AsyncCache) -> None:
+
+class _Listener:
+    """The listener's whole flow, without I/O: (re)subscribing, decoding, sequence tracking, applying,
+    pings, silence detection, backoff. The thread and the asyncio task only do its steps."""
+
+    def __init__(self, cache: Listened) -> None:
         self.cache = cache
         self.tracker = SeqTracker(cache.run_id)
         self.ever_connected = False
@@ -134,79 +167,124 @@ class _Listener:
                 # (resharding): from then on nothing reaches us here, so it is a lost subscription.
                 raise RedisConnectionError("shard channel unsubscribed by the server (its slot moved)")
 
+    def session(self) -> Generator[Op | steps.Step, Any, None]:
+        """Listen until the driver stops. Steps: ``connect`` (a new connection for channel ``arg``, the old
+        one closed; gives the subscribe verb: ``SSUBSCRIBE`` on a sharded cluster, else ``SUBSCRIBE``),
+        ``send`` a command, ``read`` a reply (``arg``: at most that many seconds, else None), ``connected``
+        (set or clear the driver's flag; gives whether it was set), ``pause`` for ``arg`` seconds, and a
+        ``CALL`` (:mod:`.steps`: a PING, is Redis itself reachable?). Redis and socket errors are raised at
+        the ``yield``."""
+        cache = self.cache
+        delay = 0.05
+        last_purge = monotonic()
+        while True:
+            try:
+                # a (re)subscription after a failover or a slot move is a gap like any other: L1 is reset
+                verb = yield "connect", cache.keyspace.channel
+                yield "send", (verb, cache.keyspace.channel)
+                reply = yield "read", None
+                if not (isinstance(reply, list) and reply[0] in _SUBSCRIBED):
+                    raise RedisConnectionError(f"unexpected reply to {verb}: {reply!r}")
+                self.on_subscribed()
+                yield "connected", True
+                delay = 0.05
+                last_rx = last_ping = monotonic()
+                while True:
+                    reply = yield "read", POLL
+                    if reply is not None:
+                        self.on_reply(reply)
+                        last_rx = monotonic()
+                    now = monotonic()
+                    if now - last_ping >= self.ping_every:
+                        yield "send", ("PING",)
+                        last_ping = now
+                    if now - last_rx > self.silent_after:
+                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
+                    if now - last_purge > PURGE_EVERY:
+                        cache.l1.purge_dead(now)
+                        last_purge = now
+            except (RedisError, RedisClusterException, OSError) as exc:
+                if (yield "connected", False):
+                    log.debug("backplane_lost", error=str(exc))
+                    if (yield from cache.reachable()):
+                        cache.reset_l1(f"backplane connection lost: {exc}")
+                yield "pause", delay
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:  # a bug must not silently end the listener (and L1's invalidation)
+                log.error("backplane_listener_error", error=repr(exc))
+                yield "connected", False
+                cache.reset_l1(f"backplane listener error: {exc!r}")
+                yield "pause", delay
+                delay = min(delay * 2, 2.0)
+
+
+
+class _Stopped(BaseException):
+    """Raised in the listener's flow when the thread is told to stop (a BaseException: the flow's
+    error handling must not take it for a Redis failure)."""
+
 
 class Subscriber(threading.Thread):
     """The sync cache's listener thread, on a connection of its own."""
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Listened, link: Link | ClusterLink) -> None:
         super().__init__(name="cdcd-backplane", daemon=True)
-        self.cache = cache
+        self.link = link
         self.core = _Listener(cache)
         self.connected = threading.Event()
         self._stopping = threading.Event()
+        self._conn: Any = None
 
     def stop(self) -> None:
         self._stopping.set()
         self.join(3)
 
     def run(self) -> None:
-        delay = 0.05
-        cache, core = self.cache, self.core
-        last_purge = monotonic()
-        while not self._stopping.is_set():
-            conn: Any = None
-            try:
-                conn, verb = cache.link.subscription(cache.keyspace.channel)
-                conn.connect()
-                conn.send_command(verb, cache.keyspace.channel)
-                reply = conn.read_response(push_request=True)
-                if not (isinstance(reply, list) and reply[0] in _SUBSCRIBED):
-                    raise RedisConnectionError(f"unexpected reply to {verb}: {reply!r}")
-                core.on_subscribed()
-                self.connected.set()
-                delay = 0.05
-                last_rx = last_ping = monotonic()
-                while not self._stopping.is_set():
-                    if conn.can_read(timeout=POLL):
-                        core.on_reply(conn.read_response(push_request=True))
-                        last_rx = monotonic()
-                    now = monotonic()
-                    if now - last_ping >= core.ping_every:
-                        conn.send_command("PING", check_health=False)
-                        last_ping = now
-                    if now - last_rx > core.silent_after:
-                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
-                    if now - last_purge > PURGE_EVERY:
-                        cache.l1.purge_dead(now)
-                        last_purge = now
-            except (RedisError, RedisClusterException, OSError) as exc:
-                if self.connected.is_set():
-                    self.connected.clear()
-                    log.debug("backplane_lost", error=str(exc))
-                    if cache.redis_reachable():
-                        cache.reset_l1(f"backplane connection lost: {exc}")
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 2.0)
-            except Exception as exc:  # a bug must not silently end the listener (and L1's invalidation)
-                log.error("backplane_listener_error", error=repr(exc))
-                self.connected.clear()
-                cache.reset_l1(f"backplane listener error: {exc!r}")
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.disconnect()
+        try:
+            steps.run(self.core.session(), self._do, self.link)
+        except _Stopped:
+            pass
+        finally:
+            self._close()
+
+    def _do(self, step: Op) -> Any:
+        op, arg = step
+        if self._stopping.is_set():
+            raise _Stopped
+        conn = self._conn
+        if op == "read":
+            if arg is None:
+                return conn.read_response(push_request=True)
+            return conn.read_response(push_request=True) if conn.can_read(timeout=arg) else None
+        if op == "send":
+            return conn.send_command(*arg, check_health=False)
+        if op == "connect":
+            self._close()
+            self._conn, verb = self.link.subscription(arg)
+            self._conn.connect()
+            return verb
+        if op == "connected":
+            was = self.connected.is_set()
+            self.connected.set() if arg else self.connected.clear()
+            return was
+        return self._stopping.wait(arg)  # pause
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
 
 
 class AsyncSubscriber:
     """The asyncio cache's listener task, on a connection of its own."""
 
-    def __init__(self, cache: AsyncCache) -> None:
-        self.cache = cache
+    def __init__(self, cache: Listened, link: AsyncLink | AsyncClusterLink) -> None:
+        self.link = link
         self.core = _Listener(cache)
         self.connected = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._conn: Any = None
 
     def start(self) -> None:
         if self.task is None:
@@ -220,51 +298,32 @@ class AsyncSubscriber:
             self.task = None
 
     async def run(self) -> None:
-        delay = 0.05
-        cache, core = self.cache, self.core
-        last_purge = monotonic()
-        while True:
-            conn: Any = None
-            try:
-                conn, verb = await cache.link.subscription(cache.keyspace.channel)
-                await conn.connect()
-                await conn.send_command(verb, cache.keyspace.channel)
-                reply = await conn.read_response(push_request=True)
-                if not (isinstance(reply, list) and reply[0] in _SUBSCRIBED):
-                    raise RedisConnectionError(f"unexpected reply to {verb}: {reply!r}")
-                core.on_subscribed()
-                self.connected.set()
-                delay = 0.05
-                last_rx = last_ping = monotonic()
-                while True:
-                    reply = await conn.read_response(timeout=POLL, push_request=True)
-                    if reply is not None:
-                        core.on_reply(reply)
-                        last_rx = monotonic()
-                    now = monotonic()
-                    if now - last_ping >= core.ping_every:
-                        await conn.send_command("PING", check_health=False)
-                        last_ping = now
-                    if now - last_rx > core.silent_after:
-                        raise RedisConnectionError(f"backplane silent for {now - last_rx:.1f}s")
-                    if now - last_purge > PURGE_EVERY:
-                        cache.l1.purge_dead(now)
-                        last_purge = now
-            except (RedisError, RedisClusterException, OSError) as exc:
-                if self.connected.is_set():
-                    self.connected.clear()
-                    log.debug("backplane_lost", error=str(exc))
-                    if await cache.redis_reachable():
-                        cache.reset_l1(f"backplane connection lost: {exc}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except Exception as exc:
-                log.error("backplane_listener_error", error=repr(exc))
-                self.connected.clear()
-                cache.reset_l1(f"backplane listener error: {exc!r}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.disconnect(nowait=True)
+        """Until cancelled (:meth:`stop`)."""
+        try:
+            await steps.arun(self.core.session(), self._do, self.link)
+        finally:
+            await self._close()
+
+    async def _do(self, step: Op) -> Any:
+        op, arg = step
+        conn = self._conn
+        if op == "read":
+            return await conn.read_response(timeout=arg, push_request=True)
+        if op == "send":
+            return await conn.send_command(*arg, check_health=False)
+        if op == "connect":
+            await self._close()
+            self._conn, verb = await self.link.subscription(arg)
+            await self._conn.connect()
+            return verb
+        if op == "connected":
+            was = self.connected.is_set()
+            self.connected.set() if arg else self.connected.clear()
+            return was
+        return await asyncio.sleep(arg)  # pause
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)

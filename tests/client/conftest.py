@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import redis
 
-from cdcd.client import Cache, CacheOptions, EntryOptions
+from cdcd.client import AsyncCache, Cache, CacheOptions, EntryOptions
 from cdcd.devservers import RedisServer
 from cdcd.keyspace import Keyspace
-from tests.client.support import FakeDaemon
+from tests.client.support import AsyncDriven, FakeDaemon, LoopThread
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +61,36 @@ def make_cache(redis_srv: RedisServer, ks: Keyspace) -> Iterator[Callable[..., C
     yield make
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def make_async_cache(redis_srv: RedisServer, ks: Keyspace) -> Iterator[Callable[..., AsyncDriven]]:
+    """``make_cache`` for the asyncio driver: an ``AsyncCache`` on a loop thread, used like a sync ``Cache``
+    (see :class:`~tests.client.support.AsyncDriven`)."""
+    lt = LoopThread()
+    made: list[AsyncDriven] = []
+
+    def make(url: str | None = None, **kw: Any) -> AsyncDriven:
+        entry = kw.pop("entry", EntryOptions(jitter=0.0))
+        rng = kw.pop("rng", None)
+        kw.setdefault("require_registry", False)
+        opts = CacheOptions(prefix=ks.prefix, entry=entry, **kw)
+        cache = AsyncDriven(lt.run(AsyncCache.create(url or redis_srv.url, opts, rng=rng)), lt.loop)
+        made.append(cache)
+        return cache
+
+    yield make
+    for c in made:
+        c.close()
+    lt.stop()
+
+
+@pytest.fixture(params=["sync", "async"])
+def make_either(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """The contract and fault tests run against both drivers (``make_cache`` in those modules is this);
+    a test that reaches into one driver's internals pins it to "sync" (``support.SYNC_ONLY``)."""
+    fn: Callable[..., Any] = request.getfixturevalue("make_cache" if request.param == "sync" else "make_async_cache")
+    return fn
 
 
 @pytest.fixture

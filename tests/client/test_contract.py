@@ -17,9 +17,16 @@ import redis
 
 from cdcd.client import NOT_FOUND, Cache, EntryOptions
 from cdcd.keyspace import Keyspace
-from tests.client.support import FakeDaemon, fields, wait_for
+from tests.client.support import SYNC_ONLY, FakeDaemon, fields, wait_for
 
 MakeCache = Callable[..., Cache]
+
+
+@pytest.fixture
+def make_cache(make_either: MakeCache) -> MakeCache:
+    """Every test here runs against both drivers (the asyncio one through ``support.AsyncDriven``), but
+    those marked ``SYNC_ONLY``: they patch the sync driver's link or module."""
+    return make_either
 
 
 def test_100_threads_on_a_cold_key_call_the_loader_once(make_cache: MakeCache) -> None:
@@ -70,6 +77,7 @@ def test_write_back_race_the_old_row_lands_nowhere(make_cache: MakeCache, daemon
     assert b.get("order:1") == {"status": "paid"}
 
 
+@SYNC_ONLY
 def test_an_l2_read_overtaken_by_the_backplane_is_not_inserted(make_cache: MakeCache, daemon: FakeDaemon) -> None:
     """The L1 insert race: A reads the old value from L2, the daemon changes the key and its message
     reaches A, and only then would A insert what it read. The insert is refused."""
@@ -161,6 +169,7 @@ def test_truncate_bumps_the_table_tag_every_matching_entry_recorded(make_cache: 
     assert a.get_or_load("user:1", lambda: {"id": 1, "after": "truncate"}) == {"id": 1, "after": "truncate"}
 
 
+@SYNC_ONLY
 def test_xfetch_rate_through_the_cache_matches_the_expected_probability(make_cache: MakeCache,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     beta, n = 1.0, 20_000
@@ -211,6 +220,7 @@ def test_an_entry_read_from_l2_keeps_its_age(make_cache: MakeCache) -> None:
     assert calls == [1] and b.stats.refreshes == 1
 
 
+@SYNC_ONLY
 def test_cross_process_lock_one_load_and_a_dead_holder_blocks_at_most_its_ttl(make_cache: MakeCache,
                                                                               rds: redis.Redis,
                                                                               ks: Keyspace) -> None:
@@ -256,6 +266,7 @@ def test_cross_process_lock_one_load_and_a_dead_holder_blocks_at_most_its_ttl(ma
     assert 0.2 < time.monotonic() - t0 < 0.3 + 1.0
 
 
+@SYNC_ONLY
 def test_negative_entries_and_decorators(make_cache: MakeCache, rds: redis.Redis, ks: Keyspace) -> None:
     cache = make_cache(subscribe=False)
     assert cache.get_or_load("user:404", lambda: NOT_FOUND) is None
@@ -277,6 +288,7 @@ def test_negative_entries_and_decorators(make_cache: MakeCache, rds: redis.Redis
         async def nope() -> None: ...
 
 
+@SYNC_ONLY
 def test_set_refused_by_the_guard_keeps_no_l1_copy(make_cache: MakeCache, daemon: FakeDaemon) -> None:
     cache = make_cache(subscribe=False)
     real_call = cache.link.call

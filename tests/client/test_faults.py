@@ -10,11 +10,20 @@ from typing import Any
 import pytest
 import redis
 
+from cdcd.bloom import params_id
 from cdcd.client import Cache, EntryOptions
 from cdcd.devservers import RedisServer
+from cdcd.keyspace import Keyspace
 from tests.client.support import FakeDaemon, fields, wait_for
 
 MakeCache = Callable[..., Cache]
+
+
+@pytest.fixture
+def make_cache(make_either: MakeCache) -> MakeCache:
+    """Every test here runs against both drivers (the asyncio one through ``support.AsyncDriven``), but
+    those marked ``SYNC_ONLY``: they patch the sync driver's link or module."""
+    return make_either
 
 
 def broken() -> str:
@@ -165,3 +174,38 @@ def test_negative_entry_does_not_hide_an_insert(make_cache: MakeCache, daemon: F
     t.join(5)
     assert fields(rds, daemon.ks.entry("user:3"))["d"] == '{"id":3}' and cache.stats.fills_refused == 1
     assert cache.get_or_load("user:3", lambda: pytest.fail("L2 has the row")) == {"id": 3}
+
+
+def test_existence_filter_is_a_step_of_the_miss_flow_and_every_doubt_is_maybe(make_cache: MakeCache, rds: redis.Redis,
+                                                                                ks: Keyspace) -> None:
+    """One implementation for both drivers (the core's miss flow): "absent" answers None with no loader call
+    and nothing cached; an unseeded filter, a filter key someone broke, and a filter for other keys all
+    answer "maybe" (the loader runs); a key the filter does not hold is a clear error."""
+    cache = make_cache(subscribe=False)
+    loads: list[str] = []
+
+    def loader(k: str) -> Callable[[], dict[str, str]]:
+        return lambda: loads.append(k) or {"k": k}
+
+    # not seeded: maybe
+    assert cache.get_or_load("user:1", loader("user:1"), exists_filter="users") == {"k": "user:1"}
+    meta, b0, _ = ks.exists_filter("users")
+    m = 1024
+    rds.setbit(b0, m - 1, 0)  # an empty generation: every key of the template is definitely absent
+    rds.hset(meta, mapping={"a": "0", "ap": params_id(m, 3, "user:{id}")})
+    assert cache.get_or_load("user:2", loader("user:2"), exists_filter="users") is None
+    assert cache.stats.exists_absent == 1 and loads == ["user:1"]
+    assert rds.exists(ks.entry("user:2")) == 0 and cache.get("user:2") is None  # nothing cached, no lease taken
+    with pytest.raises(ValueError, match="not a key of the existence filter"):
+        cache.get_or_load("order:2", loader("order:2"), exists_filter="users")
+    rds.delete(b0)
+    rds.set(meta, "not a hash")  # someone wrote over it: WRONGTYPE is a doubt, not an error
+    assert cache.get_or_load("user:3", loader("user:3"), exists_filter="users") == {"k": "user:3"}
+    assert cache.stats.exists_absent == 1 and loads == ["user:1", "user:3"]
+
+
+def test_existence_filter_with_redis_down_answers_maybe(make_cache: MakeCache, own_redis: RedisServer) -> None:
+    cache = make_cache(own_redis.url, subscribe=False, redis_timeout=0.2, breaker_failures=1, breaker_reset=30.0)
+    own_redis.stop()
+    assert cache.get_or_load("user:9", lambda: {"id": 9}, exists_filter="users") == {"id": 9}
+    assert cache.stats.exists_absent == 0
