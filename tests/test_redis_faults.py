@@ -17,8 +17,7 @@ import redis
 from cdcd.client import Cache, CacheOptions
 from cdcd.devservers import RedisServer
 from cdcd.keyspace import SCRIPTS
-from tests.helpers import DaemonProcess, DaemonThread, entry, make_config, wait_until
-from tests.test_faults import _expected_users, _mismatches
+from tests.helpers import DaemonProcess, DaemonThread, db_users, entry, make_config, stale_users, wait_until
 
 
 class SteadyWriter(threading.Thread):
@@ -93,14 +92,14 @@ def test_redis_sigkilled_15_times_under_writes_daemon_stays_up_and_converges(
         # Redis came back empty each time, so a user not renamed since the last restart has no entry:
         # that is a miss (the app reads the database), never stale. Every entry that is there converges
         # to the database...
-        expected = _expected_users(app_db)
+        expected = db_users(app_db)
         wait_until(lambda: not _stale(r, p, expected), timeout=30, interval=0.2,
                    what="every cached row to equal the database after 15 Redis kills")
         # ...and the daemon still applies everything: one more change of every user fills every key.
         with psycopg.connect(app_db, autocommit=True) as conn:
             conn.execute("UPDATE users SET name = name || '.'")
-        expected = _expected_users(app_db)
-        wait_until(lambda: not _mismatches(r, p, expected), timeout=30, interval=0.2,
+        expected = db_users(app_db)
+        wait_until(lambda: not stale_users(r, p, expected), timeout=30, interval=0.2,
                    what="every user's cached row to equal the database after a change of every user")
         assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon must still be running"
         log = daemon.log_path.read_text(errors="replace")

@@ -15,10 +15,21 @@ import redis
 from kafka import KafkaProducer
 
 from cdcd.devservers import KafkaServer, RedisServer
-from tests.helpers import Backplane, DaemonProcess, DaemonThread, config_dict, entry, make_config, unique, wait_until
+from tests.helpers import (
+    Backplane,
+    DaemonProcess,
+    DaemonThread,
+    config_dict,
+    db_users,
+    entry,
+    make_config,
+    stale_users,
+    unique,
+    wait_until,
+)
 from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.debezium_bridge import DebeziumBridge
-from tests.test_faults import Writer, _expected_users, _mismatches
+from tests.test_faults import Writer
 
 pytestmark = [pytest.mark.debezium, pytest.mark.slow]  # a JVM and the Debezium engine per test
 
@@ -147,8 +158,8 @@ def test_debezium_daemon_killed_and_group_member_lost_nothing_lost(
         second.kill()
         writer.join(60)
         assert writer.error is None and writer.committed == 300
-        expected = _expected_users(app_db)
-        wait_until(lambda: not _mismatches(r, p, expected), timeout=90, interval=0.5,
+        expected = db_users(app_db)
+        wait_until(lambda: not stale_users(r, p, expected), timeout=90, interval=0.5,
                    what="every Debezium change applied after the kills")
     finally:
         first.stop()
