@@ -43,6 +43,16 @@ def pg_server() -> Iterator[PostgresServer]:
     server.destroy()
 
 
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[PostgresServer]:
+    """A Postgres cluster for one test module alone: for tests that change server-wide settings
+    (synchronous_standby_names), which would reach every other test on the shared server."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.destroy()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()

@@ -20,7 +20,6 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -31,15 +30,6 @@ from cdcd.devservers import PostgresServer, RedisServer
 from cdcd.fillguard import FillGuard
 from cdcd.keyspace import Keyspace
 from tests.helpers import EXAMPLE_SCHEMA, DaemonThread, config_dict, entry, make_config, unique, wait_until
-
-
-@pytest.fixture(scope="module")
-def own_pg() -> Iterator[PostgresServer]:
-    """A cluster of its own: the tests set synchronous_standby_names, which applies to the whole server."""
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.destroy()
 
 
 def _setting(conn: psycopg.Connection[Any], assignment: str) -> None:

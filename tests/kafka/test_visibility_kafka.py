@@ -13,7 +13,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -25,15 +25,6 @@ from cdcd.sources.kafka import KafkaSource, KafkaSourceSettings
 from tests.helpers import DaemonThread, config_dict, entry, make_config, unique, wait_until
 from tests.kafka.conftest import FAST_GROUP
 from tests.kafka.test_daemon_kafka import user, user_event, version
-
-
-@pytest.fixture(scope="module")
-def own_pg() -> Iterator[PostgresServer]:
-    """A cluster of its own: the test sets synchronous_standby_names, which applies to the whole server."""
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.destroy()
 
 
 def _with_txid(record: bytes, xid: int) -> bytes:
