@@ -83,3 +83,17 @@ def test_settings_reach_the_consumer_and_records_flow(
     first = drain(source, 1)
     assert 1 <= len(first) <= 3  # max_poll_records bounds one poll
     assert ids(first + drain(source, 7 - len(first))) == list(range(7))
+
+
+def test_security_settings_reach_librdkafka_under_its_names() -> None:
+    """The same options the dead-letter producer gets (client_kwargs), as librdkafka names them."""
+    s = KafkaSourceSettings.model_validate({
+        "topics": ["t"], "client": "confluent", "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "u", "sasl_plain_password": "p", "ssl_cafile": "/ca.pem", "ssl_certfile": "/c.pem",
+        "ssl_keyfile": "/k.pem", "ssl_check_hostname": False})
+    conf = consumer_config(s)
+    assert {k: v for k, v in conf.items() if k.startswith(("sasl", "ssl", "security"))} == {
+        "security.protocol": "SASL_SSL", "sasl.mechanisms": "SCRAM-SHA-512", "sasl.username": "u",
+        "sasl.password": "p", "ssl.ca.location": "/ca.pem", "ssl.certificate.location": "/c.pem",
+        "ssl.key.location": "/k.pem", "ssl.endpoint.identification.algorithm": "none"}
+    assert consumer_config(KafkaSourceSettings.model_validate({"topics": ["t"]}))["security.protocol"] == "PLAINTEXT"
