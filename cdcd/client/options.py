@@ -194,6 +194,13 @@ class CacheOptions:
     """Every caller gets its own copy of an L1 value (FusionCache's AutoClone): L1 keeps the encoded bytes and
     decodes them on each hit, so a caller mutating its result (or the loader's object) never changes what
     others get. Off: every caller shares L1's one object (treat it as read-only), and a hit costs no decode."""
+    read_replicas: bool = False
+    """Read a random replica copy of keys the daemon's rules replicate (``replicas: N``), spreading a hot key's
+    reads over N hash slots (docs/hot-keys.md). Off: the primary entry, as without replicas."""
+    replica_memory: int = 100_000
+    """With ``read_replicas``: replicated keys whose newest seen version this process remembers (LRU), so it
+    never goes back to an older copy. A key evicted from it may be read from a copy older than one seen before
+    (at most what one in-flight change's copies differ by)."""
     entry: EntryOptions = field(default_factory=EntryOptions)
     """Defaults for every entry."""
     hot_keys: HotKeyOptions | None = None

@@ -430,7 +430,8 @@ class RedisSink:
         if marker_lost:
             self.restore()  # Redis restarted empty (and somebody else may have reloaded the scripts)
         return ApplyResult(applied=applied, refused=n - applied, tombstones=tombstones, values=n - tombstones,
-                           tags=sum(1 for _, s in tags if s is None), messages=messages, rtt=rtt, refusals=refusals, restored=marker_lost,
+                           tags=sum(1 for _, s in tags if s is None), messages=messages, rtt=rtt, refusals=refusals,
+                           restored=marker_lost,
                            floored=floored, fenced=replies.count(2), fences=fences)
 
     def _repair(self, refusals: list[Refusal], batch: Batch,
@@ -788,8 +789,8 @@ class PendingApply:
     small one under load means the overlap hid Redis. ``wait_s`` is the blocking part alone.
     """
 
-    def __init__(self, sink: RedisSink, batch: Batch, conn: Any, tags: list[tuple[str, int | None]], restored: int, tombstones: int,
-                 messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None,
+    def __init__(self, sink: RedisSink, batch: Batch, conn: Any, tags: list[tuple[str, int | None]], restored: int,
+                 tombstones: int, messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None,
                  floored: int = 0, calls: Layout | None = None) -> None:
         self.sink, self.batch, self.conn, self.tags = sink, batch, conn, tags
         self.floored = floored
