@@ -176,31 +176,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return g
 """
 
-# Read of a hot-key replica and its mirror tag counters in one call on one shard (docs/hot-keys.md).
-# KEYS[1] the replica entry, KEYS[2..] the mirror counters of its tags (same hash slot). ARGV: lease_ttl_ms,
-# want_lease ('1'|'0'). Returns {v, g, d, n, t, s, pttl, counter...}; with a lease, an empty entry gets a
-# lease (as READ) and a missing counter is created (as ENSURE_TAG), so the token and the snapshot are real.
-READ_REPLICA = _PRELUDE + r"""
-local r = redis.call('HMGET', KEYS[1], 'v', 'g', 'd', 'n', 't', 's')
-local lease = ARGV[2] == '1'
-if lease and not r[2] then
-  local g = nextgen(nil)
-  redis.call('HSET', KEYS[1], 'v', '0', 'g', g, 's', 'lease')
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  r = {'0', g, false, false, false, 'lease'}
-end
-r[7] = redis.call('PTTL', KEYS[1])
-for i = 2, #KEYS do
-  local c = redis.call('GET', KEYS[i])
-  if not c and lease then
-    c = string.format('%.0f', now_us())
-    redis.call('SET', KEYS[i], c)
-  end
-  r[6 + i] = c
-end
-return r
-"""
-
 # Application-side invalidation: drop the value, keep the version, new generation
 # (so fills in flight fail). ARGV: tombstone_ttl_ms. Returns 1.
 INVALIDATE = _PRELUDE + r"""
@@ -386,7 +361,6 @@ SCRIPTS: dict[str, Script] = {
         Script("apply_many", APPLY_MANY),
         Script("read", READ),
         Script("fill", FILL),
-        Script("read_replica", READ_REPLICA),
         Script("invalidate", INVALIDATE),
         Script("bump_tag", BUMP_TAG),
         Script("ensure_tag", ENSURE_TAG),

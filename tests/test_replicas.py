@@ -115,13 +115,11 @@ def test_every_copy_written_and_invalidated_with_the_same_version(cfg: dict[str,
 def test_stale_write_back_to_any_copy_is_refused(cfg: dict[str, Any], r: redis.Redis, sql: Any) -> None:
     d = DaemonThread(make_config(_cfg(cfg))).start()
     ks = Keyspace(cfg["keyspace"]["prefix"])
-    read, fill = SCRIPTS["read_replica"], SCRIPTS["fill"]
+    read, fill = SCRIPTS["read"], SCRIPTS["fill"]
     try:
         tokens = {}
         for slot in ORDERS:  # a reader of each copy takes its fill token, then queries the database...
-            raw = r.evalsha(read.sha, 2, ks.replica("order:5", slot), ks.mirror("#table:public.orders", slot),
-                            10_000, "1")
-            tokens[slot] = raw[1]
+            tokens[slot] = r.evalsha(read.sha, 1, ks.replica("order:5", slot), 10_000, "1")[1]
         sql("INSERT INTO orders (id, user_id, tenant_id, total, status) VALUES (5, 1, 7, 10, 'new')")
         wait_until(lambda: all(c.get("s") == "cdc" for c in _copies(r, ks, "order:5", ORDERS)), what="tombstones")
         for slot in ORDERS:  # ... and writes back what it read before the insert: refused on every copy

@@ -73,7 +73,7 @@ from .protocol import (
     parse_found,
     parse_replica,
     read_commands,
-    read_replica_command,
+    read_replica_commands,
     xfetch_due,
 )
 from .serializers import Serializer
@@ -154,7 +154,7 @@ class CacheCore:
     def read_call(self, key: str, tags: Sequence[str], lease: bool, slot: int | None = None) -> Step:
         lease_ms = int(self.options.lease_ttl * 1000) if lease else None
         if slot is not None:
-            return CALL, [read_replica_command(self.keyspace, key, slot, tags, lease_ms)], False
+            return CALL, read_replica_commands(self.keyspace, key, slot, tags, lease_ms), False
         return CALL, read_commands(self.keyspace, key, tags, lease_ms), False
 
     def complete(self, found: Found, extra: list[str]) -> Flow:

@@ -23,7 +23,6 @@ from .link import Command, L2Unavailable, raise_errors
 from .options import EntryOptions
 
 READ, FILL, INVALIDATE = SCRIPTS["read"], SCRIPTS["fill"], SCRIPTS["invalidate"]
-READ_REPLICA = SCRIPTS["read_replica"]
 BUMP, ENSURE = SCRIPTS["bump_tag"], SCRIPTS["ensure_tag"]
 _FIELDS = ("v", "g", "d", "n", "t", "s")
 
@@ -207,22 +206,33 @@ def parse_found(key: str, tags: Sequence[str], replies: Sequence[Any]) -> Found:
     return Found(entry, remaining, current)
 
 
-def read_replica_command(ks: Keyspace, key: str, slot: int, tags: Sequence[str],
-                         lease_ttl_ms: int | None) -> Command:
-    """One script call on one shard: the copy of ``key`` in ``slot``, its TTL and its tags' mirror counters
-    in that slot (with a lease: the fill token, and missing counters created)."""
-    return ("EVALSHA", READ_REPLICA.sha, 1 + len(tags), ks.replica(key, slot), *(ks.mirror(t, slot) for t in tags),
-            lease_ttl_ms or 0, "0" if lease_ttl_ms is None else "1")
+def read_replica_commands(ks: Keyspace, key: str, slot: int, tags: Sequence[str],
+                          lease_ttl_ms: int | None) -> list[Command]:
+    """The copy of ``key`` in ``slot`` and its tags' mirror counters in that slot: every key in one hash slot,
+    so one round trip to one master. With a lease, as :func:`read_commands` (READ, PTTL, ENSURE_TAGs); a plain
+    read is HMGET and the GETs only, without PTTL: one command less per hit on the hot path (the copy's L2
+    age is then unknown and an L1 copy gets its full lifetimes, docs/hot-keys.md)."""
+    rk = ks.replica(key, slot)
+    if lease_ttl_ms is None:
+        cmds: list[Command] = [("HMGET", rk, *_FIELDS)]
+        cmds.extend(("GET", ks.mirror(t, slot)) for t in tags)
+    else:
+        cmds = [("EVALSHA", READ.sha, 1, rk, lease_ttl_ms, "1"), ("PTTL", rk)]
+        cmds.extend(("EVALSHA", ENSURE.sha, 1, ks.mirror(t, slot)) for t in tags)
+    return cmds
 
 
 def parse_replica(key: str, tags: Sequence[str], slot: int, replies: Sequence[Any]) -> Found:
+    """The answers of :func:`read_replica_commands` (with or without the PTTL a lease read has)."""
     raise_errors(replies)
-    r = list(replies[0])
-    entry = FillGuard.parse(key, r[:6])
-    pttl = r[6] if len(r) > 6 else -2
-    remaining = pttl / 1000.0 if isinstance(pttl, int) and pttl >= 0 else None
-    counters = r[7:] + [None] * (len(tags) - len(r[7:]))  # Lua stops a table at its first nil
-    current = {t: decode_str(v) for t, v in zip(tags, counters, strict=False)}
+    entry = FillGuard.parse(key, list(replies[0]))
+    remaining: float | None = None
+    counters = replies[1:]
+    if len(counters) > len(tags):  # a lease read: its PTTL first
+        pttl = counters[0]
+        remaining = pttl / 1000.0 if isinstance(pttl, int) and pttl >= 0 else None
+        counters = counters[1:]
+    current = {t: decode_str(v) for t, v in zip(tags, counters, strict=True)}
     return Found(entry, remaining, current, slot)
 
 
