@@ -17,6 +17,7 @@ import pytest
 from redis.cluster import RedisCluster
 
 from cdcd.client import AsyncCache, Cache, CacheOptions
+from cdcd.client.typed import TypedSerializer
 from cdcd.devservers import RedisClusterServer
 from cdcd.keyspace import Keyspace, replica_slots
 from tests.helpers import DaemonThread, config_dict, entry, make_config, unique, wait_until
@@ -47,9 +48,9 @@ def test_four_replicas_spread_a_hot_key_over_four_masters(cluster4: RedisCluster
     assert one["hottest"] / four["hottest"] >= 3, (one, four)
 
 
-def _name(dsn: str, uid: int) -> str:
+def _status(dsn: str) -> str:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT name FROM users WHERE id = %s", (uid,)).fetchone()
+        row = conn.execute("SELECT status FROM orders WHERE id = 1").fetchone()
     assert row is not None
     return str(row[0])
 
@@ -59,19 +60,22 @@ def test_race_torture_across_replicas(cluster4: RedisClusterServer, app_db: str,
     cfg = config_dict(app_db, cluster4.url, unique("s"), unique("p") + ":")
     cfg["redis"].update({"cluster": True, "urls": cluster4.urls[1:3]})
     cfg["tables"]["users"]["replicas"] = 4
+    cfg["tables"]["orders"]["replicas"] = 4
     p = cfg["keyspace"]["prefix"]
     ks = Keyspace(p)
     rc = RedisCluster.from_url(cluster4.url)
-    sql("INSERT INTO users (id, email, name, tenant_id) VALUES (1, 'a@x', 'n00000', 7), (2, 'b@x', 'n00000', 7)")
+    sql("INSERT INTO users (id, email, name, tenant_id) VALUES (1, 'a@x', 'n00000', 7)")
+    sql("INSERT INTO orders (id, user_id, tenant_id, total, status) VALUES (1, 1, 7, 1, 'n00000')")
     d = DaemonThread(make_config(cfg)).start()
     opts = CacheOptions(prefix=p, l1_max_entries=0, subscribe=False, read_replicas=True)
     stop = threading.Event()
     backwards: list[tuple[int, int]] = []
     served = [0]
+    fills: list[dict[str, int]] = []
     errors: list[BaseException] = []
 
     def loader() -> dict[str, Any]:
-        return {"id": 2, "name": _name(app_db, 2)}
+        return {"id": 1, "name": _status(app_db)}
 
     def get_reader() -> None:  # user:1 is read only from copies the daemon wrote: names rise with versions
         cache = Cache(cluster4.url.replace("redis://", "redis+cluster://"), opts)
@@ -90,14 +94,15 @@ def test_race_torture_across_replicas(cluster4: RedisClusterServer, app_db: str,
         finally:
             cache.close()
 
-    def fill_reader() -> None:  # user:2: misses load from the database and fill the copy they read
+    def fill_reader() -> None:  # order:1 (invalidate rule): misses load from the database and fill the copy they read
         cache = Cache(cluster4.url.replace("redis://", "redis+cluster://"), opts)
         try:
             while not stop.is_set():
-                cache.get_or_load("user:2", loader)
+                cache.get_or_load("order:1", loader)
         except BaseException as exc:
             errors.append(exc)
         finally:
+            fills.append(cache.stats.snapshot())
             cache.close()
 
     def async_reader() -> None:  # the asyncio driver, on both keys
@@ -111,7 +116,7 @@ def test_race_torture_across_replicas(cluster4: RedisClusterServer, app_db: str,
                         if n < last:
                             backwards.append((last, n))
                         last = max(last, n)
-                    await cache.get_or_load("user:2", loader)
+                    await cache.get_or_load("order:1", loader)
 
         try:
             asyncio.run(main())
@@ -124,25 +129,33 @@ def test_race_torture_across_replicas(cluster4: RedisClusterServer, app_db: str,
         for t in threads:
             t.start()
         last_name = "n00000"
-        for i in range(1, 121):
+        for i in range(1, 301):
             last_name = f"n{i:05d}"
-            sql("UPDATE users SET name = %s WHERE id IN (1, 2)", (last_name,))
+            sql("UPDATE users SET name = %s WHERE id = 1", (last_name,))
+            sql("UPDATE orders SET status = %s WHERE id = 1", (last_name,))
         wait_until(lambda: all(json.loads(entry(rc, k).get("d", "{}")).get("name") == last_name
                                for k in [ks.entry("user:1"), *(ks.replica("user:1", s) for s in SLOTS)]),
                    timeout=30, what="the last update on every copy of user:1")
-        stop.wait(0.5)  # readers keep filling a little after convergence
+        stop.wait(1.0)  # readers keep filling a little after convergence
     finally:
         stop.set()
         for t in threads:
             t.join(15)
         d.stop()
+    assert _status(app_db) == last_name
     assert not errors, errors
     assert served[0] > 100 and backwards == []
+    assert sum(f["fills"] for f in fills) > 0 and sum(f["loader_calls"] for f in fills) > 0
+    print("torture:", served[0], "copy reads of user:1;", {k: sum(f[k] for f in fills) for k in
+          ("l2_hits", "loader_calls", "fills", "fills_refused", "replica_behind")}, "for order:1")
     stale = []
-    for key in ("user:1", "user:2"):
+    loads = TypedSerializer().loads  # an app fill is in the client's format
+    for key in ("user:1", "order:1"):
         for rk in (ks.entry(key), *(ks.replica(key, s) for s in SLOTS)):
-            e = entry(rc, rk)
-            if "d" in e and json.loads(e["d"])["name"] != last_name:
-                stale.append((rk, e))
+            raw = rc.hgetall(rk)
+            if b"d" in raw:
+                value = json.loads(raw[b"d"]) if raw.get(b"s") == b"cdc" else loads(raw[b"d"])
+                if value.get("name", value.get("status")) != last_name:
+                    stale.append((rk, raw))
     rc.close()
     assert stale == []
