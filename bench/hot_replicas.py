@@ -25,29 +25,24 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis  # noqa: E402
+import redis
 
-from cdcd.backplane import Sequencer  # noqa: E402
-from cdcd.client import Cache, CacheOptions  # noqa: E402
-from cdcd.devservers import RedisClusterServer  # noqa: E402
-from cdcd.lazycluster import LazyRedisCluster  # noqa: E402
-from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule  # noqa: E402
-from cdcd.sinks.redis import RedisSink  # noqa: E402
-
-_INNER = ("hmget", "pttl", "get", "set", "hset", "pexpire", "time", "del")
+from cdcd.backplane import Sequencer
+from cdcd.client import Cache, CacheOptions
+from cdcd.devservers import RedisClusterServer
+from cdcd.lazycluster import LazyRedisCluster
+from cdcd.rules import Defaults, KeyspaceSettings, Rules, TableRule
+from cdcd.sinks.redis import RedisSink
 
 
-def _stats(ports: list[int]) -> dict[int, tuple[int, int]]:
-    """Per master port: (total_commands_processed, client calls = that minus the calls scripts made)."""
+def _stats(ports: list[int]) -> dict[int, tuple[int, float]]:
+    """Per master port: (total_commands_processed, CPU seconds used by the server so far)."""
     out = {}
     for port in ports:
         r = redis.Redis(port=port)
         total = int(r.info("stats")["total_commands_processed"])
-        cs = r.info("commandstats")
-        evals = sum(int(v["calls"]) for k, v in cs.items() if k.startswith("cmdstat_eval"))
-        scripted = sum(int(v.get("calls", 0)) for k, v in cs.items() if k.startswith("cmdstat_eval"))
-        del scripted
-        out[port] = (total, evals)
+        cpu = r.info("cpu")
+        out[port] = (total, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
         r.close()
     return out
 
@@ -64,7 +59,7 @@ def measure(cluster: RedisClusterServer, replicas: int | None, reads: int, prefi
     try:
         for _ in range(20 * (replicas or 1)):  # every copy filled by its own miss
             cache.get_or_load("user:1", lambda: {"id": 1, "name": "hot"})
-        loads = cache.stats.loader_calls
+        loads, hits = cache.stats.loader_calls, cache.stats.l2_hits
         ports = cluster.master_ports()
         before = _stats(ports)
         t0 = time.perf_counter()
@@ -76,11 +71,11 @@ def measure(cluster: RedisClusterServer, replicas: int | None, reads: int, prefi
     finally:
         cache.close()
         rc.close()
-    total = {p: after[p][0] - before[p][0] for p in ports}
-    # the stats reads themselves (INFO twice per port) are in the delta of the next sample only, not here
+    total = {p: after[p][0] - before[p][0] - 2 for p in ports}  # minus the two INFO of the first sample
+    cpu = {p: after[p][1] - before[p][1] for p in ports}
     return {"replicas": replicas, "per_master": [total[p] / reads for p in ports],
             "hottest": max(total.values()) / reads, "reads_per_s": reads / elapsed,
-            "hits": cache.stats.l2_hits}
+            "cpu_us": [cpu[p] / reads * 1e6 for p in ports], "hits": cache.stats.l2_hits - hits}
 
 
 def run(cluster: RedisClusterServer, reads: int, prefix: str) -> list[dict[str, Any]]:
@@ -102,11 +97,13 @@ def main() -> None:
         cluster.stop()
     base = rows[0]["hottest"]
     print(machine())
-    print(table(["read path", *(f"master {i}" for i in range(args.masters)), "hottest", "ratio", "reads/s"],
+    print(table(["read path", *(f"master {i}" for i in range(args.masters)), "hottest", "ratio",
+                 "hottest CPU us/read", "reads/s"],
                 [["today (no replicas)" if r["replicas"] is None else f"read_replicas, N={r['replicas']}",
                   *(f"{x:.2f}" for x in r["per_master"]), f"{r['hottest']:.2f}", f"{base / r['hottest']:.2f}x",
-                  f"{r['reads_per_s']:.0f}"] for r in rows]))
-    print("cells: commands each master processed per read (INFO stats total_commands_processed delta / reads)")
+                  f"{max(r['cpu_us']):.1f}", f"{r['reads_per_s']:.0f}"] for r in rows]))
+    print("master cells: commands each master processed per read (INFO stats total_commands_processed delta / "
+          "reads); CPU: the busiest master's used_cpu_user+sys delta per read (one client: timing, not asserted)")
 
 
 if __name__ == "__main__":

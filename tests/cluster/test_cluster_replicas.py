@@ -23,7 +23,7 @@ from cdcd.keyspace import Keyspace, replica_slots
 from tests.helpers import DaemonThread, config_dict, entry, make_config, unique, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from hot_replicas import measure  # noqa: E402
+from hot_replicas import measure
 
 SLOTS = replica_slots(4)
 
