@@ -186,10 +186,14 @@ class CacheCore:
         prev = seen.get(key)
         if prev is not None and v < prev:
             found.behind = True
-            self.stats.replica_behind += 1
+            found.floor = prev
+            if found.entry.hit:
+                self.stats.replica_behind += 1
             seen.move_to_end(key)
-        elif prev is None or v > prev:
-            seen[key] = v
+        else:
+            found.floor = v
+            if prev is None or v > prev:
+                seen[key] = v
             seen.move_to_end(key)
             if len(seen) > self.options.replica_memory:
                 seen.popitem(last=False)
@@ -440,7 +444,9 @@ class CacheCore:
         ttl = jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng)
         snap = {t: found.current.get(t) or "" for t in tags}
         ttl_left: float | None
-        floor = self.seen.get(key, 0) if found.slot is not None else 0
+        # The copy may claim the newest version seen *before* this load (read with the token): the value loaded
+        # after it reflects it. Never the process's current one, which another thread may have raised since.
+        floor = found.floor if found.slot is not None else 0
         try:
             reply = (yield call([fill_command(self.keyspace, found.entry, data, negative, snap, ttl, found.slot,
                                               floor)]))[0]
@@ -471,7 +477,7 @@ class CacheCore:
         deadline = monotonic() + opts.lock_ttl
         while monotonic() < deadline:
             yield SLEEP, self.options.lock_poll
-            found = yield from self.read(key, tags, lease=False)
+            found = yield from self.read(key, tags, lease=False, slot=self.copy_of(key))  # the holder's copy, maybe
             if found.usable:
                 value = self.decode(found, opts)
                 if value is not MISSING:

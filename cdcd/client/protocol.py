@@ -175,6 +175,7 @@ class Found:
     current: dict[str, str | None]
     slot: int | None = None  # a hot-key replica's copy was read (its slot); None: the primary entry
     behind: bool = False  # the copy is older than a version of the key this process has seen: a miss
+    floor: int = 0  # the newest version of the key seen when this read was made (a copy's fill may claim it)
 
     @property
     def usable(self) -> bool:
