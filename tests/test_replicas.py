@@ -197,3 +197,25 @@ def test_truncate_and_tag_invalidation_reach_every_copy(cfg: dict[str, Any], r: 
         assert all("d" not in e for e in _copies(r, ks, "order:9", ORDERS))
     finally:
         d.stop()
+
+
+def test_a_degraded_transaction_reaches_every_copy(cfg: dict[str, Any], r: redis.Redis, sql: Any,
+                                                    client: Callable[..., Driver]) -> None:
+    """A transaction past the cap is not kept row by row: its table counts as truncated, on every copy too."""
+    cfg["source"]["max_transaction_changes"] = 20
+    d = DaemonThread(make_config(_cfg(cfg))).start()
+    try:
+        ks = Keyspace(cfg["keyspace"]["prefix"])
+        sql("INSERT INTO users (id, email, name, tenant_id) VALUES (4, 'd@x', 'dan', 7)")
+        wait_until(lambda: all('"dan"' in c.get("d", "") for c in _copies(r, ks, "user:4", USERS)), what="copies")
+        c = client()
+        wait_until(lambda: c("get", "user:4") is not None, what="the client found the registry")
+        assert all(c("get", "user:4") is not None for _ in range(30))
+        # 50 rows in one transaction, none of them user 4: only the degraded path can reach its copies
+        sql("INSERT INTO users (id, email, name, tenant_id) SELECT g, 'g' || g || '@x', 'g', 1 "
+            "FROM generate_series(100, 149) g")
+        wait_until(lambda: d.daemon.metrics.degraded_transactions._value.get() == 1, what="degraded")
+        wait_until(lambda: c("get", "user:4") is None, what="the degraded transaction")
+        assert [c("get", "user:4") for _ in range(40)] == [None] * 40
+    finally:
+        d.stop()
