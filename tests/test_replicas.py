@@ -219,3 +219,27 @@ def test_a_degraded_transaction_reaches_every_copy(cfg: dict[str, Any], r: redis
         assert [c("get", "user:4") for _ in range(40)] == [None] * 40
     finally:
         d.stop()
+
+
+def test_a_fill_claims_only_the_version_seen_before_its_load(cfg: dict[str, Any], r: redis.Redis, sql: Any,
+                                                             client: Callable[..., Driver]) -> None:
+    """Another thread may see a newer version while this one loads: the fill must not claim that one (its value
+    may predate it, and the daemon's write at that version would then be refused, leaving the copy stale)."""
+    d = DaemonThread(make_config(_cfg(cfg))).start()
+    try:
+        ks = Keyspace(cfg["keyspace"]["prefix"])
+        sql("INSERT INTO orders (id, user_id, tenant_id, total, status) VALUES (7, 1, 7, 10, 'new')")
+        wait_until(lambda: all(e.get("s") == "cdc" for e in _copies(r, ks, "order:7", ORDERS)), what="tombstones")
+        version = int(entry(r, ks.entry("order:7"))["v"])
+        c = client()
+        newer = version + 10**9
+
+        def loader() -> str:
+            c.cache.core.seen["order:7"] = newer  # what a concurrent reader of another copy would record
+            return "loaded"
+
+        assert c("get_or_load", "order:7", loader) == "loaded"
+        filled = [e for e in _copies(r, ks, "order:7", ORDERS) if e.get("s") == "app"]
+        assert len(filled) == 1 and int(filled[0]["v"]) == version  # the version seen at its own read
+    finally:
+        d.stop()
