@@ -532,8 +532,7 @@ class CacheCore:
     def delete(self, key: str) -> Flow:
         check_names(key)
         try:
-            if monotonic() >= self.registry_next:
-                yield from self.refresh_registry()
+            yield from self.refresh_registry()  # current rules: which copies the key has (see invalidate_tag)
             yield (PUBLISH, [("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
                               max(1, int(self.options.tombstone_ttl * 1000))), *self.invalidate_copies(key)],
                    [key], [], True)
@@ -546,8 +545,9 @@ class CacheCore:
     def invalidate_tag(self, tag: str) -> Flow:
         check_name(tag, "tag")
         try:
-            if monotonic() >= self.registry_next:
-                yield from self.refresh_registry()
+            # Always the current rules: a registry read before replicas were configured would miss the mirrors
+            # that copies filled meanwhile record (one more round trip, on a rare call).
+            yield from self.refresh_registry()
             # the tag's counter and its mirror in every replica slot (hot-key replicas read those)
             yield PUBLISH, [("EVALSHA", BUMP.sha, 1, self.keyspace.counter(tag, slot))
                             for slot in (None, *self.registry.mirror_slots)], [], [tag], True
