@@ -532,7 +532,8 @@ class CacheCore:
     def delete(self, key: str) -> Flow:
         check_names(key)
         try:
-            yield from self.refresh_registry()  # current rules: which copies the key has (see invalidate_tag)
+            if monotonic() >= self.registry_next:  # which copies the key has (replicated keys change through
+                yield from self.refresh_registry()   # the daemon anyway: a rule key's change tombstones them all)
             yield (PUBLISH, [("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
                               max(1, int(self.options.tombstone_ttl * 1000))), *self.invalidate_copies(key)],
                    [key], [], True)
