@@ -3,8 +3,9 @@
 Usage::
 
     .venv/bin/python bench/apply_throughput_kafka.py [--changes 200000] [--partitions 1] [--repeats 3] \\
-        [--crc pure,native] [--fetch-max-wait-ms 500,30] [--max-poll-records 500,5000] [--no-schemas] \\
-        [--profile DIR] [--naive-seconds 0] [--root before=/path/to/checkout ...]
+        [--crc pure,native] [--client kafka-python,confluent] [--fetch-max-wait-ms 500,30] \\
+        [--max-poll-records 500,5000] [--no-schemas] [--profile DIR] [--naive-seconds 0] \\
+        [--root before=/path/to/checkout ...]
 
 A tansu broker (in memory) and Redis are started; ``--changes`` Debezium envelopes are produced once
 (the rotating mix of ``apply_throughput.py``: insert user, insert order, update user, update order; one
@@ -138,11 +139,14 @@ def produce(bootstrap: str, n: int, partitions: int, events: Events) -> tuple[fl
 # ------------------------------------------------------------------------------ one daemon run
 
 
-def source_settings(bootstrap: str, group: str, schemas: bool, wait_ms: int, max_poll: int) -> dict[str, Any]:
+def source_settings(bootstrap: str, group: str, schemas: bool, wait_ms: int, max_poll: int,
+                    client: str = "kafka-python") -> dict[str, Any]:
     data: dict[str, Any] = {
         "type": "kafka", "bootstrap_servers": [bootstrap], "group_id": group, "topics": TOPICS,
         "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_poll_records": max_poll,
         "fetch_max_wait_ms": wait_ms}
+    if client != "kafka-python":
+        data["client"] = client
     if not schemas:
         data["topic_options"] = {"bench.public.*": {"columns": {"updated_at": "timestamptz", "total": "decimal"}}}
     return data
@@ -198,25 +202,30 @@ class Variant(NamedTuple):
     wait_ms: int
     max_poll: int
     root: str = ""  # a --root name: that checkout's code with the same settings ("" = this tree)
+    client: str = "kafka-python"  # source.client
 
     def label(self) -> str:
         if self.crc == "baseline":
             return f"before: --baseline code, pure CRC, fetch_max_wait_ms 500, max_poll_records {self.max_poll}"
         where = f"{self.root or 'this'}: " if self.root or _ROOTS else ""
-        return f"{where}crc={self.crc}, fetch_max_wait_ms={self.wait_ms}, max_poll_records={self.max_poll}"
+        client = f"client={self.client}, " if self.client != "kafka-python" or len(_CLIENTS) > 1 else ""
+        crc = f"crc={self.crc}, " if self.client == "kafka-python" else ""
+        return f"{where}{client}{crc}fetch_max_wait_ms={self.wait_ms}, max_poll_records={self.max_poll}"
 
 
 _ROOTS: dict[str, Path] = {}  # --root NAME=DIR
+_CLIENTS: list[str] = []  # --client
 
 
 def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: str, wait_ms: int, max_poll: int,
-               profile: Path | None, baseline: bool = False, code: Path = ROOT) -> dict[str, float]:
+               profile: Path | None, baseline: bool = False, code: Path = ROOT,
+               client: str = "kafka-python") -> dict[str, float]:
     """One drain; ``baseline``: the code in ``--baseline`` with its own fetch defaults (it may not know them)."""
     from kafka import KafkaAdminClient
 
     group = unique("g")
     data = config_dict("postgresql://unused", redis_url, "unused", unique("k") + ":")
-    data["source"] = source_settings(bootstrap, group, args.schemas, wait_ms, max_poll)
+    data["source"] = source_settings(bootstrap, group, args.schemas, wait_ms, max_poll, client)
     if baseline:
         del data["source"]["fetch_max_wait_ms"]
     data["daemon"]["dead_letters"] = "redis"
@@ -240,7 +249,7 @@ def run_daemon(args: argparse.Namespace, bootstrap: str, redis_url: str, crc: st
         d.stop()
         admin.close()
     warned = any(e.get("event") == "kafka_crc32c_pure_python" for e in d.events())
-    if not baseline and warned != (crc == "pure"):
+    if not baseline and client == "kafka-python" and warned != (crc == "pure"):
         raise RuntimeError(f"crc {crc}: daemon warned={warned} ({d.log_path})")
     span = t1 - t0
     return {"rate": (args.changes - first) / span, "cores": (cpu1 - cpu0) / span,
@@ -291,7 +300,8 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=200_000)
     ap.add_argument("--partitions", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--crc", default="native", help="comma list of pure, native")
+    ap.add_argument("--crc", default="native", help="comma list of pure, native (kafka-python's CRC)")
+    ap.add_argument("--client", default="kafka-python", help="comma list of kafka-python, confluent (source.client)")
     ap.add_argument("--fetch-max-wait-ms", default="30", help="comma list of fetch_max_wait_ms values")
     ap.add_argument("--max-poll-records", default="5000", help="comma list of max_poll_records values")
     ap.add_argument("--no-schemas", dest="schemas", action="store_false",
@@ -316,7 +326,13 @@ def main() -> int:
     waits = [int(w) for w in args.fetch_max_wait_ms.split(",")]
     polls = [int(m) for m in args.max_poll_records.split(",")]
     variants = [Variant("baseline", 500, polls[0])] if args.baseline else []
-    variants += [Variant(c, w, m, r) for r in ["", *_ROOTS] for c in crcs for w in waits for m in polls]
+    _CLIENTS.extend(k.strip() for k in args.client.split(",") if k.strip())
+    if not set(_CLIENTS) <= {"kafka-python", "confluent"}:
+        ap.error("--client takes kafka-python and/or confluent")
+    # --root checkouts run with kafka-python only: checkouts before source.client do not know the setting
+    variants += [Variant(c if k == "kafka-python" else "native", w, m, r, k) for r in ["", *_ROOTS]
+                 for k in (_CLIENTS if not r else ["kafka-python"])
+                 for c in (crcs if k == "kafka-python" else crcs[:1]) for w in waits for m in polls]
     kafka = KafkaServer()
     kafka.start()
     rs = RedisServer()
@@ -333,7 +349,7 @@ def main() -> int:
             for v in order:
                 base_ = v.crc == "baseline"
                 res = run_daemon(args, kafka.bootstrap, rs.url, "pure" if base_ else v.crc, v.wait_ms, v.max_poll,
-                                 None, baseline=base_, code=_ROOTS.get(v.root, ROOT))
+                                 None, baseline=base_, code=_ROOTS.get(v.root, ROOT), client=v.client)
                 results[v].append(res)
                 print(f"  run {rep + 1}: {v.label()}: {res['rate']:,.0f} changes/s, {res['cores']:.2f} cores, "
                       f"{res['cpu_us']:.1f} CPU µs/change", flush=True)
@@ -355,8 +371,8 @@ def main() -> int:
             for v in variants:
                 if v.crc == "baseline" or v.root:
                     continue
-                out = args.profile / f"kafka-{v.crc}-{v.wait_ms}-{v.max_poll}.txt"
-                run_daemon(args, kafka.bootstrap, rs.url, v.crc, v.wait_ms, v.max_poll, out)
+                out = args.profile / f"kafka-{v.client}-{v.crc}-{v.wait_ms}-{v.max_poll}.txt"
+                run_daemon(args, kafka.bootstrap, rs.url, v.crc, v.wait_ms, v.max_poll, out, client=v.client)
                 print(f"profile: {out}")
         print(f"uptime after: {uptime()}")
     finally:

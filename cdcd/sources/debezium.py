@@ -377,6 +377,11 @@ class ParseOptions:
     _placeholders: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
     _decoders: dict[bytes | str, _RowDecoder] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Schema text (as it appears in a record) -> the row decoder built from it; see :func:`_envelope`."""
+    _recent: list[tuple[Any, _RowDecoder]] = field(default_factory=list, init=False, repr=False, compare=False)
+    """The last few (raw schema, decoder) pairs: a topic is one table, so its records nearly always repeat
+    the schema just seen, and comparing the raw bytes costs a tenth of copying and hashing them."""
+    _times: list[Any] = field(default_factory=lambda: [None, None], init=False, repr=False, compare=False)
+    """The last ``source.ts_ms`` and its datetime: the changes of one transaction share their commit time."""
 
     def __post_init__(self) -> None:
         hinted: dict[str, Converter] = {}
@@ -416,6 +421,7 @@ _HEAD = re.compile(f'{_WS}\\{{{_WS}"schema"{_WS}:{_WS}')
 _SEP = re.compile(f"{_WS},{_WS}")
 _PAYLOAD = re.compile(f'"payload"{_WS}:{_WS}')
 _TAIL = re.compile(f"{_WS}\\}}{_WS}")
+_RECENT_MAX = 4  # schemas compared by bytes before the dict lookup (one per table of the topic, usually one)
 _DECODERS_MAX = 256  # distinct schemas remembered per topic options (a table's schema changes rarely)
 
 
@@ -455,7 +461,12 @@ def _envelope(value: bytes | str, options: ParseOptions) -> tuple[Any, _RowDecod
                 return _envelope_json(value, options)
             return payload, _RowDecoder(schema, options)
         else:
-            key = bytes(env.schema)
+            raw = env.schema
+            recent = options._recent
+            for seen, known in recent:
+                if seen == raw:  # memcmp; a schema of another length fails at once
+                    return env.payload, known
+            key = bytes(raw)
             decoder = options._decoders.get(key)
             if decoder is None:
                 try:
@@ -465,6 +476,9 @@ def _envelope(value: bytes | str, options: ParseOptions) -> tuple[Any, _RowDecod
                 if len(options._decoders) >= _DECODERS_MAX:
                     options._decoders.clear()
                 decoder = options._decoders[key] = _RowDecoder(schema if isinstance(schema, dict) else None, options)
+            if len(recent) >= _RECENT_MAX:
+                del recent[0]
+            recent.append((raw, decoder))
             return env.payload, decoder
     return _envelope_json(value, options)
 
@@ -571,7 +585,14 @@ def sequence_version(source: Mapping[str, Any], op: Any = None) -> tuple[int, bo
     if isinstance(raw, str):
         m = _SEQUENCE.fullmatch(raw)  # what the connector writes; anything else takes json.loads
         if m is not None:
-            pair = [m.group(1), m.group(2)]
+            a, b = m.groups()
+            if a is not None and b is not None and lsn is not None:
+                # the usual record, decided here: two decimal LSNs (the pattern allows only ASCII digits)
+                last_, change_ = int(a), int(b)
+                if last_ < _LSN_LIMIT and change_ < _LSN_LIMIT and op != "r" \
+                        and source.get("snapshot") in (None, False, "false"):
+                    return last_ * _LSN_LIMIT + change_, False
+            pair = [a, b]
         else:
             try:
                 pair = json.loads(raw)
@@ -605,13 +626,19 @@ def _version(source: Mapping[str, Any], mode: VersionMode, op: Any = None) -> tu
     return int(m.group(1)) * 2**32 + pos, False
 
 
-def _commit_time(source: Mapping[str, Any]) -> datetime | None:
+def _commit_time(source: Mapping[str, Any], memo: list[Any] | None = None) -> datetime | None:
+    """``source.ts_ms`` as a datetime; ``memo`` ([ts, datetime], per topic) skips the conversion when it repeats."""
     ts = source.get("ts_ms")
+    if memo is not None and ts == memo[0] and type(ts) is int:
+        return memo[1]  # type: ignore[no-any-return]
     if isinstance(ts, int) and not isinstance(ts, bool):
         try:
-            return datetime.fromtimestamp(ts / 1000, tz=UTC)
+            when = datetime.fromtimestamp(ts / 1000, tz=UTC)
         except (OverflowError, OSError, ValueError):
             return None
+        if memo is not None:
+            memo[0], memo[1] = ts, when
+        return when
     return None
 
 
@@ -741,7 +768,8 @@ def _parse(value: bytes | str, key: bytes | str | None, position: Any, origin: s
     version, fence = _version(source, options.version, op)
     txid = source.get("txId")
     common: dict[str, Any] = {
-        "version": version, "fence": fence, "position": position, "origin": origin, "commit_time": _commit_time(source),
+        "version": version, "fence": fence, "position": position, "origin": origin,
+        "commit_time": _commit_time(source, options._times),
         "xid": txid if isinstance(txid, int) and not isinstance(txid, bool) else None,
     }
     if op == "m":

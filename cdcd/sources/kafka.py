@@ -1,4 +1,4 @@
-"""Kafka source: Debezium topics consumed with kafka-python in a consumer group.
+"""Kafka source: Debezium topics consumed in a consumer group (kafka-python or confluent-kafka).
 
 Checkpointing is the whole point of this module. Offsets are committed only by
 :meth:`KafkaSource.ack`, which the daemon calls after Redis acknowledged the
@@ -15,7 +15,7 @@ the committed offset and reads it again. A late ``ack`` for a partition this
 consumer no longer tracks is ignored. Nothing is lost, nothing is skipped, and
 re-delivery is harmless because Redis writes are versioned.
 
-Broker loss: kafka-python reconnects on its own and its ``poll`` just returns
+Broker loss: both clients reconnect on their own and ``poll`` just returns
 nothing, which would look like an idle stream. After ``unavailable_after``
 seconds without a connection to any broker, :meth:`poll` raises
 :class:`SourceUnavailable`, the daemon closes the source, backs off and
@@ -25,7 +25,6 @@ connects again; uncommitted records are then re-delivered.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import socket
 import threading
 import time
@@ -41,6 +40,7 @@ from cdcd.pg.snapshots import ProbeError, SnapshotProbe
 from cdcd.pg.visibility import Snapshot
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.debezium import ParseOptions, parse_record
+from cdcd.sources.kafka_group import GroupConsumer, Rebalance
 from cdcd.sources.settings import KafkaSourceSettings as KafkaSourceSettings  # re-exported
 from cdcd.sources.settings import TopicOptions as TopicOptions
 from cdcd.sources.visibility_gate import VisibilityCounts, VisibilityGate, VisibilityWait
@@ -86,6 +86,21 @@ def warn_if_crc32c_pure_python() -> bool:
                            "change by ~7 in cdcd's benchmark; install the C package: pip install 'crc32c>=2.3' "
                            "(part of cdcd[kafka])")
     return native
+
+
+def open_group_consumer(settings: KafkaSourceSettings, rebalance: Rebalance, factory: Any = None) -> GroupConsumer:
+    """The client ``settings.client`` names (docs/kafka.md#choosing-the-client), subscribed; it joins the
+    group on its first poll. Each client module is imported only when chosen."""
+    if settings.client == "confluent":
+        try:
+            from cdcd.sources.kafka_confluent_consumer import ConfluentGroupConsumer
+        except ImportError as exc:
+            raise SourceError("source.client is 'confluent' but confluent-kafka is not installed: "
+                              f"pip install 'cdcd[kafka-fast]' ({exc})") from None
+        return ConfluentGroupConsumer(settings, rebalance)
+    from cdcd.sources.kafka_python_consumer import KafkaPythonGroupConsumer
+
+    return KafkaPythonGroupConsumer(settings, rebalance, factory)
 
 
 class KafkaPosition(NamedTuple):
@@ -186,7 +201,7 @@ class KafkaSource:
         self.settings = settings
         self.name = f"kafka:{settings.group_id}"
         self._factory = consumer_factory
-        self._consumer: Any = None
+        self._consumer: GroupConsumer | None = None
         self._tracker = _Tracker()
         self._options: dict[str, ParseOptions] = {}
         self._disconnected_since: float | None = None
@@ -215,9 +230,6 @@ class KafkaSource:
 
     def connect(self) -> None:
         """Join the group (lazily, on the first poll). SourceUnavailable if no broker answers."""
-        import kafka.errors as kerr
-        from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
-
         if self._consumer is not None:
             return
         s = self.settings
@@ -227,37 +239,13 @@ class KafkaSource:
                 self._snapshots.open()
             except ProbeError as exc:
                 raise SourceUnavailable(str(exc)) from exc
-        warn_if_crc32c_pure_python()
+        if s.client == "kafka-python":
+            warn_if_crc32c_pure_python()
         self._probe()
-        kwargs = {
-            **s.client_kwargs(),
-            "group_id": s.group_id,
-            "enable_auto_commit": False,
-            "auto_offset_reset": s.auto_offset_reset,
-            "session_timeout_ms": s.session_timeout_ms,
-            "heartbeat_interval_ms": s.heartbeat_interval_ms,
-            "max_poll_interval_ms": s.max_poll_interval_ms,
-            "max_poll_records": s.max_poll_records,
-            **s.fetch_kwargs(),
-            "bootstrap_timeout_ms": int(s.connect_timeout * 1000),
-            "metadata_max_age_ms": s.metadata_max_age_ms,  # a topic_pattern picks up new tables' topics
-        }
-        try:
-            consumer = (self._factory or KafkaConsumer)(**kwargs)
-        except (kerr.KafkaConfigurationError, ValueError, TypeError) as exc:
-            raise SourceError(f"kafka consumer configuration: {exc}") from exc
-        except (kerr.KafkaError, OSError) as exc:
-            raise SourceUnavailable(f"cannot bootstrap from {','.join(s.bootstrap_servers)}: {exc}") from exc
         self._tracker = _Tracker()
-        AsyncConsumerRebalanceListener.register(_Listener)  # an ABC: what subscribe() checks for
-        listener = _Listener(self, consumer, self._tracker)
-        if s.topic_pattern:
-            consumer.subscribe(pattern=s.topic_pattern, listener=listener)
-        else:
-            consumer.subscribe(topics=list(s.topics or ()), listener=listener)
-        self._consumer = consumer
+        self._consumer = open_group_consumer(s, self, self._factory)
         self._disconnected_since = None
-        log.info("kafka_connected", group=s.group_id, topics=s.topics, pattern=s.topic_pattern)
+        log.info("kafka_connected", group=s.group_id, topics=s.topics, pattern=s.topic_pattern, client=s.client)
 
     def _probe(self) -> None:
         probe_bootstrap(self.settings.bootstrap_servers, self.settings.connect_timeout)
@@ -274,12 +262,7 @@ class KafkaSource:
             return
         with contextlib.suppress(SourceUnavailable):
             self._commit(consumer, self._tracker.to_commit(), "close")
-        # leaving the group needs the broker; without one, waiting only delays the reconnect
-        timeout_ms = 5000 if _broker_connected(consumer) else 500
-        try:
-            consumer.close(autocommit=False, timeout_ms=timeout_ms)
-        except Exception as exc:  # closing must not fail the caller: the group times us out anyway
-            log.warning("kafka_close_failed", error=str(exc))
+        consumer.close()
 
     # ------------------------------------------------------------------ consuming
 
@@ -311,11 +294,7 @@ class KafkaSource:
         consumer = self._consumer
         if consumer is None or pause == self._paused:
             return
-        parts = consumer.assignment()
-        if pause:
-            consumer.pause(*parts)
-        else:
-            consumer.resume(*parts)
+        consumer.set_paused(pause)
         self._paused = pause
 
     def _fetch_snapshot(self) -> Snapshot:
@@ -332,17 +311,10 @@ class KafkaSource:
         return self.gate.take_counts() if self.gate is not None else VisibilityCounts(0, [], 0)
 
     def _poll_records(self, timeout: float) -> Sequence[Transaction | Rejected]:
-        import kafka.errors as kerr
-
         consumer = self._consumer
         if consumer is None:
             raise SourceUnavailable("not connected")
-        try:
-            batches = consumer.poll(timeout_ms=max(0, int(timeout * 1000)))
-        except kerr.AuthorizationError as exc:
-            raise SourceError(f"not authorized to consume: {exc}") from exc
-        except kerr.KafkaError as exc:
-            raise SourceUnavailable(f"kafka poll failed: {exc}") from exc
+        batches = consumer.poll(timeout)
         out: list[Transaction | Rejected] = []
         skipped_any = False
         tracker = self._tracker
@@ -350,9 +322,10 @@ class KafkaSource:
             parsed = []
             options = self._options_for(tp.topic)
             origin = f"kafka:{tp.topic}/{tp.partition}"
-            for rec in records:
-                pos = KafkaPosition(rec.topic, rec.partition, rec.offset)
-                parsed.append((rec.offset, parse_record(rec.value, rec.key, pos, origin, options)))
+            topic, partition = tp
+            for offset, key, value in records:
+                pos = KafkaPosition(topic, partition, offset)
+                parsed.append((offset, parse_record(value, key, pos, origin, options)))
             with tracker.lock:
                 part = tracker.parts.get(tp)
                 if part is None:  # assigned between callbacks; normally created by on_partitions_assigned
@@ -406,33 +379,50 @@ class KafkaSource:
         if consumer is not None:
             self._commit(consumer, tracker.to_commit(), "ack")
 
-    def _commit(self, consumer: Any, offsets: dict[Any, int], why: str) -> None:
-        import kafka.errors as kerr
-        from kafka import OffsetAndMetadata
-
+    def _commit(self, consumer: GroupConsumer, offsets: dict[Any, int], why: str) -> None:
         if not offsets:
             return
-        group_moved_on = (kerr.CommitFailedError, kerr.IllegalStateError, kerr.IllegalGenerationError,
-                          kerr.UnknownMemberIdError, kerr.RebalanceInProgressError, kerr.FencedInstanceIdError)
-        try:
-            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
-                            timeout_ms=self.settings.request_timeout_ms)
-        except group_moved_on as exc:
-            # a rebalance, or we were too slow: the next owner re-reads from the last commit,
-            # and the coming poll() drops our state for the revoked partitions
-            log.warning("kafka_commit_refused", why=why, error=str(exc), offsets=_fmt(offsets))
-            return
-        except kerr.AuthorizationError as exc:
-            raise SourceError(f"not authorized to commit offsets for group {self.settings.group_id!r}: {exc}") \
-                from exc
-        except (kerr.KafkaError, OSError) as exc:
-            raise SourceUnavailable(f"offset commit failed: {exc}") from exc
+        # refused: a rebalance, or we were too slow; the next owner re-reads from the last commit,
+        # and the coming poll() drops our state for the revoked partitions
+        if consumer.commit(offsets):
+            self.committed(offsets, why)
+        else:
+            log.warning("kafka_commit_refused", why=why, offsets=_fmt(offsets))
+
+    # ------------------------------------------------------------------ rebalances (kafka_group.Rebalance)
+
+    def assigned(self, parts: Sequence[Any]) -> None:
+        with self._tracker.lock:
+            for tp in parts:
+                self._tracker.parts.setdefault(tp, _Partition())
+        log.info("kafka_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in parts))
+
+    def revoking(self, parts: Sequence[Any]) -> dict[Any, int]:
+        self.rebalances += 1
+        return self._tracker.to_commit(set(parts))
+
+    def committed(self, offsets: dict[Any, int], why: str) -> None:
         self._tracker.committed(offsets)
         self.commits += 1
-        log.debug("kafka_committed", why=why, offsets=_fmt(offsets))
+        if why == "revoke":
+            log.info("kafka_committed", why=why, offsets=_fmt(offsets))
+        else:
+            log.debug("kafka_committed", why=why, offsets=_fmt(offsets))
 
-    def _check_connected(self, consumer: Any) -> None:
-        if _broker_connected(consumer):
+    def forget(self, parts: Sequence[Any], why: str) -> None:
+        """Partitions revoked (after their commit) or lost: what was delivered but not acked is re-read."""
+        if why == "lost":
+            self.rebalances += 1
+        tracker = self._tracker
+        with tracker.lock:
+            dropped = {f"{tp.topic}/{tp.partition}": len(tracker.parts[tp].delivered) - len(tracker.parts[tp].acked)
+                       for tp in parts if tp in tracker.parts}
+            for tp in parts:
+                tracker.parts.pop(tp, None)
+        log.info("kafka_partitions_" + why, unacked_dropped={k: v for k, v in dropped.items() if v})
+
+    def _check_connected(self, consumer: GroupConsumer) -> None:
+        if consumer.connected():
             self._disconnected_since = None
             return
         now = time.monotonic()
@@ -444,16 +434,13 @@ class KafkaSource:
 
     # ------------------------------------------------------------------ observation
 
-    def _update_lag(self, consumer: Any) -> None:
+    def _update_lag(self, consumer: GroupConsumer) -> None:
         lag: dict[str, int] = {}
         total = 0
         with self._tracker.lock:
             parts = list(self._tracker.parts.items())
         for tp, part in parts:
-            try:
-                hw = consumer.highwater(tp)
-            except Exception:
-                hw = None
+            hw = consumer.highwater(tp)
             done = part.committable if part.committable is not None else part.committed
             if hw is None or done is None:
                 continue
@@ -483,81 +470,3 @@ class KafkaSource:
 
 def _fmt(offsets: dict[Any, int]) -> dict[str, int]:
     return {f"{tp.topic}/{tp.partition}": off for tp, off in offsets.items()}
-
-
-def _broker_connected(consumer: Any) -> bool:
-    """Is any broker connection up? kafka-python has no public call for this; degrade to True."""
-    try:
-        client = consumer._client
-        brokers = client.cluster.brokers()
-        if not brokers:
-            return False
-        return any(client.connected(b.node_id) for b in brokers)
-    except AttributeError:
-        return True
-
-
-class _Listener:
-    """Rebalance callbacks (an ``AsyncConsumerRebalanceListener``, registered as one in ``connect``).
-
-    They run on kafka-python's IO thread while ``poll()`` (or ``close()``) blocks on it, so
-    they are async: a blocking consumer call from there would deadlock.
-    """
-
-    def __init__(self, source: KafkaSource, consumer: Any, tracker: _Tracker) -> None:
-        self.source = source
-        self.consumer = consumer
-        self.tracker = tracker
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        if not revoked:
-            return  # the first join also "revokes" the empty assignment
-        self.source.rebalances += 1
-        offsets = self.tracker.to_commit(set(revoked))
-        if offsets:
-            await self._commit(offsets)
-        self._forget(revoked, "revoked")
-
-    async def on_partitions_lost(self, lost: Any) -> None:
-        # evicted from the group: committing would be refused; the new owner re-reads
-        if not lost:
-            return
-        self.source.rebalances += 1
-        self._forget(lost, "lost")
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        with self.tracker.lock:
-            for tp in assigned:
-                self.tracker.parts.setdefault(tp, _Partition())
-        log.info("kafka_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
-
-    def _forget(self, tps: Any, why: str) -> None:
-        with self.tracker.lock:
-            dropped = {f"{tp.topic}/{tp.partition}": len(self.tracker.parts[tp].delivered) - len(
-                self.tracker.parts[tp].acked) for tp in tps if tp in self.tracker.parts}
-            for tp in tps:
-                self.tracker.parts.pop(tp, None)
-        log.info("kafka_partitions_" + why, unacked_dropped={k: v for k, v in dropped.items() if v})
-
-    async def _commit(self, offsets: dict[Any, int]) -> None:
-        """Commit while we still own the partitions, through the coordinator's own coroutine.
-
-        ``consumer.commit()`` blocks on the IO thread we are running on, so it cannot be
-        used here; kafka-python's coordinator awaits this same coroutine for its
-        pre-rebalance auto-commit. If a future kafka-python renames it, nothing is lost:
-        the offsets stay uncommitted and are re-delivered to the next owner.
-        """
-        from kafka import OffsetAndMetadata
-
-        commit = getattr(getattr(self.consumer, "_coordinator", None), "_commit_offsets_sync_async", None)
-        if commit is None or not inspect.iscoroutinefunction(commit):
-            log.warning("kafka_revoke_commit_unsupported", offsets=_fmt(offsets))
-            return
-        try:
-            await commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}, timeout_ms=5000)
-        except Exception as exc:
-            log.warning("kafka_revoke_commit_failed", error=str(exc), offsets=_fmt(offsets))
-            return
-        self.tracker.committed(offsets)
-        self.source.commits += 1
-        log.info("kafka_committed", why="revoke", offsets=_fmt(offsets))

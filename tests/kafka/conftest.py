@@ -55,14 +55,23 @@ def producer(kafka_server: KafkaServer) -> Iterator[KafkaProducer]:
     p.close(5)
 
 
+KAFKA_CLIENTS = ["kafka-python", "confluent"]
+
+
+@pytest.fixture(params=KAFKA_CLIENTS)
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """Each source test runs with both Kafka client libraries (``source.client``)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_source(kafka_server: KafkaServer) -> Iterator[Callable[..., KafkaSource]]:
+def make_source(kafka_server: KafkaServer, kafka_client: str) -> Iterator[Callable[..., KafkaSource]]:
     """KafkaSource factory (fast group settings, fresh group unless given); closes what it made."""
     made: list[KafkaSource] = []
 
     def make(**overrides: Any) -> KafkaSource:
         data: dict[str, Any] = {"bootstrap_servers": kafka_server.bootstrap, "group_id": unique("g"),
-                                "unavailable_after": 3.0, **FAST_GROUP, **overrides}
+                                "unavailable_after": 3.0, "client": kafka_client, **FAST_GROUP, **overrides}
         source = KafkaSource(KafkaSourceSettings.model_validate(data))
         source.connect()
         made.append(source)

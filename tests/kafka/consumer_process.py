@@ -1,6 +1,6 @@
 """A KafkaSource in its own process, for the rebalance test that SIGKILLs a group member.
 
-``python -m tests.kafka.consumer_process BOOTSTRAP TOPIC GROUP ACK_POLLS``: acknowledges the
+``python -m tests.kafka.consumer_process BOOTSTRAP TOPIC GROUP ACK_POLLS [CLIENT]``: acknowledges the
 first ACK_POLLS non-empty polls, then keeps polling without acknowledging. Prints one JSON
 line per poll, ``{"acked": [ids]}`` or ``{"unacked": [ids]}`` (ids = LSN - 1000).
 """
@@ -18,7 +18,8 @@ def main() -> None:
     bootstrap, topic, group, ack_polls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     source = KafkaSource(KafkaSourceSettings(bootstrap_servers=[bootstrap], topics=[topic], group_id=group,
                                              session_timeout_ms=3000, heartbeat_interval_ms=500,
-                                             max_poll_records=20))
+                                             max_poll_records=20,
+                                             client=sys.argv[5] if len(sys.argv) > 5 else "kafka-python"))
     source.connect()
     polls = 0
     while True:

@@ -54,7 +54,7 @@ def user(id_: int, email: str, tenant: int = 7) -> dict[str, Any]:
 
 def test_daemon_applies_kafka_changes_and_commits_after_redis(
         make_topic: Callable[..., str], producer: KafkaProducer, kafka_server: KafkaServer,
-        redis_server: RedisServer) -> None:
+        redis_server: RedisServer, kafka_client: str) -> None:
     prefix = unique("kp") + ":"
     topic = make_topic(name=f"{unique('dbserver')}.public.users")
     dlq = unique("dlq.")
@@ -69,7 +69,7 @@ def test_daemon_applies_kafka_changes_and_commits_after_redis(
     config = make_config(data)
     settings = KafkaSourceSettings.model_validate({
         "bootstrap_servers": [kafka_server.bootstrap], "group_id": unique("g"), "topics": [topic],
-        "dead_letter_topic": dlq, **FAST_GROUP})
+        "dead_letter_topic": dlq, "client": kafka_client, **FAST_GROUP})
     runner = DaemonThread(config, KafkaSource(settings))
     daemon = runner.daemon
     daemon.dead_letters = KafkaDeadLetters.from_settings(settings)

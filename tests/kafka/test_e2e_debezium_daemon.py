@@ -34,11 +34,12 @@ from tests.test_faults import Writer
 pytestmark = [pytest.mark.debezium, pytest.mark.slow]  # a JVM and the Debezium engine per test
 
 
-def kafka_cfg(app_db: str, redis_url: str, kafka: KafkaServer, topic_prefix: str, prefix: str) -> dict[str, Any]:
+def kafka_cfg(app_db: str, redis_url: str, kafka: KafkaServer, topic_prefix: str, prefix: str,
+              client: str = "kafka-python") -> dict[str, Any]:
     data = config_dict(app_db, redis_url, "unused", prefix)
     data["source"] = {"type": "kafka", "bootstrap_servers": [kafka.bootstrap], "group_id": unique("g"),
                       "topic_pattern": f"^{topic_prefix}\\..*", "dead_letter_topic": unique("dlq."),
-                      "auto_offset_reset": "earliest", "metadata_max_age_ms": 1000, **FAST_GROUP}
+                      "auto_offset_reset": "earliest", "metadata_max_age_ms": 1000, "client": client, **FAST_GROUP}
     data["daemon"]["dead_letters"] = "kafka"
     return data
 
@@ -135,7 +136,7 @@ def test_debezium_changes_through_the_daemon(app_db: str, sql: Any, redis_server
 
 def test_debezium_daemon_killed_and_group_member_lost_nothing_lost(
         app_db: str, redis_server: RedisServer, r: redis.Redis, kafka_server: KafkaServer, workdir: Path,
-        make_topic: Callable[..., str]) -> None:
+        make_topic: Callable[..., str], kafka_client: str) -> None:
     """SIGKILL a daemon mid-stream (restart it), and run a second daemon in the same group: every change lands."""
     topic_prefix = unique("dbz")
     for t in ("public.users", "public.orders", "message"):  # several partitions: the two daemons share them
@@ -143,7 +144,7 @@ def test_debezium_daemon_killed_and_group_member_lost_nothing_lost(
     p = unique("k") + ":"
     bridge = DebeziumBridge(app_db, kafka_server.bootstrap, topic_prefix=topic_prefix, slot=unique("dbzslot"),
                             publication=unique("dbzpub"), snapshot_mode="no_data").start()
-    cfg = kafka_cfg(app_db, redis_server.url, kafka_server, topic_prefix, p)
+    cfg = kafka_cfg(app_db, redis_server.url, kafka_server, topic_prefix, p, kafka_client)
     first = DaemonProcess(cfg, workdir).start()
     second = DaemonProcess(cfg, workdir).start()
     writer = Writer(app_db, 150, pause=0.005)

@@ -12,6 +12,7 @@ from kafka import KafkaProducer
 from pydantic import ValidationError
 
 from cdcd.sources.kafka import KafkaSource, KafkaSourceSettings
+from cdcd.sources.kafka_confluent_consumer import consumer_config
 from tests.kafka.test_kafka_source import drain, ids, produce
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,9 +72,14 @@ def test_settings_reach_the_consumer_and_records_flow(
     produce(producer, topic, range(7))
     source = make_source(topics=[topic], fetch_max_wait_ms=7, max_poll_records=3, fetch_min_bytes=1,
                          max_partition_fetch_bytes=64 * 1024, fetch_max_bytes=1024 * 1024)
-    config = source._consumer.config
-    assert (config["fetch_max_wait_ms"], config["max_poll_records"], config["fetch_min_bytes"]) == (7, 3, 1)
-    assert (config["max_partition_fetch_bytes"], config["fetch_max_bytes"]) == (64 * 1024, 1024 * 1024)
+    if source.settings.client == "kafka-python":
+        config = source._consumer.consumer.config  # type: ignore[union-attr]
+        assert (config["fetch_max_wait_ms"], config["max_poll_records"], config["fetch_min_bytes"]) == (7, 3, 1)
+        assert (config["max_partition_fetch_bytes"], config["fetch_max_bytes"]) == (64 * 1024, 1024 * 1024)
+    else:  # librdkafka does not read its configuration back: what it was given
+        conf = consumer_config(source.settings)
+        assert (conf["fetch.wait.max.ms"], conf["fetch.min.bytes"]) == (7, 1)
+        assert (conf["max.partition.fetch.bytes"], conf["fetch.max.bytes"]) == (64 * 1024, 1024 * 1024)
     first = drain(source, 1)
     assert 1 <= len(first) <= 3  # max_poll_records bounds one poll
     assert ids(first + drain(source, 7 - len(first))) == list(range(7))

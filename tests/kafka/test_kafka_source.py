@@ -17,7 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from cdcd.change import Rejected, Transaction
 from cdcd.devservers import KafkaServer, free_port
-from cdcd.sources.base import SourceUnavailable
+from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.kafka import KafkaPosition, KafkaSource, KafkaSourceSettings
 from tests.helpers import unique, wait_until
 
@@ -174,7 +174,7 @@ class Member:
     """
 
     def __init__(self, how: str, kafka_server: KafkaServer, topic: str, group: str,
-                 make_source: Callable[..., KafkaSource]) -> None:
+                 make_source: Callable[..., KafkaSource], client: str) -> None:
         self.how = how
         self.acked: set[int] = set()
         self.unacked: set[int] = set()
@@ -184,7 +184,8 @@ class Member:
             self.thread = threading.Thread(target=self._run_thread)
         else:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.kafka.consumer_process", kafka_server.bootstrap, topic, group, "2"],
+                [sys.executable, "-m", "tests.kafka.consumer_process", kafka_server.bootstrap, topic, group, "2",
+                 client],
                 stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
             self.thread = threading.Thread(target=self._read_proc)
         self.thread.start()
@@ -224,14 +225,14 @@ class Member:
 @pytest.mark.parametrize("how", ["close", "kill"])
 def test_rebalance_hands_unacked_records_to_the_survivor(
         how: str, make_topic: Callable[..., str], producer: KafkaProducer, make_source: Callable[..., KafkaSource],
-        kafka_server: KafkaServer) -> None:
+        kafka_server: KafkaServer, kafka_client: str) -> None:
     """Two members share four partitions; one leaves mid-stream (closed, or SIGKILLed) holding records it
     never acknowledged. Every record must end up acknowledged by someone: the survivor gets the orphans,
     and at the end the group's committed offsets are the partitions' ends."""
     topic = make_topic(partitions=4)
     group = unique("g")
     a = make_source(topics=[topic], group_id=group, max_poll_records=20)
-    b = Member(how, kafka_server, topic, group, make_source)
+    b = Member(how, kafka_server, topic, group, make_source, kafka_client)
     produced = 200
     produce(producer, topic, range(produced))
     seen_a: set[int] = set()
@@ -313,8 +314,9 @@ def test_broker_loss_raises_source_unavailable_and_reconnect_resumes(
         server.stop()
 
 
-def test_connect_to_nothing_is_unavailable_fast() -> None:
-    settings = KafkaSourceSettings(bootstrap_servers=[f"127.0.0.1:{free_port()}"], topics=["t"])
+def test_connect_to_nothing_is_unavailable_fast(kafka_client: str) -> None:
+    settings = KafkaSourceSettings(bootstrap_servers=[f"127.0.0.1:{free_port()}"], topics=["t"],
+                                   client=kafka_client)  # type: ignore[arg-type]
     t0 = time.monotonic()
     with pytest.raises(SourceUnavailable, match="no Kafka broker reachable"):
         KafkaSource(settings).connect()
@@ -345,3 +347,14 @@ def test_settings_topic_options_and_defaults() -> None:
     assert s.parse_options("mysql.inventory.customers").version == "binlog"
     assert s.parse_options("dbserver1.public.users").version == "sequence"
     assert KafkaSource.from_settings(s.model_dump()).name == "kafka:cdcd"
+
+
+def test_confluent_client_without_the_package_is_a_clear_error(
+        kafka_server: KafkaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``client: confluent`` on a machine without confluent-kafka: a SourceError that says what to install."""
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # what an import finds when it is not installed
+    monkeypatch.delitem(sys.modules, "cdcd.sources.kafka_confluent_consumer", raising=False)
+    source = KafkaSource(KafkaSourceSettings(bootstrap_servers=[kafka_server.bootstrap], topics=["t"],
+                                             client="confluent"))
+    with pytest.raises(SourceError, match=r"confluent-kafka is not installed: pip install 'cdcd\[kafka-fast\]'"):
+        source.connect()

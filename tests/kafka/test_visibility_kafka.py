@@ -34,9 +34,10 @@ def _with_txid(record: bytes, xid: int) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("max_poll", [5000, 1])  # 1: the held record fills the gate, so the consumer pauses
 def test_a_record_of_an_invisible_commit_waits_and_so_does_the_next(
         own_pg: PostgresServer, make_topic: Callable[..., str], producer: KafkaProducer,
-        kafka_server: KafkaServer, redis_server: RedisServer) -> None:
+        kafka_server: KafkaServer, redis_server: RedisServer, kafka_client: str, max_poll: int) -> None:
     dsn = own_pg.create_database(unique("kv"))
     admin = psycopg.connect(dsn, autocommit=True)
     writer = psycopg.connect(dsn)
@@ -45,7 +46,7 @@ def test_a_record_of_an_invisible_commit_waits_and_so_does_the_next(
     prefix, topic = unique("kv") + ":", make_topic(name=f"{unique('dbserver')}.public.users")
     settings = KafkaSourceSettings.model_validate({
         "bootstrap_servers": [kafka_server.bootstrap], "group_id": unique("g"), "topics": [topic],
-        "visibility_check_dsn": dsn, **FAST_GROUP})
+        "visibility_check_dsn": dsn, "client": kafka_client, "max_poll_records": max_poll, **FAST_GROUP})
     config = make_config(config_dict("postgresql://unused/none", redis_server.url, "unused", prefix))
     runner = DaemonThread(config, KafkaSource(settings))
     runner.start(wait=False)
