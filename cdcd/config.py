@@ -260,6 +260,9 @@ class Config(BaseSettings):
         if self.targets is not None and "redis" in self.model_fields_set:
             raise ValueError("give either redis: (one target) or targets: (several named ones), not both; "
                              "move the redis: settings under a target name")
+        if any(r.replicas for r in self.tables.values()) and any(c in self.keyspace.prefix for c in "{}"):
+            raise ValueError("keyspace.prefix: hot-key replicas need a prefix without '{' or '}' (each copy is "
+                             "placed on its hash slot by a hash tag of its own)")
         return self
 
     def target_settings(self) -> dict[str, RedisSettings]:

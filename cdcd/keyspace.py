@@ -153,14 +153,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return {'0', g, false, false, false, 'lease'}
 """
 
-# Client fill through the guard. ARGV: token_g, ttl_ms, data, neg ('1'|'0'), tagsnap.
+# Client fill through the guard. ARGV: token_g, ttl_ms, data, neg ('1'|'0'), tagsnap[, version floor].
+# The floor (hot-key replicas, docs/hot-keys.md) is the newest version of the key the filling process had
+# seen before its loader ran: the loaded value is at least that new, so the copy may claim it (a daemon
+# write at or below it is then refused as not newer, which is right: the value already reflects it).
 # Returns the new generation when written, 0 when a newer change (or expiry) intervened.
 FILL = _PRELUDE + r"""
 local cur = redis.call('HMGET', KEYS[1], 'g', 'v')
 if cur[1] ~= ARGV[1] then return 0 end
 local g = nextgen(cur[1])
+local v = cur[2] or '0'
+if ARGV[6] and ARGV[6] ~= '' and newer(ARGV[6], v) then v = ARGV[6] end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'v', cur[2] or '0', 'g', g, 's', 'app')
+redis.call('HSET', KEYS[1], 'v', v, 'g', g, 's', 'app')
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'n', '1')
 else
@@ -369,6 +374,45 @@ SCRIPTS: dict[str, Script] = {
     )
 }
 
+# ---------------------------------------------------------------------------
+# Hot-key replicas (docs/hot-keys.md). A replicated key keeps its primary entry where it always was and has
+# N more copies at fixed hash slots, the same for every key: copy i of N sits in slot
+# REPLICA_SLOTS[(2i + 1) * 8 // N], so the N copies are spread evenly over 0..16383 (on an evenly split
+# cluster of N masters, one per master). The slots are fixed, not derived from the key, so each tag has one
+# *mirror* counter per slot, next to the copies that record it: a replica read is one script call on one shard.
+
+REPLICA_UNIVERSE = 16  # the most copies a key may have; the fixed slots are this many, evenly spaced
+REPLICA_SLOTS = tuple((2 * j + 1) * 16384 // (2 * REPLICA_UNIVERSE) for j in range(REPLICA_UNIVERSE))
+
+_SLOT_TAGS: list[str] = []
+
+
+def slot_tag(slot: int) -> str:
+    """A short hash tag whose slot is ``slot``: ``{<it>}`` places a key on that slot (the table is built once,
+    on first use, by trying decimal strings; ~0.2 s)."""
+    if not _SLOT_TAGS:
+        from binascii import crc_hqx
+
+        table: list[str | None] = [None] * 16384
+        missing, n = 16384, 0
+        while missing:
+            s = str(n)
+            i = crc_hqx(s.encode(), 0) & 16383
+            if table[i] is None:
+                table[i] = s
+                missing -= 1
+            n += 1
+        _SLOT_TAGS.extend(t for t in table if t is not None)
+    return _SLOT_TAGS[slot]
+
+
+def replica_slots(n: int) -> tuple[int, ...]:
+    """The hash slots of the ``n`` copies of a key replicated ``n`` times (1 <= n <= REPLICA_UNIVERSE)."""
+    if not 1 <= n <= REPLICA_UNIVERSE:
+        raise ValueError(f"replicas must be between 1 and {REPLICA_UNIVERSE}, not {n}")
+    return tuple(REPLICA_SLOTS[(2 * i + 1) * REPLICA_UNIVERSE // (2 * n)] for i in range(n))
+
+
 @dataclass(frozen=True, slots=True)
 class Keyspace:
     """Names of everything cdcd keeps in Redis, under one version prefix (``v3:``).
@@ -397,6 +441,20 @@ class Keyspace:
     def is_system(self, key: str) -> bool:
         """Whether a full Redis key is one of cdcd's own (tag counters included), not an entry."""
         return key.startswith(self.prefix + "#")
+
+    def replica(self, key: str, slot: int) -> str:
+        """The copy of entry ``key`` in hash slot ``slot`` (hot-key replicas). Under ``<prefix>#``: no row and
+        no caller can name it."""
+        return f"{self.prefix}#re:{{{slot_tag(slot)}}}:{key}"
+
+    def mirror(self, tag: str, slot: int) -> str:
+        """The mirror of tag counter ``tag`` in hash slot ``slot``: bumped with the tag, read with the copies
+        in that slot."""
+        return f"{self.prefix}#mt:{{{slot_tag(slot)}}}:{tag}"
+
+    def counter(self, tag: str, slot: int | None) -> str:
+        """The counter of ``tag`` a copy in ``slot`` records (None: the primary entry, the tag's own key)."""
+        return self.tag(tag) if slot is None else self.mirror(tag, slot)
 
     @staticmethod
     def table_tag(relation: str) -> str:

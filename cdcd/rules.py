@@ -41,7 +41,7 @@ from cdcd.change import UNAVAILABLE, Change, Op, Reads, Row, Transaction
 from cdcd.durations import parse_duration
 from cdcd.keys import Template as Template  # re-exported: key templates live in cdcd.keys
 from cdcd.keys import render_value as render_value
-from cdcd.keyspace import Keyspace
+from cdcd.keyspace import REPLICA_UNIVERSE, Keyspace, replica_slots
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -149,7 +149,23 @@ class TableRule(BaseModel):
     exists_filter: ExistsFilterRule | None = Field(default=None, description="a Bloom filter of the keys that "
                                                    "exist, kept by the daemon (docs/existence-filter.md)")
 
+    replicas: int | None = Field(default=None, description="hot-key replicas: each key is also kept as this many "
+                                 "copies spread over the hash slots, read at random by clients that opt in "
+                                 "(read_replicas; docs/hot-keys.md)")
+
     _parse_ttl = field_validator("ttl", mode="before")(_seconds)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"replicas must be a whole number of copies from 1 to {REPLICA_UNIVERSE}, not {v!r}")
+        if not 1 <= v <= REPLICA_UNIVERSE:
+            raise ValueError(f"replicas must be from 1 to {REPLICA_UNIVERSE} (copies of each key, spread over the "
+                             f"hash slots), not {v}")
+        return v
 
     @field_validator("keys", "tags")
     @classmethod
@@ -230,6 +246,7 @@ class CompiledRule:
     ttl_ms: int
     table_tag: str
     exists: Template | None = None  # the existence filter's key template (ExistsSpec), when the rule has one
+    replicas: tuple[int, ...] = ()  # hash slots of the key copies (hot-key replicas), none when not replicated
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +274,7 @@ class Write:
     ttl_ms: int
     table_tag: str | None = None  # a value records this tag's counter (set by the sink at send time)
     fence: bool = False  # a tombstone whose version is a lower bound only (APPLY kind 'f', docs/versions.md)
+    slot: int | None = None  # a hot-key replica's copy: its value records the mirror counters of this slot
 
 
 @dataclass(slots=True)
@@ -310,6 +328,9 @@ class Rules:
         self.defaults = defaults
         self.tombstone_ttl_ms = int(defaults.tombstone_ttl * 1000)
         self.source: dict[str, TableRule] = {qualify(k): v for k, v in tables.items()}
+        if any(r.replicas for r in self.source.values()) and ("{" in keyspace.prefix or "}" in keyspace.prefix):
+            raise ValueError("hot-key replicas need a keyspace prefix without '{' or '}': the copies are placed on "
+                             "hash slots by a hash tag of their own")
         self.by_relation: dict[str, CompiledRule] = {}
         for rel, rule in self.source.items():
             self.by_relation[rel] = CompiledRule(
@@ -320,6 +341,7 @@ class Rules:
                 ttl_ms=int((rule.ttl or defaults.ttl) * 1000),
                 table_tag=Keyspace.table_tag(rel),
                 exists=Template.parse(rule.exists_filter.key) if rule.exists_filter is not None else None,
+                replicas=replica_slots(rule.replicas) if rule.replicas else (),
             )
         self.exists: dict[str, ExistsSpec] = {
             rel: ExistsSpec(rel, Template.parse(x.key), BloomParams.sized(x.expected, x.fp_rate), x.bound,
@@ -328,12 +350,42 @@ class Rules:
         self._rule_of: dict[tuple[str, str], CompiledRule] = {
             tuple(rel.split(".", 1)): r for rel, r in self.by_relation.items()}  # type: ignore[misc]
         self._prefix = self.keyspace.prefix
+        # hot-key replicas: every tag bump also bumps the tag's mirror in each of these slots
+        self.mirror_slots: tuple[int, ...] = tuple(sorted({s for r in self.by_relation.values() for s in r.replicas}))
+        self._replicated = [(Template.loose_regex(t), r.replicas)
+                            for r in self.by_relation.values() if r.replicas for t in self.source[r.relation].keys]
 
     def registry(self) -> dict[str, Any]:
-        """What clients need to derive table tags from key and tag names (published to Redis)."""
-        return {"prefix": self.keyspace.prefix,
-                "tables": {rel: {"keys": list(r.keys), "tags": list(r.tags), "action": r.action}
-                           for rel, r in self.source.items()}}
+        """What clients need to derive table tags from key and tag names, and which keys are replicated
+        (published to Redis)."""
+        tables: dict[str, Any] = {}
+        for rel, r in self.source.items():
+            tables[rel] = {"keys": list(r.keys), "tags": list(r.tags), "action": r.action}
+            if r.replicas:
+                tables[rel]["replicas"] = r.replicas
+        doc: dict[str, Any] = {"prefix": self.keyspace.prefix, "tables": tables}
+        if self.mirror_slots:
+            doc["mirror_slots"] = list(self.mirror_slots)
+        return doc
+
+    def replicas_of(self, key: str) -> tuple[int, ...]:
+        """The replica slots of an entry named by hand (an invalidation message's key): those of a replicated
+        rule whose key template could render it (every match: one more invalidation, never one fewer)."""
+        slots: set[int] = set()
+        for rx, s in self._replicated:
+            if rx.match(key):
+                slots.update(s)
+        return tuple(sorted(slots))
+
+    def _copies(self, writes: dict[str, Write], key: str, w: Write, slots: tuple[int, ...]) -> None:
+        """The replica copies of write ``w`` of entry ``key`` (unprefixed): same version, data and kind, each
+        its own versioned write (so every invariant of an entry holds per copy)."""
+        replica = self.keyspace.replica
+        for slot in slots:
+            rk = replica(key, slot)
+            old = writes.get(rk)
+            if old is None or w.version >= old.version:
+                writes[rk] = Write(rk, w.version, w.data, w.ttl_ms, w.table_tag, w.fence, slot)
 
     def reads(self, schema: str, table: str) -> Reads:
         """The columns the planner reads from this table's rows, so a source can skip decoding the rest.
@@ -389,6 +441,10 @@ class Rules:
             for inv in txn.invalidations:
                 for k in inv.keys:
                     batch.put(Write(self.keyspace.entry(k), txn.version, None, self.tombstone_ttl_ms))
+                    if self._replicated:
+                        for slot in self.replicas_of(k):
+                            rk = self.keyspace.replica(k, slot)
+                            batch.put(Write(rk, txn.version, None, self.tombstone_ttl_ms, slot=slot))
                 batch.tags.update(inv.tags)
                 batch.counts[("(message)", "m")] += 1
         return batch
@@ -419,6 +475,8 @@ class Rules:
             self._plan_change(change, txn, scratch, truncated)
         keys = list(scratch.writes)
         keys.extend(self.keyspace.entry(k) for inv in txn.invalidations for k in inv.keys)
+        keys.extend(self.keyspace.replica(k, slot) for inv in txn.invalidations for k in inv.keys
+                    for slot in (self.replicas_of(k) if self._replicated else ()))
         for inv in txn.invalidations:
             batch.tags.update(inv.tags)
             batch.counts[("(message)", "m")] += 1
@@ -501,7 +559,9 @@ class Rules:
                     key = prefix + k
                     old = writes.get(key)
                     if old is None or version >= old.version:
-                        writes[key] = Write(key, version, None, tombstone_ttl)
+                        w = writes[key] = Write(key, version, None, tombstone_ttl)
+                        if rule.replicas:
+                            self._copies(writes, k, w, rule.replicas)
             for t in rule.tags:
                 k = t.render(before)
                 if k is None:
@@ -522,7 +582,9 @@ class Rules:
                 key = prefix + k
                 old = writes.get(key)
                 if old is None or version >= old.version:
-                    writes[key] = Write(key, version, data, ttl, table_tag)
+                    w = writes[key] = Write(key, version, data, ttl, table_tag)
+                    if rule.replicas:
+                        self._copies(writes, k, w, rule.replicas)
         else:
             # invalidate rule, a projection with an unsent (TOAST) column, or a table truncated
             # earlier in this batch: a tombstone is always safe.
@@ -531,4 +593,6 @@ class Rules:
                 key = prefix + k
                 old = writes.get(key)
                 if old is None or version >= old.version:
-                    writes[key] = Write(key, version, None, tombstone_ttl)
+                    w = writes[key] = Write(key, version, None, tombstone_ttl)
+                    if rule.replicas:
+                        self._copies(writes, k, w, rule.replicas)

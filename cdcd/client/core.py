@@ -32,6 +32,7 @@ import itertools
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Sequence
 from time import monotonic
 from typing import Any
@@ -70,7 +71,9 @@ from .protocol import (
     jittered,
     make_entry,
     parse_found,
+    parse_replica,
     read_commands,
+    read_replica_commands,
     xfetch_due,
 )
 from .serializers import Serializer
@@ -107,6 +110,8 @@ class CacheCore:
         self.sequencer = Sequencer("app")
         self.watermark = Watermark()
         self.exists = ExistenceFilters(self.keyspace)  # docs/existence-filter.md
+        # hot-key replicas: the newest version seen per replicated key (bounded LRU; docs/hot-keys.md)
+        self.seen: OrderedDict[str, int] = OrderedDict()
 
     @property
     def run_id(self) -> str:
@@ -133,23 +138,66 @@ class CacheCore:
         if self.unverifiable:  # Redis lost it: the daemon restores it within a heartbeat
             self.registry_next = now + min(self.options.registry_refresh, 1.0)
 
-    def read(self, key: str, tags: Sequence[str], lease: bool) -> Flow:
-        """The entry, its TTL and tag counters (``lease``: and a fill token). The hot paths (``get``, a
-        load's first read) inline it as ``read_call`` + ``parse_found`` + ``complete``: one generator less."""
-        found = parse_found(key, tags, (yield self.read_call(key, tags, lease)))
+    def read(self, key: str, tags: Sequence[str], lease: bool, slot: int | None = None) -> Flow:
+        """The entry, its TTL and tag counters (``lease``: and a fill token); ``slot``: of that replica copy.
+        The hot paths (``get``, a load's first read) inline it as ``read_call`` + ``parse_found`` +
+        ``complete``: one generator less."""
+        if slot is None:
+            found = parse_found(key, tags, (yield self.read_call(key, tags, lease)))
+        else:
+            found = self.parse_copy(key, tags, slot, (yield self.read_call(key, tags, lease, slot)))
         extra = found.missing()
         if extra:
             yield from self.complete(found, extra)
         return found
 
-    def read_call(self, key: str, tags: Sequence[str], lease: bool) -> Step:
+    def read_call(self, key: str, tags: Sequence[str], lease: bool, slot: int | None = None) -> Step:
         lease_ms = int(self.options.lease_ttl * 1000) if lease else None
+        if slot is not None:
+            return CALL, read_replica_commands(self.keyspace, key, slot, tags, lease_ms), False
         return CALL, read_commands(self.keyspace, key, tags, lease_ms), False
 
     def complete(self, found: Found, extra: list[str]) -> Flow:
         """The entry was filled by a caller that named other tags: their counters, one more round trip."""
-        values = yield call([("GET", self.keyspace.tag(t)) for t in extra], True)
+        values = yield call([("GET", self.keyspace.counter(t, found.slot)) for t in extra], True)
         found.current.update((t, decode_str(v)) for t, v in zip(extra, values, strict=True))
+
+    # ---------------------------------------------------------------- hot-key replicas (docs/hot-keys.md)
+
+    def copy_of(self, key: str) -> int | None:
+        """The slot of a random replica copy of ``key`` to read, or None (the primary entry): the key is not
+        replicated, or this process did not opt in (``read_replicas``)."""
+        if not self.options.read_replicas:
+            return None
+        slots = self.registry.copies(key)
+        if not slots:
+            return None
+        return slots[self.rng.randrange(len(slots))] if len(slots) > 1 else slots[0]
+
+    def parse_copy(self, key: str, tags: Sequence[str], slot: int, replies: Sequence[Any]) -> Found:
+        """A replica copy's read, checked against the newest version of ``key`` this process has seen: an
+        older copy is ``behind`` (a miss on that copy, never served; its fill may claim the seen version)."""
+        found = parse_replica(key, tags, slot, replies)
+        try:
+            v = int(found.entry.version)
+        except ValueError:
+            v = 0
+        seen = self.seen
+        prev = seen.get(key)
+        if prev is not None and v < prev:
+            found.behind = True
+            found.floor = prev
+            if found.entry.hit:
+                self.stats.replica_behind += 1
+            seen.move_to_end(key)
+        else:
+            found.floor = v
+            if prev is None or v > prev:
+                seen[key] = v
+            seen.move_to_end(key)
+            if len(seen) > self.options.replica_memory:
+                seen.popitem(last=False)
+        return found
 
     def decode(self, found: Found, opts: EntryOptions) -> Any:
         """The entry's value by its writer's format (``NOT_FOUND`` for a cached "not found"; a
@@ -182,7 +230,11 @@ class CacheCore:
                 self.stats.l2_misses += 1
                 return default
             tags = all_tags(key, (), self.registry)
-            found = parse_found(key, tags, (yield self.read_call(key, tags, False)))
+            slot = self.copy_of(key) if self.registry.replicated else None
+            if slot is None:
+                found = parse_found(key, tags, (yield self.read_call(key, tags, False)))
+            else:
+                found = self.parse_copy(key, tags, slot, (yield self.read_call(key, tags, False, slot)))
             extra = found.missing()
             if extra:
                 yield from self.complete(found, extra)
@@ -321,14 +373,18 @@ class CacheCore:
             # Optimistic plain read first (a hit costs no script); the miss then takes its token, a
             # second round trip that the load it precedes dwarfs. A refresh goes straight to the token.
             found = None
+            slot = self.copy_of(key) if self.registry.replicated else None
             if refresh_of is None:
-                found = parse_found(key, tag_list, (yield self.read_call(key, tag_list, False)))
+                if slot is None:
+                    found = parse_found(key, tag_list, (yield self.read_call(key, tag_list, False)))
+                else:
+                    found = self.parse_copy(key, tag_list, slot, (yield self.read_call(key, tag_list, False, slot)))
                 extra = found.missing()
                 if extra:
                     yield from self.complete(found, extra)
             usable = found is not None and found.usable  # computed once: it walks the tags
             if found is None or not usable:
-                found = yield from self.read(key, tag_list, lease=True)
+                found = yield from self.read(key, tag_list, lease=True, slot=slot)
                 usable = found.usable
         except L2Unavailable:
             if has_fallback or refresh_of is not None:
@@ -388,8 +444,12 @@ class CacheCore:
         ttl = jittered(opts.negative_ttl if negative else opts.ttl, opts.jitter, self.rng)
         snap = {t: found.current.get(t) or "" for t in tags}
         ttl_left: float | None
+        # The copy may claim the newest version seen *before* this load (read with the token): the value loaded
+        # after it reflects it. Never the process's current one, which another thread may have raised since.
+        floor = found.floor if found.slot is not None else 0
         try:
-            reply = (yield call([fill_command(self.keyspace, found.entry, data, negative, snap, ttl)]))[0]
+            reply = (yield call([fill_command(self.keyspace, found.entry, data, negative, snap, ttl, found.slot,
+                                              floor)]))[0]
             gen = fill_result(reply)
         except L2Unavailable:
             gen, ttl_left = None, None  # Redis went away after the token: L1 alone, as in load_without_l2
@@ -417,7 +477,7 @@ class CacheCore:
         deadline = monotonic() + opts.lock_ttl
         while monotonic() < deadline:
             yield SLEEP, self.options.lock_poll
-            found = yield from self.read(key, tags, lease=False)
+            found = yield from self.read(key, tags, lease=False, slot=self.copy_of(key))  # the holder's copy, maybe
             if found.usable:
                 value = self.decode(found, opts)
                 if value is not MISSING:
@@ -446,8 +506,9 @@ class CacheCore:
             found = yield from self.read(key, tag_list, lease=True)
             ttl_s = jittered(opts.ttl, opts.jitter, self.rng)
             snap = {t: found.current.get(t) or "" for t in tag_list}
-            replies = yield (PUBLISH, [fill_command(self.keyspace, found.entry, data, False, snap, ttl_s)],
-                             [key], [], False)
+            cmds = [fill_command(self.keyspace, found.entry, data, False, snap, ttl_s)]
+            cmds.extend(self.invalidate_copies(key))  # the copies must not keep serving what this replaces
+            replies = yield (PUBLISH, cmds, [key], [], False)
             gen = fill_result(replies[0])
         except L2Unavailable:
             self.l1.remove(key)
@@ -462,11 +523,20 @@ class CacheCore:
         self.l1.put(key, e, since, fence=True)
         return True
 
+    def invalidate_copies(self, key: str) -> list[Command]:
+        """INVALIDATE every replica copy of ``key`` (hot-key replicas), whether or not this process reads them."""
+        ttl = max(1, int(self.options.tombstone_ttl * 1000))
+        return [("EVALSHA", INVALIDATE.sha, 1, self.keyspace.replica(key, slot), ttl)
+                for slot in self.registry.copies(key)]
+
     def delete(self, key: str) -> Flow:
         check_names(key)
         try:
+            if monotonic() >= self.registry_next:  # which copies the key has (replicated keys change through
+                yield from self.refresh_registry()   # the daemon anyway: a rule key's change tombstones them all)
             yield (PUBLISH, [("EVALSHA", INVALIDATE.sha, 1, self.keyspace.entry(key),
-                              max(1, int(self.options.tombstone_ttl * 1000)))], [key], [], True)
+                              max(1, int(self.options.tombstone_ttl * 1000))), *self.invalidate_copies(key)],
+                   [key], [], True)
             return True
         except L2Unavailable:
             return False
@@ -476,7 +546,12 @@ class CacheCore:
     def invalidate_tag(self, tag: str) -> Flow:
         check_name(tag, "tag")
         try:
-            yield PUBLISH, [("EVALSHA", BUMP.sha, 1, self.keyspace.tag(tag))], [], [tag], True
+            # Always the current rules: a registry read before replicas were configured would miss the mirrors
+            # that copies filled meanwhile record (one more round trip, on a rare call).
+            yield from self.refresh_registry()
+            # the tag's counter and its mirror in every replica slot (hot-key replicas read those)
+            yield PUBLISH, [("EVALSHA", BUMP.sha, 1, self.keyspace.counter(tag, slot))
+                            for slot in (None, *self.registry.mirror_slots)], [], [tag], True
             return True
         except L2Unavailable:
             return False

@@ -202,6 +202,13 @@ class CacheOptions:
     cluster_pubsub: Literal["sharded", "classic"] = "sharded"
     """On Redis Cluster, how the backplane travels: ``sharded`` (SSUBSCRIBE/SPUBLISH on the channel's shard)
     or ``classic`` (PUBLISH, broadcast to every node). Must match the daemon's ``redis.pubsub``."""
+    read_replicas: bool = False
+    """Read a random replica copy of keys the daemon's rules replicate (``replicas: N``), spreading a hot key's
+    reads over N hash slots (docs/hot-keys.md). Off: the primary entry, as without replicas."""
+    replica_memory: int = 100_000
+    """With ``read_replicas``: replicated keys whose newest seen version this process remembers (LRU), so it
+    never goes back to an older copy. A key evicted from it may be read from a copy older than one seen before
+    (at most what one in-flight change's copies differ by)."""
 
     if TYPE_CHECKING:  # durations as seconds or strings, as for EntryOptions
         def __init__(self, prefix: str = ..., channel: str | None = ..., l1_max_entries: int = ...,
@@ -213,12 +220,15 @@ class CacheOptions:
                      ryw_on_timeout: Literal["bypass", "raise"] = ..., background_workers: int = ...,
                      l1_copy: bool = ..., entry: EntryOptions = ...,
                      hot_keys: HotKeyOptions | None = ...,
-                     cluster_pubsub: Literal["sharded", "classic"] = ...) -> None: ...
+                     cluster_pubsub: Literal["sharded", "classic"] = ..., read_replicas: bool = ...,
+                     replica_memory: int = ...) -> None: ...
 
     def __post_init__(self) -> None:
         _durations(self, _CACHE_DURATIONS)
         if "#" in self.prefix:
             raise ValueError("prefix may not contain '#': cdcd's own keys live under '<prefix>#'")
+        if self.replica_memory < 1:
+            raise ValueError("replica_memory must be >= 1 (keys whose newest seen version is remembered)")
 
     @property
     def connect_timeout_s(self) -> float:

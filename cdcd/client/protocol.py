@@ -16,7 +16,7 @@ from typing import Any
 
 from cdcd.fillguard import Entry, FillGuard
 from cdcd.keys import Template, check_name
-from cdcd.keyspace import SCRIPTS, Keyspace
+from cdcd.keyspace import REPLICA_UNIVERSE, SCRIPTS, Keyspace, replica_slots
 
 from .l1 import L1Entry, sized
 from .link import Command, L2Unavailable, raise_errors
@@ -61,18 +61,46 @@ class Registry:
         self.patterns: list[tuple[re.Pattern[str], str]] = []
         self._memo: dict[str, tuple[str, ...]] = {}
         self.found = False  # the key held a registry when last read (False: Redis lost it, or no daemon ran)
+        # hot-key replicas (docs/hot-keys.md): key patterns of replicated rules and their copies' slots, and
+        # the slots whose mirror counters a tag bump must move too
+        self.replicated: list[tuple[re.Pattern[str], tuple[int, ...]]] = []
+        self.mirror_slots: tuple[int, ...] = ()
+        self._copies: dict[str, tuple[int, ...]] = {}
 
     def load(self, raw: bytes | str | None) -> None:
         self.found = bool(raw)
         patterns = []
+        replicated: list[tuple[re.Pattern[str], tuple[int, ...]]] = []
+        mirrors: tuple[int, ...] = ()
         if raw:
             doc = json.loads(raw)
             for rel, spec in doc.get("tables", {}).items():
                 tag = Keyspace.table_tag(rel)
                 for t in (*spec.get("keys", []), *spec.get("tags", [])):
                     patterns.append((Template.loose_regex(t), tag))
+                n = spec.get("replicas")
+                if isinstance(n, int) and 1 <= n <= REPLICA_UNIVERSE:
+                    slots = replica_slots(n)
+                    replicated.extend((Template.loose_regex(t), slots) for t in spec.get("keys", []))
+            mirrors = tuple(int(x) for x in doc.get("mirror_slots", ()))
         self.patterns = patterns
+        self.replicated, self.mirror_slots = replicated, mirrors
         self._memo = {}
+        self._copies = {}
+
+    def copies(self, name: str) -> tuple[int, ...]:
+        """The replica slots of key ``name`` (empty: not replicated). Memoized like :meth:`implied_by`."""
+        got = self._copies.get(name)
+        if got is None:
+            slots: set[int] = set()
+            for rx, s in self.replicated:
+                if rx.match(name):
+                    slots.update(s)
+            got = tuple(sorted(slots))
+            if len(self._copies) > 65_536:
+                self._copies = {}
+            self._copies[name] = got
+        return got
 
     def implied_by(self, name: str) -> tuple[str, ...]:
         got = self._memo.get(name)
@@ -145,6 +173,9 @@ class Found:
     entry: Entry
     remaining: float | None  # seconds until Redis expires it; None: no expiry
     current: dict[str, str | None]
+    slot: int | None = None  # a hot-key replica's copy was read (its slot); None: the primary entry
+    behind: bool = False  # the copy is older than a version of the key this process has seen: a miss
+    floor: int = 0  # the newest version of the key seen when this read was made (a copy's fill may claim it)
 
     @property
     def usable(self) -> bool:
@@ -152,7 +183,7 @@ class Found:
         recorded a table tag when the key implies any (an entry filled while Redis had lost the registry
         recorded none: a TRUNCATE could not reach it, so it is a miss)."""
         entry = self.entry
-        if not (entry.hit and tags_valid(entry, self.current)):
+        if not (entry.hit and tags_valid(entry, self.current)) or self.behind:
             return False
         implied = False  # the key implies a table tag: the entry must carry one of those
         for t in self.current:
@@ -176,6 +207,36 @@ def parse_found(key: str, tags: Sequence[str], replies: Sequence[Any]) -> Found:
     return Found(entry, remaining, current)
 
 
+def read_replica_commands(ks: Keyspace, key: str, slot: int, tags: Sequence[str],
+                          lease_ttl_ms: int | None) -> list[Command]:
+    """The copy of ``key`` in ``slot`` and its tags' mirror counters in that slot: every key in one hash slot,
+    so one round trip to one master. With a lease, as :func:`read_commands` (READ, PTTL, ENSURE_TAGs); a plain
+    read is HMGET and the GETs only, without PTTL: one command less per hit on the hot path (the copy's L2
+    age is then unknown and an L1 copy gets its full lifetimes, docs/hot-keys.md)."""
+    rk = ks.replica(key, slot)
+    if lease_ttl_ms is None:
+        cmds: list[Command] = [("HMGET", rk, *_FIELDS)]
+        cmds.extend(("GET", ks.mirror(t, slot)) for t in tags)
+    else:
+        cmds = [("EVALSHA", READ.sha, 1, rk, lease_ttl_ms, "1"), ("PTTL", rk)]
+        cmds.extend(("EVALSHA", ENSURE.sha, 1, ks.mirror(t, slot)) for t in tags)
+    return cmds
+
+
+def parse_replica(key: str, tags: Sequence[str], slot: int, replies: Sequence[Any]) -> Found:
+    """The answers of :func:`read_replica_commands` (with or without the PTTL a lease read has)."""
+    raise_errors(replies)
+    entry = FillGuard.parse(key, list(replies[0]))
+    remaining: float | None = None
+    counters = replies[1:]
+    if len(counters) > len(tags):  # a lease read: its PTTL first
+        pttl = counters[0]
+        remaining = pttl / 1000.0 if isinstance(pttl, int) and pttl >= 0 else None
+        counters = counters[1:]
+    current = {t: decode_str(v) for t, v in zip(tags, counters, strict=True)}
+    return Found(entry, remaining, current, slot)
+
+
 def tags_valid(entry: Entry, current: Mapping[str, Any]) -> bool:
     """Every tag the entry recorded still has the counter it recorded (a lost counter never matches)."""
     for t, v in entry.tags.items():
@@ -188,8 +249,14 @@ def tags_valid(entry: Entry, current: Mapping[str, Any]) -> bool:
 
 
 def fill_command(ks: Keyspace, entry: Entry, data: bytes, negative: bool, snap: Mapping[str, str],
-                 ttl: float) -> Command:
-    return ("EVALSHA", FILL.sha, 1, ks.entry(entry.key), entry.generation or "", max(1, int(ttl * 1000)), data,
+                 ttl: float, slot: int | None = None, floor: int = 0) -> Command:
+    """FILL through the guard; ``slot``: of that replica copy; ``floor``: the newest version of the key this
+    process saw before loading (hot-key replicas), which the filled copy may then claim."""
+    rk = ks.entry(entry.key) if slot is None else ks.replica(entry.key, slot)
+    if floor:
+        return ("EVALSHA", FILL.sha, 1, rk, entry.generation or "", max(1, int(ttl * 1000)), data,
+                "1" if negative else "0", snapshot_json(snap), str(floor))
+    return ("EVALSHA", FILL.sha, 1, rk, entry.generation or "", max(1, int(ttl * 1000)), data,
             "1" if negative else "0", snapshot_json(snap))
 
 

@@ -42,6 +42,7 @@ TIERS: dict[str, tuple[str, str]] = {
     "ryw_waits": ("consistency", "ryw_wait"),
     "ryw_timeouts": ("consistency", "ryw_timeout"),
     "exists_absent": ("exists", "absent"),
+    "replica_behind": ("l2", "replica_behind"),
 }
 
 
@@ -92,6 +93,8 @@ class Stats:
     published: int = 0
     exists_absent: int = 0
     """Reads an existence filter answered "definitely absent": no Redis entry read, no loader call."""
+    replica_behind: int = 0
+    """Hot-key replica reads that found a copy older than a version this process had seen (a miss, never served)."""
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)

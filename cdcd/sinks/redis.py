@@ -45,6 +45,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from cdcd.backplane import Sequencer
 from cdcd.change import Rejected
 from cdcd.keyspace import SCRIPTS, Keyspace
+from cdcd.keyspace import slot_tag as slot_tag  # re-exported: it lived here
 from cdcd.lazycluster import LazyRedisCluster
 from cdcd.redisfaults import REDIS_FAULTS, refusal_reason, translate
 from cdcd.rules import Batch, Rules
@@ -104,26 +105,6 @@ def key_slot(key: bytes) -> int:
         if end > start + 1:
             key = key[start + 1:end]
     return crc_hqx(key, 0) & 16383
-
-
-_SLOT_TAGS: list[str] = []
-
-
-def slot_tag(slot: int) -> str:
-    """A short hash tag whose slot is ``slot``: ``{<it>}`` places a key on that slot (the table is built once,
-    on first use, by trying decimal strings; ~0.2 s)."""
-    if not _SLOT_TAGS:
-        table: list[str | None] = [None] * 16384
-        missing, n = 16384, 0
-        while missing:
-            s = str(n)
-            i = crc_hqx(s.encode(), 0) & 16383
-            if table[i] is None:
-                table[i] = s
-                missing -= 1
-            n += 1
-        _SLOT_TAGS.extend(t for t in table if t is not None)
-    return _SLOT_TAGS[slot]
 
 
 class _Redirected(Exception):
@@ -255,14 +236,15 @@ class RedisSink:
     def _prepare(self) -> None:
         self.load_scripts()
         pipe: Any = self.client.pipeline(transaction=False)
-        rels = list(self.rules.by_relation.values())
-        for rule in rels:
-            pipe.execute_command("EVALSHA", _ENSURE.sha, 1, self.ks.tag(rule.table_tag))
+        counters = [(rule.table_tag, slot) for rule in self.rules.by_relation.values()
+                    for slot in (None, *self.rules.mirror_slots)]
+        for tag, slot in counters:
+            pipe.execute_command("EVALSHA", _ENSURE.sha, 1, self.ks.counter(tag, slot))
         self._registry(pipe)
         pipe.hgetall(self.ks.floors)
         res = pipe.execute()
-        for rule, epoch in zip(rels, res, strict=False):
-            self.epochs.set(rule.table_tag, epoch)
+        for (tag, slot), epoch in zip(counters, res, strict=False):
+            self.epochs.set(tag, epoch, slot)
         for rel, version in res[-1].items():
             self._note_floor(rel.decode() if isinstance(rel, bytes) else str(rel), int(version))
 
@@ -283,8 +265,8 @@ class RedisSink:
         self.load_scripts()
         pipe: Any = self.client.pipeline(transaction=False)
         self._registry(pipe)
-        for tag, epoch in self.epochs.items():
-            pipe.set(self.ks.tag(tag), epoch, nx=True)
+        for (tag, slot), epoch in self.epochs.items():
+            pipe.set(self.ks.counter(tag, slot), epoch, nx=True)
         for tag, floor in self.floors.items():
             rel = self._tag_relation.get(tag)
             if rel is not None:
@@ -344,27 +326,36 @@ class RedisSink:
             return self._send_packed(batch).wait()
         return self._apply_pipeline(batch)
 
-    def _tail(self, batch: Batch, snaps: dict[str, bytes],
-              packed_bumps: bool = False) -> tuple[list[tuple[Any, ...]], list[str], int, int]:
+    def counters(self, tags: list[str]) -> list[tuple[str, int | None]]:
+        """The counters a bump of ``tags`` moves: each tag's own, and its mirror in every replica slot of the
+        rules (hot-key replicas: a copy records the mirror of its slot, docs/hot-keys.md)."""
+        mirrors = self.rules.mirror_slots
+        if not mirrors:
+            return [(t, None) for t in tags]
+        return [(t, slot) for t in tags for slot in (None, *mirrors)]
+
+    def _tail(self, batch: Batch, snaps: dict[tuple[str, int | None], bytes],
+              packed_bumps: bool = False) -> tuple[list[tuple[Any, ...]], list[tuple[str, int | None]], int, int]:
         """The commands after the entry writes: epoch restores, tag bumps (unless the caller packs them
         itself, right after the restores), applied position, backplane.
 
-        Returns (commands, tags, restored, messages).
+        Returns (commands, counters bumped, restored, messages).
         """
         ks = self.ks
         cmds: list[tuple[Any, ...]] = []
         # The counters those values record must exist (they would read as moved otherwise); only this
         # daemon writes table tags, so restoring its known value when missing is exact.
         restored = 0
-        for tag in snaps:
-            epoch = self.epochs.get(tag)
+        for tag, slot in snaps:
+            epoch = self.epochs.get(tag, slot)
             if epoch is not None:
-                cmds.append(("SET", ks.tag(tag), epoch, "NX"))
+                cmds.append(("SET", ks.counter(tag, slot), epoch, "NX"))
                 restored += 1
         tags = list(batch.tags)
+        counters = self.counters(tags)
         if not packed_bumps:
-            for tag in tags:
-                cmds.append(("EVALSHA", _BUMP.sha, 1, ks.tag(tag)))
+            for tag, slot in counters:
+                cmds.append(("EVALSHA", _BUMP.sha, 1, ks.counter(tag, slot)))
         if (batch.exists or batch.exists_reset) and not packed_bumps:
             # new keys' bits: before the applied position and the backplane, so a read that waited for the
             # watermark finds them (docs/existence-filter.md); the packed path packs them itself, after the bumps
@@ -372,7 +363,11 @@ class RedisSink:
         for rel, floor in batch.floors.items():
             cmds.append(("EVALSHA", _FLOOR.sha, 1, ks.floors, rel, str(floor)))
         version = str(batch.version)
-        messages = list(self.sequencer.messages(batch.writes.keys(), tags, version, batch.commit_ts or time.time()))
+        keys: Any = batch.writes.keys()
+        if self.rules.mirror_slots:  # a copy's change is announced by its primary's (L1 knows only that name)
+            copies = ks.replica("", 0)[:len(ks.prefix) + 4]  # "<prefix>#re:"
+            keys = [k for k in keys if not k.startswith(copies)]
+        messages = list(self.sequencer.messages(keys, tags, version, batch.commit_ts or time.time()))
         cmds.append(("HSET", ks.applied, "run", self.sequencer.run, "seq", self.sequencer.seq, "version", version,
                      "ts", repr(time.time()), "source", self.source_name,
                      "watermark", self.sequencer.watermark or "0"))
@@ -381,7 +376,7 @@ class RedisSink:
         for m in messages:
             cmds.append((verb, channel, m.encode()))
         cmds.append(("EXISTS", ks.registry))  # the run marker: 0 after Redis lost its memory
-        return cmds, tags, restored, len(messages)
+        return cmds, counters, restored, len(messages)
 
     def _floor_of(self, batch: Batch) -> dict[str, int]:
         """The floors in force for this batch's values: known ones raised by the batch's own truncates."""
@@ -389,7 +384,8 @@ class RedisSink:
             self._note_floor(rel, version)
         return self.floors
 
-    def _finish(self, batch: Batch, results: list[Any], tags: list[str], restored: int, tombstones: int,
+    def _finish(self, batch: Batch, results: list[Any], tags: list[tuple[str, int | None]], restored: int,
+                tombstones: int,
                 messages: int, rtt: float, floored: int = 0, calls: Layout | None = None) -> ApplyResult:
         n = len(batch.writes)
         ncalls = n if calls is None else calls.calls
@@ -417,27 +413,29 @@ class RedisSink:
                     raise NoScriptError(str(r))
                 reason = refusal_reason(r)
                 if reason is not None and first_tag <= i < first_tag + len(tags):
-                    refusals.append(Refusal(self.ks.tag(tags[i - first_tag]), "tag", reason, str(r),
+                    refusals.append(Refusal(self.ks.counter(*tags[i - first_tag]), "tag", reason, str(r),
                                             batch.version or 0))
                     results[i] = None  # the repair bumps it; the epoch is re-read below
                     continue
                 raise r
         if refusals:
-            self._repair(refusals, batch)
+            self._repair(refusals, batch, {self.ks.counter(t, s): (t, s) for t, s in tags})
         fences = replies.count(3)
         applied = replies.count(1) + fences
         # table epochs moved by TRUNCATE: later values of that table must record the new counter
-        for tag, new in zip(tags, results[first_tag:first_tag + len(tags)], strict=True):
+        for (tag, slot), new in zip(tags, results[first_tag:first_tag + len(tags)], strict=True):
             if new is not None:
-                self.epochs.moved(tag, new)
+                self.epochs.moved(tag, new, slot)
         marker_lost = results[-1] == 0
         if marker_lost:
             self.restore()  # Redis restarted empty (and somebody else may have reloaded the scripts)
         return ApplyResult(applied=applied, refused=n - applied, tombstones=tombstones, values=n - tombstones,
-                           tags=len(tags), messages=messages, rtt=rtt, refusals=refusals, restored=marker_lost,
+                           tags=sum(1 for _, s in tags if s is None), messages=messages, rtt=rtt, refusals=refusals,
+                           restored=marker_lost,
                            floored=floored, fenced=replies.count(2), fences=fences)
 
-    def _repair(self, refusals: list[Refusal], batch: Batch) -> None:
+    def _repair(self, refusals: list[Refusal], batch: Batch,
+                counters: dict[str, tuple[str, int | None]] | None = None) -> None:
         """Make refused keys safe: an entry key is replaced by a tombstone at the change's version (readers
         see a miss, fills in flight fail), a tag counter is deleted and bumped past any value it had.
 
@@ -458,8 +456,8 @@ class RedisSink:
                 log.error("repair_failed", key=r.key, error=str(done),
                           detail="the key was deleted but not tombstoned: readers miss, a fill may land")
             elif r.kind == "tag":
-                tag = r.key[len(self.ks.tag("")):]
-                self.epochs.moved(tag, done)
+                tag, slot = (counters or {}).get(r.key, (r.key[len(self.ks.tag("")):], None))
+                self.epochs.moved(tag, done, slot)
 
     def _send_packed(self, batch: Batch) -> PendingApply:
         """The batch as raw RESP on the sink's connection: the same commands, in the same order, as the
@@ -473,7 +471,7 @@ class RedisSink:
         batch). The replies are read by :meth:`PendingApply.wait`.
         """
         apply_head = _APPLY_HEAD
-        snaps: dict[str, bytes] = {}
+        snaps: dict[tuple[str, int | None], bytes] = {}
         ttls: dict[int, bytes] = {}
         epochs = self.epochs
         parts: list[bytes] = []
@@ -517,9 +515,10 @@ class RedisSink:
                 else:
                     kind = b"v"
                     if w.table_tag is not None:
-                        got = snaps.get(w.table_tag)
+                        counter = (w.table_tag, w.slot)
+                        got = snaps.get(counter)
                         if got is None:
-                            got = snaps[w.table_tag] = epochs.snapshot(w.table_tag).encode()
+                            got = snaps[counter] = epochs.snapshot(w.table_tag, w.slot).encode()
                         snap = got
                 if in_group and i in in_group:  # sent with the other entries of its slot, below
                     grouped[i] = (b"$%d\r\n%b\r\n$1\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
@@ -543,9 +542,9 @@ class RedisSink:
             head, rest = tail[:restored], tail[restored:]
             if head:
                 parts.append(b"".join(conn.pack_commands(head)))
-            tag_key = self.ks.tag
-            for tag in tags:
-                k = tag_key(tag).encode()
+            tag_key = self.ks.counter
+            for tag, slot in tags:
+                k = tag_key(tag, slot).encode()
                 parts.append(b"%b$%d\r\n%b\r\n" % (_BUMP_HEAD, len(k), k))
             exists = 0
             if batch.exists or batch.exists_reset:  # before the applied position and the backplane (see _tail)
@@ -568,7 +567,7 @@ class RedisSink:
         tombstones = 0
         floored = 0
         floors = self._floor_of(batch)
-        snaps: dict[str, bytes] = {}
+        snaps: dict[tuple[str, int | None], bytes] = {}
         entries: list[tuple[str, int, str, int, bytes, bytes]] = []  # key, version, kind, ttl_ms, data, snap
         for w in batch.writes.values():
             if w.data is not None and w.table_tag is not None and w.version <= floors.get(w.table_tag, -1):
@@ -582,9 +581,9 @@ class RedisSink:
                 continue
             snap = b""
             if w.table_tag is not None:
-                got = snaps.get(w.table_tag)
+                got = snaps.get((w.table_tag, w.slot))
                 if got is None:
-                    got = snaps[w.table_tag] = self.epochs.snapshot(w.table_tag).encode()
+                    got = snaps[(w.table_tag, w.slot)] = self.epochs.snapshot(w.table_tag, w.slot).encode()
                 snap = got
             entries.append((w.key, w.version, "v", w.ttl_ms, w.data, snap))
         calls = layout([e[0].encode() for e in entries])
@@ -609,7 +608,7 @@ class RedisSink:
         return self._finish(batch, results, tags, restored, tombstones, messages, rtt, floored, calls)
 
     def _apply_cluster(self, batch: Batch, writes: list[tuple[Any, ...]], announce: list[tuple[Any, ...]],
-                       tags: list[str], restored: int, tombstones: int, messages: int, floored: int,
+                       tags: list[tuple[str, int | None]], restored: int, tombstones: int, messages: int, floored: int,
                        calls: Layout | None) -> ApplyResult:
         """The cluster batch in two steps. First the writes (entry writes, epoch restores, tag bumps, floors;
         and the ``WAIT`` of :meth:`_wait_commands` when asked), each master's on one connection, every master
@@ -790,8 +789,8 @@ class PendingApply:
     small one under load means the overlap hid Redis. ``wait_s`` is the blocking part alone.
     """
 
-    def __init__(self, sink: RedisSink, batch: Batch, conn: Any, tags: list[str], restored: int, tombstones: int,
-                 messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None,
+    def __init__(self, sink: RedisSink, batch: Batch, conn: Any, tags: list[tuple[str, int | None]], restored: int,
+                 tombstones: int, messages: int, t0: float, replies: int = 0, done: ApplyResult | None = None,
                  floored: int = 0, calls: Layout | None = None) -> None:
         self.sink, self.batch, self.conn, self.tags = sink, batch, conn, tags
         self.floored = floored
