@@ -2,7 +2,7 @@
 
 Why a second client: kafka-python unpacks every record in Python, 16-22 µs of CPU per 3.5 KB Debezium
 record before cdcd sees it; librdkafka does the same in C threads for 3.5-5.6 µs (BENCHMARKS.md
-section 27). The daemon then drains ~37 000 changes/s instead of ~21 000 on this machine.
+section 26). The daemon then drains ~37 000 changes/s instead of ~21 000 on this machine.
 
 librdkafka runs the rebalance callbacks on the thread that calls ``consume``/``close`` (the poll
 thread), synchronously, so a revoke can commit with a plain synchronous commit while this member still
