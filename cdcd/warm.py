@@ -144,10 +144,20 @@ def warm(config: Config, tables: list[str] | None = None, rate: float = 10_000, 
         infos = _tables(conn, rules.source, wanted)
         for rule in wanted:
             report.tables.append(_warm_table(conn, client, rule, infos[rule.relation], version,
-                                             epochs.snapshot(rule.table_tag), limiter, page, progress_stream,
-                                             ks.entry))
+                                             epochs, limiter, page, progress_stream, ks))
     return report
 
+
+
+def copies(ks: Keyspace, rule: CompiledRule, key: str, epochs: TableEpochs) -> list[tuple[str, str]]:
+    """(Redis key, table-tag snapshot) of every entry warm writes for ``key``: the entry itself and, for a rule
+    with hot-key replicas, each copy with its own slot's mirror of the table counter (as the daemon writes
+    them: docs/hot-keys.md#hot-key-replicas), so a client reading copies finds them warm too."""
+    tag = rule.table_tag
+    out = [(ks.entry(key), epochs.snapshot(tag))]
+    for slot in rule.replicas:
+        out.append((ks.replica(key, slot), epochs.snapshot(tag, slot)))
+    return out
 
 
 def table_epochs(client: Any, ks: Keyspace, rules: Iterable[CompiledRule]) -> TableEpochs:
@@ -161,7 +171,9 @@ def table_epochs(client: Any, ks: Keyspace, rules: Iterable[CompiledRule]) -> Ta
         client.script_load(s.source)
     epochs = TableEpochs()
     for rule in rules:
-        epochs.set(rule.table_tag, client.execute_command("EVALSHA", _ENSURE.sha, 1, ks.tag(rule.table_tag)))
+        for slot in (None, *rule.replicas):  # a replicated rule's copies record their slot's mirror
+            epochs.set(rule.table_tag, client.execute_command("EVALSHA", _ENSURE.sha, 1,
+                                                              ks.counter(rule.table_tag, slot)), slot)
     return epochs
 
 
@@ -206,8 +218,8 @@ def _tables(conn: psycopg.Connection[Any], source: Mapping[str, TableRule],
 
 
 def _warm_table(conn: psycopg.Connection[Any], client: Any, rule: CompiledRule, info: catalog.TableInfo,
-                version: int, snap: str, limiter: TokenBucket, page: int, progress_stream: Any,
-                entry: Callable[[str], str]) -> TableReport:
+                version: int, epochs: TableEpochs, limiter: TokenBucket, page: int, progress_stream: Any,
+                ks: Keyspace) -> TableReport:
     t0 = time.monotonic()
     rep = TableReport(rule.relation)
     schema, _, table = rule.relation.partition(".")
@@ -231,8 +243,9 @@ def _warm_table(conn: psycopg.Connection[Any], client: Any, rule: CompiledRule, 
     for row in _rows(conn, rule.relation, cols, page):
         keys, data = _entries(rule, row)
         for k in keys:
-            pipe.execute_command("EVALSHA", _APPLY.sha, 1, entry(k), version, "v", rule.ttl_ms, data, snap)
-        pending += len(keys)
+            for target, snap in copies(ks, rule, k, epochs):
+                pipe.execute_command("EVALSHA", _APPLY.sha, 1, target, version, "v", rule.ttl_ms, data, snap)
+                pending += 1
         rep.rows += 1
         if rep.rows % page == 0:
             flush()

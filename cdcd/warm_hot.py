@@ -36,7 +36,7 @@ from cdcd.inspect.rows import RowReader
 from cdcd.keyspace import SCRIPTS
 from cdcd.ratelimit import TokenBucket
 from cdcd.rules import encode_projection
-from cdcd.warm import Progress, snapshot, table_epochs
+from cdcd.warm import Progress, copies, snapshot, table_epochs
 
 log = structlog.get_logger("cdcd.warm")
 
@@ -101,9 +101,10 @@ def warm_hot(config: Config, top: int = 1000, min_score: float = 0.0, rate: floa
                 t, r = row
                 rule = t.rule
                 proj = r.values if rule.columns is None else {c: r.values[c] for c in rule.columns}
-                pipe.execute_command("EVALSHA", _APPLY.sha, 1, ks.entry(key), version, "v", rule.ttl_ms,
-                                     encode_projection(proj), epochs.snapshot(rule.table_tag))
-                pending += 1
+                data = encode_projection(proj)
+                for target, snap in copies(ks, rule, key, epochs):  # the entry, and its hot-key replicas
+                    pipe.execute_command("EVALSHA", _APPLY.sha, 1, target, version, "v", rule.ttl_ms, data, snap)
+                    pending += 1
             if pending >= _BATCH:
                 _flush(pipe, report)
                 pending = 0

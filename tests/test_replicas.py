@@ -243,3 +243,44 @@ def test_a_fill_claims_only_the_version_seen_before_its_load(cfg: dict[str, Any]
         assert len(filled) == 1 and int(filled[0]["v"]) == version  # the version seen at its own read
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("how", ["warm", "warm --hot"])
+def test_warm_fills_every_copy_at_the_snapshot_version(cfg: dict[str, Any], r: redis.Redis, sql: Any,
+                                                        client: Callable[..., Driver], how: str) -> None:
+    """After a flush, ``cdcd warm`` (and ``--hot``) fill the copies too, each under its own slot's mirror,
+    so a process reading copies finds the hot key warm: no loader call."""
+    import time
+
+    from cdcd.hotset import publish_commands
+    from cdcd.warm import warm
+    from cdcd.warm_hot import warm_hot
+
+    sql("INSERT INTO users (id, email, name, tenant_id) VALUES (1, 'a@x', 'ann', 7), (2, 'b@x', 'bob', 7)")
+    config = make_config(_cfg(cfg))
+    d = DaemonThread(config).start()  # slot made now: the inserts above are not streamed
+    ks = Keyspace(cfg["keyspace"]["prefix"])
+    try:
+        if how == "warm":
+            report = warm(config, rate=0)
+            # 2 rows x 2 keys (user:{id}, user:email:{email}) x (the entry + 4 copies)
+            assert {t.table: t.written for t in report.tables}["public.users"] == 2 * 2 * (1 + 4)
+        else:
+            for cmd in publish_commands(ks, "run1", [("user:1", 50.0)], time.time(), 60):
+                r.execute_command(*cmd)
+            hot = warm_hot(config, rate=0)
+            assert hot.written == 1 + 4
+            assert entry(r, ks.entry("user:2")) == {}  # not hot: not warmed
+        prim = entry(r, ks.entry("user:1"))
+        assert '"ann"' in prim["d"]
+        for slot, c in zip(USERS, _copies(r, ks, "user:1", USERS), strict=True):
+            assert (c["v"], c["d"]) == (prim["v"], prim["d"])
+            mirror = r.get(ks.mirror("#table:public.users", slot))
+            assert mirror is not None and json.loads(c["t"]) == {"#table:public.users": mirror.decode()}
+        c = client()
+        loads = []
+        for _ in range(20):  # random copies: every one answers from Redis, none calls the loader
+            assert c("get_or_load", "user:1", lambda: loads.append(1) or {"name": "db"})["name"] == "ann"
+        assert loads == []
+    finally:
+        d.stop()
