@@ -465,7 +465,13 @@ class KafkaSource:
         return {"source": self.name, "group": self.settings.group_id, "connected": self._consumer is not None,
                 "partitions": parts, "delivered": self.delivered, "skipped": self.skipped,
                 "rejected": self.rejected, "commits": self.commits, "rebalances": self.rebalances,
-                "crc32c": "native" if crc32c_is_native() else "pure-python", **self._lag}
+                "client": self.settings.client, "crc32c": self._crc(), **self._lag}
+
+    def _crc(self) -> str:
+        """Who checks record CRCs: kafka-python's C package or its pure-Python fallback, or librdkafka (C)."""
+        if self.settings.client == "confluent":
+            return "librdkafka"
+        return "native" if crc32c_is_native() else "pure-python"
 
 
 def _fmt(offsets: dict[Any, int]) -> dict[str, int]:
