@@ -4,7 +4,7 @@ FROM python:3.11-slim
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cdcd ./cdcd
-RUN pip install --no-cache-dir ".[postgres,kafka]" && rm -rf /src
+RUN pip install --no-cache-dir ".[postgres,kafka,kafka-fast]" && rm -rf /src
 
 USER nobody
 EXPOSE 9108
