@@ -36,9 +36,13 @@ class Explained:
     tags: list[str]
     unresolved: list[str]
     notes: list[str] = field(default_factory=list)  # printed to stderr: how the row was rendered
+    copies: list[str] = field(default_factory=list)  # hot-key replicas of the keys (docs/hot-keys.md)
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {"keys": self.keys, "tags": self.tags, "unresolved": self.unresolved}
+        out = {"keys": self.keys, "tags": self.tags, "unresolved": self.unresolved}
+        if self.copies:
+            out["copies"] = self.copies
+        return out
 
 
 def parse_row(text: str) -> dict[str, Any]:
@@ -76,7 +80,7 @@ def explain(rules: Rules, table: str, row_text: str, dsn: str | None) -> Explain
                 notes.append(f"{relation} has no column(s) {', '.join(sorted(unknown))}: ignored, as the daemon "
                              "never sees them")
     out = rules.explain(relation, row)
-    return Explained(out["keys"], out["tags"], out["unresolved"], notes)
+    return Explained(out["keys"], out["tags"], out["unresolved"], notes, out.get("copies", []))
 
 
 def decode_via_postgres(dsn: str, relation: str, row_text: str, given: set[str]) -> tuple[dict[str, Any], set[str]]:

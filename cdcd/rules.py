@@ -411,11 +411,15 @@ class Rules:
         rule = self.by_relation.get(qualify(relation))
         if rule is None:
             raise KeyError(f"no rule for table {qualify(relation)}")
-        return {
-            "keys": [self.keyspace.entry(k) for k in (t.render(row) for t in rule.keys) if k is not None],
+        keys = [k for k in (t.render(row) for t in rule.keys) if k is not None]
+        out = {
+            "keys": [self.keyspace.entry(k) for k in keys],
             "tags": [k for k in (t.render(row) for t in rule.tags) if k is not None],
             "unresolved": [t.text for t in (*rule.keys, *rule.tags) if t.render(row) is None],
         }
+        if rule.replicas:  # hot-key replicas: the copies the daemon writes beside each key
+            out["copies"] = [self.keyspace.replica(k, slot) for k in keys for slot in rule.replicas]
+        return out
 
     # -------------------------------------------------------------------- planning
 

@@ -284,3 +284,18 @@ def test_warm_fills_every_copy_at_the_snapshot_version(cfg: dict[str, Any], r: r
         assert loads == []
     finally:
         d.stop()
+
+
+def test_explain_lists_the_copies_the_daemon_writes(cfg: dict[str, Any], r: redis.Redis, sql: Any) -> None:
+    from cdcd.explain import explain
+
+    config = make_config(_cfg(cfg))
+    d = DaemonThread(config).start()
+    try:
+        sql("INSERT INTO users (id, email, name, tenant_id) VALUES (3, 'c@x', 'cy', 7)")
+        shown = explain(config.rules(), "users", json.dumps({"id": 3, "email": "c@x", "tenant_id": 7}), None)
+        assert len(shown.copies) == 2 * 4 and shown.as_dict()["copies"] == shown.copies
+        wait_until(lambda: all(entry(r, k).get("d") for k in shown.copies), what="every listed copy written")
+        assert {entry(r, k)["v"] for k in shown.copies} == {entry(r, k)["v"] for k in shown.keys}
+    finally:
+        d.stop()
