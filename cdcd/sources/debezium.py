@@ -582,23 +582,23 @@ def sequence_version(source: Mapping[str, Any], op: Any = None) -> tuple[int, bo
     lsn = _lsn(source.get("lsn"))
     raw = source.get("sequence")
     pair: Any = raw
+    last: int | None = None
     if isinstance(raw, str):
         m = _SEQUENCE.fullmatch(raw)  # what the connector writes; anything else takes json.loads
         if m is not None:
             a, b = m.groups()
-            if a is not None and b is not None and lsn is not None:
-                # the usual record, decided here: two decimal LSNs (the pattern allows only ASCII digits)
-                last_, change_ = int(a), int(b)
-                if last_ < _LSN_LIMIT and change_ < _LSN_LIMIT and op != "r" \
-                        and source.get("snapshot") in (None, False, "false"):
-                    return last_ * _LSN_LIMIT + change_, False
             pair = [a, b]
+            if a is not None and b is not None:
+                # the usual record: two decimal LSNs (the pattern allows only ASCII digits), read without
+                # the general pair path below, which gives the same for them
+                last_, change_ = int(a), int(b)
+                if last_ < _LSN_LIMIT and change_ < _LSN_LIMIT:
+                    last, lsn, pair = last_, change_, None
         else:
             try:
                 pair = json.loads(raw)
             except json.JSONDecodeError:
                 pair = None
-    last: int | None = None
     if isinstance(pair, list) and len(pair) == 2:
         try:
             last, change = _lsn(pair[0]), _lsn(pair[1])
