@@ -40,7 +40,7 @@ from cdcd.pg.snapshots import ProbeError, SnapshotProbe
 from cdcd.pg.visibility import Snapshot
 from cdcd.sources.base import SourceError, SourceUnavailable
 from cdcd.sources.debezium import ParseOptions, parse_record
-from cdcd.sources.kafka_group import GroupConsumer, Rebalance
+from cdcd.sources.kafka_group import GroupConsumer, Rebalance, offsets_text
 from cdcd.sources.settings import KafkaSourceSettings as KafkaSourceSettings  # re-exported
 from cdcd.sources.settings import TopicOptions as TopicOptions
 from cdcd.sources.visibility_gate import VisibilityCounts, VisibilityGate, VisibilityWait
@@ -387,7 +387,7 @@ class KafkaSource:
         if consumer.commit(offsets):
             self.committed(offsets, why)
         else:
-            log.warning("kafka_commit_refused", why=why, offsets=_fmt(offsets))
+            log.warning("kafka_commit_refused", why=why, offsets=offsets_text(offsets))
 
     # ------------------------------------------------------------------ rebalances (kafka_group.Rebalance)
 
@@ -405,9 +405,9 @@ class KafkaSource:
         self._tracker.committed(offsets)
         self.commits += 1
         if why == "revoke":
-            log.info("kafka_committed", why=why, offsets=_fmt(offsets))
+            log.info("kafka_committed", why=why, offsets=offsets_text(offsets))
         else:
-            log.debug("kafka_committed", why=why, offsets=_fmt(offsets))
+            log.debug("kafka_committed", why=why, offsets=offsets_text(offsets))
 
     def forget(self, parts: Sequence[Any], why: str) -> None:
         """Partitions revoked (after their commit) or lost: what was delivered but not acked is re-read."""
@@ -474,5 +474,3 @@ class KafkaSource:
         return "native" if crc32c_is_native() else "pure-python"
 
 
-def _fmt(offsets: dict[Any, int]) -> dict[str, int]:
-    return {f"{tp.topic}/{tp.partition}": off for tp, off in offsets.items()}

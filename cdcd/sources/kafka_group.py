@@ -32,6 +32,11 @@ Fetched = Mapping[Any, Sequence[tuple[int, bytes | None, bytes | None]]]
 """Per partition, in offset order: (offset, key, value) of each record a poll returned."""
 
 
+def offsets_text(offsets: Mapping[Any, int]) -> dict[str, int]:
+    """``{"topic/partition": offset}``: offsets as the logs show them."""
+    return {f"{tp[0]}/{tp[1]}": off for tp, off in offsets.items()}
+
+
 class Rebalance(Protocol):
     """What the source does when the group moves partitions; the client calls it during ``poll``/``close``."""
 

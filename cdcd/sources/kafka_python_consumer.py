@@ -14,14 +14,10 @@ from typing import Any
 import structlog
 
 from cdcd.sources.base import SourceError, SourceUnavailable
-from cdcd.sources.kafka_group import Fetched, Rebalance
+from cdcd.sources.kafka_group import Fetched, Rebalance, offsets_text
 from cdcd.sources.settings import KafkaSourceSettings
 
 log = structlog.get_logger("cdcd.source.kafka")
-
-
-def _fmt(offsets: Mapping[Any, int]) -> dict[str, int]:
-    return {f"{tp.topic}/{tp.partition}": off for tp, off in offsets.items()}
 
 
 class KafkaPythonGroupConsumer:
@@ -163,12 +159,12 @@ class _Listener:
 
         commit = getattr(getattr(self.consumer, "_coordinator", None), "_commit_offsets_sync_async", None)
         if commit is None or not inspect.iscoroutinefunction(commit):
-            log.warning("kafka_revoke_commit_unsupported", offsets=_fmt(offsets))
+            log.warning("kafka_revoke_commit_unsupported", offsets=offsets_text(offsets))
             return False
         try:
             await commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}, timeout_ms=5000)
         except Exception as exc:
-            log.warning("kafka_revoke_commit_failed", error=str(exc), offsets=_fmt(offsets))
+            log.warning("kafka_revoke_commit_failed", error=str(exc), offsets=offsets_text(offsets))
             return False
         return True
 
