@@ -20,6 +20,8 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -37,6 +39,42 @@ def _setting(conn: psycopg.Connection[Any], assignment: str) -> None:
     conn.execute("SELECT pg_reload_conf()")
 
 
+@dataclass
+class Scene:
+    """A database with the example schema, a keyspace prefix, and the sessions that hold commits invisible."""
+
+    dsn: str
+    redis_url: str
+    prefix: str
+    r: redis.Redis
+    admin: psycopg.Connection[Any]
+    writer: psycopg.Connection[Any]
+    daemon: DaemonThread | None = None
+
+    def start(self, slot: str | None = None, wait: bool = True) -> DaemonThread:
+        config = make_config(config_dict(self.dsn, self.redis_url, slot or unique("s"), self.prefix))
+        self.daemon = DaemonThread(config).start(wait=wait)
+        return self.daemon
+
+
+@pytest.fixture
+def scene(own_pg: PostgresServer, redis_server: RedisServer) -> Iterator[Scene]:
+    """Each test's own database; afterwards the standby setting is reset, sessions closed, the daemon stopped."""
+    dsn = own_pg.create_database(unique("vr"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(EXAMPLE_SCHEMA.read_text())
+    s = Scene(dsn, redis_server.url, unique("vr") + ":", redis.Redis.from_url(redis_server.url),
+              psycopg.connect(dsn, autocommit=True), psycopg.connect(dsn, autocommit=True))
+    try:
+        yield s
+    finally:
+        _setting(s.admin, "RESET synchronous_standby_names")
+        s.admin.close()
+        s.writer.close()
+        if s.daemon is not None:
+            s.daemon.stop()
+
+
 def _lsn(conn: psycopg.Connection[Any]) -> int:
     return int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])  # type: ignore[index]
 
@@ -52,46 +90,33 @@ def _invisible_update(writer: psycopg.Connection[Any], sql: str) -> threading.Th
     return t
 
 
-def test_a_fill_around_the_tombstone_of_an_invisible_commit_does_not_stay_stale(
-        own_pg: PostgresServer, redis_server: RedisServer) -> None:
-    dsn = own_pg.create_database(unique("vr"))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(EXAMPLE_SCHEMA.read_text())
-    prefix = unique("vr") + ":"
-    r = redis.Redis.from_url(redis_server.url)
-    d = DaemonThread(make_config(config_dict(dsn, redis_server.url, unique("s"), prefix))).start()
-    writer = psycopg.connect(dsn, autocommit=True)
-    admin = psycopg.connect(dsn, autocommit=True)
-    try:
-        writer.execute("INSERT INTO orders VALUES (10, 1, 7, 5.00, 'new')")
-        v0 = int(wait_until(lambda: entry(r, f"{prefix}order:10").get("v"), what="insert applied"))
-        _setting(admin, "SET synchronous_standby_names = 'nobody'")  # commits now wait, invisible
-        time.sleep(0.5)
-        update = _invisible_update(writer, "UPDATE orders SET status = 'paid' WHERE id = 10")
-        wait_until(lambda: d.daemon.status()["waiting_for_visibility"], what="the daemon holds the invisible commit")
-        assert int(entry(r, f"{prefix}order:10")["v"]) == v0, "a tombstone landed before its commit was visible"
-        guard = FillGuard(r, Keyspace(prefix))
-        token = guard.read("order:10")  # before the tombstone: the fill must lose to it
-        with psycopg.connect(dsn, autocommit=True) as reader:
-            status = reader.execute("SELECT status FROM orders WHERE id = 10").fetchone()[0]  # type: ignore[index]
-            assert status == "new"  # still invisible
-            guard.fill(token, json.dumps({"id": 10, "status": status}).encode(), ttl=300)
-            reader.execute("SELECT pg_cancel_backend(%s)", (writer.info.backend_pid,))  # committed locally: visible
-            update.join(10)
-            _setting(reader, "RESET synchronous_standby_names")
-            wait_until(lambda: int(entry(r, f"{prefix}order:10").get("v", 0)) > v0, what="tombstone applied")
-            token = guard.read("order:10")  # after the tombstone: the query must see the commit
-            now = reader.execute("SELECT status FROM orders WHERE id = 10").fetchone()[0]  # type: ignore[index]
-            assert now == "paid"
-        time.sleep(0.5)  # anything the daemon would still do about it
-        cached = guard.read("order:10")
-        assert not cached.hit or json.loads(cached.value or b"null") == {"id": 10, "status": "paid"}
-        assert d.error is None
-    finally:
-        _setting(admin, "RESET synchronous_standby_names")
-        admin.close()
-        writer.close()
-        d.stop()
+def test_a_fill_around_the_tombstone_of_an_invisible_commit_does_not_stay_stale(scene: Scene) -> None:
+    dsn, prefix, r, admin, writer = scene.dsn, scene.prefix, scene.r, scene.admin, scene.writer
+    d = scene.start()
+    writer.execute("INSERT INTO orders VALUES (10, 1, 7, 5.00, 'new')")
+    v0 = int(wait_until(lambda: entry(r, f"{prefix}order:10").get("v"), what="insert applied"))
+    _setting(admin, "SET synchronous_standby_names = 'nobody'")  # commits now wait, invisible
+    time.sleep(0.5)
+    update = _invisible_update(writer, "UPDATE orders SET status = 'paid' WHERE id = 10")
+    wait_until(lambda: d.daemon.status()["waiting_for_visibility"], what="the daemon holds the invisible commit")
+    assert int(entry(r, f"{prefix}order:10")["v"]) == v0, "a tombstone landed before its commit was visible"
+    guard = FillGuard(r, Keyspace(prefix))
+    token = guard.read("order:10")  # before the tombstone: the fill must lose to it
+    with psycopg.connect(dsn, autocommit=True) as reader:
+        status = reader.execute("SELECT status FROM orders WHERE id = 10").fetchone()[0]  # type: ignore[index]
+        assert status == "new"  # still invisible
+        guard.fill(token, json.dumps({"id": 10, "status": status}).encode(), ttl=300)
+        reader.execute("SELECT pg_cancel_backend(%s)", (writer.info.backend_pid,))  # committed locally: visible
+        update.join(10)
+        _setting(reader, "RESET synchronous_standby_names")
+        wait_until(lambda: int(entry(r, f"{prefix}order:10").get("v", 0)) > v0, what="tombstone applied")
+        token = guard.read("order:10")  # after the tombstone: the query must see the commit
+        now = reader.execute("SELECT status FROM orders WHERE id = 10").fetchone()[0]  # type: ignore[index]
+        assert now == "paid"
+    time.sleep(0.5)  # anything the daemon would still do about it
+    cached = guard.read("order:10")
+    assert not cached.hit or json.loads(cached.value or b"null") == {"id": 10, "status": "paid"}
+    assert d.error is None
 
 
 def _metric(d: DaemonThread, name: str, labels: dict[str, str] | None = None) -> float:
@@ -99,21 +124,14 @@ def _metric(d: DaemonThread, name: str, labels: dict[str, str] | None = None) ->
 
 
 @pytest.mark.slow
-def test_an_invisible_commit_is_held_in_order_with_the_slot_alive_and_released_promptly(
-        own_pg: PostgresServer, redis_server: RedisServer) -> None:
+def test_an_invisible_commit_is_held_in_order_with_the_slot_alive_and_released_promptly(scene: Scene) -> None:
     """Hold T1 invisible past wal_sender_timeout, commit T2 (visible: synchronous_commit = local) after it:
     neither lands, the slot stays with the same walsender, /status, readiness and metrics say why, the
     read-your-writes watermark stays below T2; released, both land promptly and in commit order."""
-    dsn = own_pg.create_database(unique("vr"))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(EXAMPLE_SCHEMA.read_text())
-    prefix, slot = unique("vr") + ":", unique("s")
-    r = redis.Redis.from_url(redis_server.url)
-    admin = psycopg.connect(dsn, autocommit=True)
-    writer = psycopg.connect(dsn, autocommit=True)
-    other = psycopg.connect(dsn, autocommit=True)
+    prefix, r, admin, writer, slot = scene.prefix, scene.r, scene.admin, scene.writer, unique("s")
+    other = psycopg.connect(scene.dsn, autocommit=True)
     _setting(admin, "SET wal_sender_timeout = '2s'")
-    d = DaemonThread(make_config(config_dict(dsn, redis_server.url, slot, prefix))).start()
+    d = scene.start(slot)
     try:
         writer.execute("INSERT INTO orders VALUES (20, 1, 7, 5.00, 'new'), (21, 1, 7, 5.00, 'new')")
         wait_until(lambda: entry(r, f"{prefix}order:21").get("v"), what="inserts applied")
@@ -165,61 +183,41 @@ def test_an_invisible_commit_is_held_in_order_with_the_slot_alive_and_released_p
         assert _metric(d, "cdcd_source_visibility_wait_seconds_sum") >= 5
         assert d.error is None
     finally:
-        _setting(admin, "RESET synchronous_standby_names")
-        _setting(admin, "RESET wal_sender_timeout")
-        for c in (admin, writer, other):
-            c.close()
-        d.stop()
+        _setting(admin, "RESET wal_sender_timeout")  # the fixture resets the standby, closes and stops the rest
+        other.close()
 
 
-def test_a_lost_visibility_connection_reconnects_and_never_releases_unchecked(
-        own_pg: PostgresServer, redis_server: RedisServer) -> None:
+def test_a_lost_visibility_connection_reconnects_and_never_releases_unchecked(scene: Scene) -> None:
     """The side connection dies while the head waits: the source's error path (back off, reconnect,
     re-deliver from the slot), no crash, nothing applied unchecked; released, the change lands."""
-    dsn = own_pg.create_database(unique("vr"))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(EXAMPLE_SCHEMA.read_text())
-    prefix = unique("vr") + ":"
-    r = redis.Redis.from_url(redis_server.url)
-    admin = psycopg.connect(dsn, autocommit=True)
-    writer = psycopg.connect(dsn, autocommit=True)
-    d = DaemonThread(make_config(config_dict(dsn, redis_server.url, unique("s"), prefix))).start()
-    try:
-        writer.execute("INSERT INTO orders VALUES (30, 1, 7, 5.00, 'new')")
-        v0 = int(wait_until(lambda: entry(r, f"{prefix}order:30").get("v"), what="insert applied"))
-        _setting(admin, "SET synchronous_standby_names = 'nobody'")
-        time.sleep(0.5)
-        update = _invisible_update(writer, "UPDATE orders SET status = 'paid' WHERE id = 30")
-        wait_until(lambda: d.daemon.status()["waiting_for_visibility"], what="the daemon holds the commit")
-        side = d.daemon.source._probe.backend_pid  # type: ignore[attr-defined]
-        admin.execute("SELECT pg_terminate_backend(%s)", (side,))
-        wait_until(lambda: _metric(d, "cdcd_errors_total", {"kind": "source"}) >= 1, what="source error path")
-        wait_until(lambda: d.daemon.source_ok and d.daemon.status()["waiting_for_visibility"],
-                   what="reconnected and waiting again")
-        assert int(entry(r, f"{prefix}order:30")["v"]) == v0
-        _setting(admin, "RESET synchronous_standby_names")
-        wait_until(lambda: int(entry(r, f"{prefix}order:30").get("v", 0)) > v0, what="applied once visible")
-        update.join(10)
-        assert d.error is None
-    finally:
-        _setting(admin, "RESET synchronous_standby_names")
-        admin.close()
-        writer.close()
-        d.stop()
+    prefix, r, admin, writer = scene.prefix, scene.r, scene.admin, scene.writer
+    d = scene.start()
+    writer.execute("INSERT INTO orders VALUES (30, 1, 7, 5.00, 'new')")
+    v0 = int(wait_until(lambda: entry(r, f"{prefix}order:30").get("v"), what="insert applied"))
+    _setting(admin, "SET synchronous_standby_names = 'nobody'")
+    time.sleep(0.5)
+    update = _invisible_update(writer, "UPDATE orders SET status = 'paid' WHERE id = 30")
+    wait_until(lambda: d.daemon.status()["waiting_for_visibility"], what="the daemon holds the commit")
+    side = d.daemon.source._probe.backend_pid  # type: ignore[attr-defined]
+    admin.execute("SELECT pg_terminate_backend(%s)", (side,))
+    wait_until(lambda: _metric(d, "cdcd_errors_total", {"kind": "source"}) >= 1, what="source error path")
+    wait_until(lambda: d.daemon.source_ok and d.daemon.status()["waiting_for_visibility"],
+               what="reconnected and waiting again")
+    assert int(entry(r, f"{prefix}order:30")["v"]) == v0
+    _setting(admin, "RESET synchronous_standby_names")
+    wait_until(lambda: int(entry(r, f"{prefix}order:30").get("v", 0)) > v0, what="applied once visible")
+    update.join(10)
+    assert d.error is None
 
 
 def test_without_the_visibility_connection_the_source_does_not_start(
-        own_pg: PostgresServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
     """The side connection cannot be made (a connection limit, say): the daemon backs off and retries like
     any source outage, applies nothing unchecked, and starts streaming once it can be made."""
     from cdcd.pg.snapshots import ProbeError, SnapshotProbe
 
-    dsn = own_pg.create_database(unique("vr"))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(EXAMPLE_SCHEMA.read_text())
-        conn.execute("INSERT INTO orders VALUES (40, 1, 7, 5.00, 'new')")
-    prefix = unique("vr") + ":"
-    r = redis.Redis.from_url(redis_server.url)
+    scene.admin.execute("INSERT INTO orders VALUES (40, 1, 7, 5.00, 'new')")
+    dsn, prefix, r = scene.dsn, scene.prefix, scene.r
     attempts: list[int] = []
     allow = threading.Event()
     real = SnapshotProbe.open
@@ -231,16 +229,13 @@ def test_without_the_visibility_connection_the_source_does_not_start(
         real(self)
 
     monkeypatch.setattr(SnapshotProbe, "open", refuse)
-    d = DaemonThread(make_config(config_dict(dsn, redis_server.url, unique("s"), prefix))).start(wait=False)
-    try:
-        wait_until(lambda: attempts, what="first attempt (the slot exists by then)")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("UPDATE orders SET status = 'paid' WHERE id = 40")
-        wait_until(lambda: len(attempts) >= 3, what="retried")
-        assert entry(r, f"{prefix}order:40") == {}  # nothing streamed, so nothing applied
-        assert _metric(d, "cdcd_retries_total", {"target": "source"}) >= 2
-        assert d.error is None and d.thread.is_alive()
-        allow.set()
-        wait_until(lambda: entry(r, f"{prefix}order:40").get("v"), what="applied once the check could be made")
-    finally:
-        d.stop()
+    d = scene.start(wait=False)
+    wait_until(lambda: attempts, what="first attempt (the slot exists by then)")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE orders SET status = 'paid' WHERE id = 40")
+    wait_until(lambda: len(attempts) >= 3, what="retried")
+    assert entry(r, f"{prefix}order:40") == {}  # nothing streamed, so nothing applied
+    assert _metric(d, "cdcd_retries_total", {"target": "source"}) >= 2
+    assert d.error is None and d.thread.is_alive()
+    allow.set()
+    wait_until(lambda: entry(r, f"{prefix}order:40").get("v"), what="applied once the check could be made")
